@@ -1,0 +1,213 @@
+"""Train the classic MNIST CNN data-parallel on every available device.
+
+    python -m experiments.mnist                          # 8 virtual CPU devices on a CPU machine
+    python -m experiments.mnist --strategy shard_map --devices 4 --global_batch 256
+    python -m experiments.mnist --config smoke           # a few steps, for CI
+
+On a machine without accelerators the job runs on `--cpu_devices` (default 8) virtual CPU devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from jaxdist.cluster import configure_cpu_devices
+from jaxdist.errors import UsageError
+from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+
+STRATEGIES = ("jit", "shard_map", "pmap", "local_sgd")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig:
+    strategy: str = "jit"
+    devices: int = 0
+    cpu_devices: int = 8
+    global_batch: int = 128
+    epochs: float = 8.0
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = False
+    local_steps: int = 1
+    eval_batch: int = 2000
+    max_steps: int = 0
+    eval_examples: int = 0
+    progress: bool = True
+    optimizer: OptimizerConfig = OptimizerConfig(
+        name="adam", learning_rate=3e-3, schedule="onecycle", warmup_fraction=0.15
+    )
+
+
+HELP = {
+    "strategy": "data-parallel backend",
+    "devices": "number of devices (0: all)",
+    "cpu_devices": "virtual CPU devices to create when the host has no accelerator",
+    "global_batch": "examples per step, summed over all devices",
+    "epochs": "passes over the training set (may be fractional)",
+    "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets)",
+    "download": "download and prepare MNIST if missing (needs internet and jaxdist[prepare])",
+    "local_steps": "local_sgd: average parameters every H steps",
+    "eval_batch": "examples per evaluation batch",
+    "max_steps": "stop after this many steps (0: no limit)",
+    "eval_examples": "evaluate on the first N test examples (0: all)",
+    "optimizer": "optax optimizer",
+    "learning_rate": "peak learning rate",
+    "schedule": "learning-rate schedule",
+}
+
+
+def get_config(variant: str = "") -> MnistConfig:
+    """The default recipe, or a named variant ('smoke': a few steps on a slice of the test set)."""
+    cfg = MnistConfig()
+    if variant in ("", "default"):
+        return cfg
+    if variant == "smoke":
+        return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
+    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
+def _normalize(images):
+    import jax.numpy as jnp
+
+    return (images.astype(jnp.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def loss_fn(model, batch):
+    """Mean negative log-likelihood and accuracy over the batch."""
+    import jax.numpy as jnp
+
+    images, labels = batch
+    log_probs = model(_normalize(images))
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+    return nll.mean(), {"accuracy": (log_probs.argmax(-1) == labels).mean()}
+
+
+def eval_fn(model, batch):
+    """Sums over the batch, padding masked out."""
+    import jax.numpy as jnp
+
+    images, labels, mask = batch
+    log_probs = model(_normalize(images))
+    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+    correct = (log_probs.argmax(-1) == labels).astype(jnp.float32)
+    return {"count": mask.sum(), "correct": (correct * mask).sum(), "nll": (nll * mask).sum()}
+
+
+def validate(cfg: MnistConfig, num_devices: int) -> None:
+    """Every check that can fail on user input, before anything is computed or written."""
+    if cfg.strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if cfg.optimizer.name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {cfg.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.global_batch < 1 or cfg.global_batch % num_devices:
+        raise UsageError(
+            f"global batch {cfg.global_batch} does not divide over {num_devices} devices; "
+            f"use a positive multiple of {num_devices}"
+        )
+    if cfg.eval_batch < 1 or cfg.eval_batch % num_devices:
+        raise UsageError(f"eval batch {cfg.eval_batch} does not divide over {num_devices} devices")
+    if cfg.epochs <= 0:
+        raise UsageError(f"epochs must be positive, got {cfg.epochs}")
+    if cfg.local_steps < 1:
+        raise UsageError(f"local_steps must be at least 1, got {cfg.local_steps}")
+
+
+def train(cfg: MnistConfig) -> dict:
+    """Runs the experiment and returns its summary (also printed by `main`)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from jaxdist.cluster import select_devices
+    from jaxdist.data import eval_batches, load_split, train_batches
+    from jaxdist.models import MnistCNN
+    from jaxdist.parallel import DataParallel
+    from jaxdist.train import make_optimizer
+    from jaxdist.train.loop import epoch_end_steps, fit
+
+    start = time.perf_counter()
+    devices = select_devices(cfg.devices or None)
+    validate(cfg, len(devices))
+    show = cfg.progress and jax.process_index() == 0
+    train_split = load_split("mnist", "train", cfg.data_dir, download=cfg.download, progress=show)
+    test_split = load_split("mnist", "test", cfg.data_dir, download=cfg.download, progress=show)
+
+    epoch_ends = epoch_end_steps(len(train_split), cfg.global_batch, cfg.epochs)
+    if cfg.max_steps:
+        epoch_ends = [min(e, cfg.max_steps) for e in epoch_ends]
+        epoch_ends = sorted(set(epoch_ends))
+    total_steps = epoch_ends[-1]
+    tx = make_optimizer(cfg.optimizer, total_steps)
+    model = MnistCNN(rngs=nnx.Rngs(cfg.seed))
+    dp = DataParallel(model, tx, loss_fn, strategy=cfg.strategy, devices=devices,
+                      eval_fn=eval_fn, local_steps=cfg.local_steps)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = train_batches(train_split, cfg.global_batch, cfg.seed, **process)
+
+    def evaluate(state):
+        sums = dp.evaluate(state, eval_batches(test_split, cfg.eval_batch,
+                                               limit=cfg.eval_examples or None, **process))
+        return {"test_accuracy": sums["correct"] / sums["count"],
+                "test_loss": sums["nll"] / sums["count"]}
+
+    if show:
+        print(f"training the MNIST CNN on {len(devices)} {devices[0].platform} device(s), "
+              f"strategy {cfg.strategy}, global batch {cfg.global_batch}, {total_steps} steps, "
+              f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})",
+              flush=True)
+    result = fit(dp, dp.init(), batches, epoch_ends=epoch_ends, evaluate=evaluate,
+                 progress=cfg.progress)
+    final = result.history[-1]
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "wall_seconds": time.perf_counter() - start,
+        "train_seconds": result.train_seconds,
+        "first_step_seconds": result.first_step_seconds,
+        "images_per_second": result.images_per_second,
+        "devices": len(devices),
+        "platform": devices[0].platform,
+        "strategy": cfg.strategy,
+        "steps": total_steps,
+        "history": result.history,
+        "state": result.state,
+        "dp": dp,
+    }
+
+
+def format_summary(s: dict) -> str:
+    return (
+        f"done: test accuracy {100 * s['test_accuracy']:.2f}% | wall {s['wall_seconds']:.1f} s "
+        f"(first step {s['first_step_seconds']:.1f} s) | {s['images_per_second']:,.0f} img/s | "
+        f"{s['devices']} {s['platform']} device(s) | strategy {s['strategy']} | {s['steps']} steps"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxdist.config import parse_config
+
+    cfg = parse_config(
+        get_config,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        choices={"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES},
+        help_text=HELP,
+    )
+    try:
+        configure_cpu_devices(cfg.cpu_devices)
+        summary = train(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    if jax.process_index() == 0:
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Which devices a job runs on, and virtual CPU devices for machines without accelerators.
+
+JAX fixes the number of CPU devices when its backend starts, so `configure_cpu_devices` must run
+before anything asks JAX for devices. It is harmless on GPU/TPU hosts: the accelerator stays the
+default backend and the extra CPU devices are simply unused.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+
+from jaxdist.errors import UsageError
+
+DEFAULT_CPU_DEVICES = 8
+
+# jit/shard_map programs over several CPU devices deadlocked in ~60% of runs on a 2-core machine
+# with jaxlib 0.10.2 ("Expected N threads to join the rendezvous"); 0.12 did not (see README).
+_RELIABLE_CPU_COLLECTIVES = (0, 12)
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge  # private, but the only way to ask without starting one
+
+        return bool(xla_bridge._backends)
+    except (ImportError, AttributeError):  # pragma: no cover - layout changed; assume not started
+        return False
+
+
+def configure_cpu_devices(count: int | None = None) -> None:
+    """Asks JAX for `count` virtual CPU devices (default: $JAXDIST_CPU_DEVICES or 8).
+
+    Respects an explicit `--xla_force_host_platform_device_count` in XLA_FLAGS, and does nothing
+    once JAX's backends have started (the count can no longer change then).
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if count is None:
+        count = int(os.environ.get("JAXDIST_CPU_DEVICES", DEFAULT_CPU_DEVICES))
+    if count < 1:
+        raise UsageError(f"the number of CPU devices must be at least 1, got {count}")
+    if _backends_started():
+        return
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+def select_devices(count: int | None = None) -> list[jax.Device]:
+    """The first `count` devices of the default backend (all of them when `count` is None).
+
+    Raises `UsageError` when more devices are asked for than exist, with the fix in the message.
+    """
+    available = jax.devices()
+    if count is None or count == 0:
+        count = len(available)
+    if count < 1:
+        raise UsageError(f"the device count must be positive, got {count}")
+    if count > len(available):
+        platform = available[0].platform
+        hint = (
+            " (on CPU, raise the number of virtual devices with JAXDIST_CPU_DEVICES or "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+            if platform == "cpu"
+            else ""
+        )
+        raise UsageError(
+            f"asked for {count} devices but only {len(available)} {platform} device(s) exist{hint}"
+        )
+    if available[0].platform == "cpu" and count > 1 and _jax_version() < _RELIABLE_CPU_COLLECTIVES:
+        warnings.warn(
+            f"jax {jax.__version__} can deadlock collectives across virtual CPU devices on "
+            "machines with few cores; use jax>=0.12 (Python>=3.12) for multi-device CPU runs",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if jax.process_count() == 1:
+        return list(available[:count])
+    if count != len(available):
+        raise UsageError(
+            f"in a multi-process job every device takes part; asked for {count} of {len(available)}"
+        )
+    return list(available)

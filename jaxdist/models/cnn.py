@@ -1,0 +1,31 @@
+"""The classic MNIST CNN (the PyTorch examples' `Net` without dropout), in Flax NNX."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+class MnistCNN(nnx.Module):
+    """conv 1->10 5x5, max-pool 2, ReLU; conv 10->20 5x5, max-pool 2, ReLU; 320->50, ReLU; 50->10.
+
+    Takes NHWC float images of shape (batch, 28, 28, 1) and returns log-probabilities.
+
+    Example:
+        >>> model = MnistCNN(rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 28, 28, 1))).shape
+        (2, 10)
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 10, kernel_size=(5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(10, 20, kernel_size=(5, 5), padding="VALID", rngs=rngs)
+        self.fc1 = nnx.Linear(320, 50, rngs=rngs)
+        self.fc2 = nnx.Linear(50, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(nnx.max_pool(self.conv1(x), window_shape=(2, 2), strides=(2, 2)))
+        x = nnx.relu(nnx.max_pool(self.conv2(x), window_shape=(2, 2), strides=(2, 2)))
+        x = x.reshape(x.shape[0], -1)
+        x = nnx.relu(self.fc1(x))
+        return nnx.log_softmax(self.fc2(x))

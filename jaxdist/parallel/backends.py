@@ -1,0 +1,183 @@
+"""Four ways to run one data-parallel train step; they differ only in layout and reduction.
+
+- `jit`: global arrays, batch sharded over the mesh, state replicated; XLA inserts the all-reduce.
+- `shard_map`: the same layout; each device runs the step on its shard and `lax.pmean`s gradients.
+- `pmap`: the classic per-device program; state carries a leading replica axis.
+- `local_sgd`: each replica steps alone on its shard (no gradient all-reduce) and every H steps
+  parameters are averaged, theta = mean_i theta_i. Optimizer state stays per replica (each keeps
+  its own momentum / Adam moments, as in local SGD); pass `average_opt_state=True` to average it
+  as well.
+
+Every backend exposes the same four operations, so the loop, tests and checkpoints never branch
+on the strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.errors import UsageError
+from jaxdist.parallel.mesh import DATA_AXIS, batch_sharded, replicated
+from jaxdist.train.step import TrainState
+
+STRATEGIES = ("jit", "shard_map", "pmap", "local_sgd")
+
+
+def pmean_floats(tree: Any, axis_name: str = DATA_AXIS) -> Any:
+    """`lax.pmean` of every floating leaf; integer leaves (counters) are equal on all replicas."""
+    return jax.tree.map(
+        lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree
+    )
+
+
+def _stack(tree: Any, n: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+
+
+def _first(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _mean_floats(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: x.mean(0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0], tree
+    )
+
+
+@dataclasses.dataclass
+class Backend:
+    """A compiled data-parallel step and the layout it expects.
+
+    Attributes:
+        name: the strategy.
+        mesh: the 1-D data mesh.
+        place: canonical (single-copy) TrainState -> the backend's layout on the mesh.
+        step: (placed state, placed batch) -> (placed state, metrics); jitted, donates the state.
+        canonical: placed state -> one replicated TrainState (for evaluation and checkpoints).
+        stacked_batch: whether batches carry a leading device axis (pmap).
+    """
+
+    name: str
+    mesh: Mesh
+    place: Callable[[TrainState], Any]
+    step: Callable[[Any, Any], tuple[Any, dict]]
+    canonical: Callable[[Any], TrainState]
+    stacked_batch: bool = False
+
+
+def _replicate_on(mesh: Mesh) -> Callable[[TrainState], TrainState]:
+    return lambda state: jax.device_put(state, replicated(mesh))
+
+
+def _jit_backend(mesh, train_step, **_) -> Backend:
+    rep = replicated(mesh)
+    step = jax.jit(
+        train_step,
+        in_shardings=(rep, batch_sharded(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    return Backend("jit", mesh, _replicate_on(mesh), step, lambda s: s)
+
+
+def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
+    local_step = train_step_with(pmean_floats)
+    mapped = jax.shard_map(
+        local_step,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS)),
+        out_specs=(P(), P()),
+        check_vma=False,  # else grads of replicated params arrive psum-med already
+    )
+    step = jax.jit(mapped, donate_argnums=0)
+    return Backend("shard_map", mesh, _replicate_on(mesh), step, lambda s: s)
+
+
+def _stacked_placement(mesh: Mesh) -> Callable[[TrainState], TrainState]:
+    n = mesh.size
+    return jax.jit(lambda s: _stack(s, n), out_shardings=batch_sharded(mesh))
+
+
+def _pmap_backend(mesh, train_step_with, **_) -> Backend:
+    step = jax.pmap(
+        train_step_with(pmean_floats),
+        axis_name=DATA_AXIS,
+        devices=list(mesh.devices.flat),
+        donate_argnums=0,
+    )
+    canonical = jax.jit(_first, out_shardings=replicated(mesh))
+    return Backend("pmap", mesh, _stacked_placement(mesh), step, canonical, stacked_batch=True)
+
+
+def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=False, **_) -> Backend:
+    if local_steps < 1:
+        raise UsageError(f"local SGD needs local_steps >= 1, got {local_steps}")
+    local_step = train_step_with(lambda tree: tree)
+
+    def average(state: TrainState) -> TrainState:
+        state = state._replace(params=pmean_floats(state.params), rest=pmean_floats(state.rest))
+        if average_opt_state:
+            state = state._replace(opt_state=pmean_floats(state.opt_state))
+        return state
+
+    def replica_step(stacked: TrainState, batch):
+        state, metrics = local_step(_first(stacked), batch)
+        state = lax.cond(state.step % local_steps == 0, average, lambda s: s, state)
+        add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
+        return add_axis(state), add_axis(metrics)
+
+    mapped = jax.shard_map(
+        replica_step,
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        check_vma=False,  # the averaging branch is invariant, the other is not: both are fine
+    )
+    step = jax.jit(mapped, donate_argnums=0)
+    canonical = jax.jit(_mean_floats, out_shardings=replicated(mesh))
+    return Backend("local_sgd", mesh, _stacked_placement(mesh), step, canonical)
+
+
+_BUILDERS = {
+    "jit": _jit_backend,
+    "shard_map": _shard_map_backend,
+    "pmap": _pmap_backend,
+    "local_sgd": _local_sgd_backend,
+}
+
+
+def make_backend(
+    strategy: str,
+    mesh: Mesh,
+    train_step_with: Callable[[Callable], Callable],
+    *,
+    local_steps: int = 1,
+    average_opt_state: bool = False,
+) -> Backend:
+    """Builds the backend for `strategy`.
+
+    `train_step_with(reduce)` returns the shared pure train step with `reduce` averaging over
+    replicas (see `jaxdist.train.step.make_train_step`).
+    """
+    if strategy not in _BUILDERS:
+        raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return _BUILDERS[strategy](
+        mesh=mesh,
+        train_step=train_step_with(lambda tree: tree),
+        train_step_with=train_step_with,
+        local_steps=local_steps,
+        average_opt_state=average_opt_state,
+    )
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """Device metrics -> Python floats, averaging a per-replica axis where one exists."""
+    return {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}

@@ -1,0 +1,161 @@
+"""`DataParallel`: a user's NNX model, optax optimizer and loss become a data-parallel step."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxdist.cluster.devices import select_devices
+from jaxdist.errors import UsageError
+from jaxdist.parallel.backends import Backend, make_backend
+from jaxdist.parallel.mesh import batch_sharded, data_mesh, replicated
+from jaxdist.train.step import (
+    EvalFn,
+    LossFn,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
+
+
+class DataParallel:
+    """Data-parallel training of one model over a set of devices.
+
+    Example:
+        >>> dp = DataParallel(model, optax.adam(1e-3), loss_fn, strategy="shard_map")
+        >>> state = dp.init()
+        >>> for batch in batches:                 # numpy, this process's rows of the global batch
+        ...     state, metrics = dp.step(state, batch)
+        >>> dp.sync_model(state)                  # write the trained weights back into `model`
+
+    Args:
+        model: a Flax NNX module; its current weights are the starting point.
+        tx: an optax optimizer.
+        loss_fn: `loss_fn(model, batch) -> loss` or `(loss, metrics)`, a mean over the batch.
+        strategy: "jit", "shard_map", "pmap" or "local_sgd" (see `jaxdist.parallel.backends`).
+        devices: a device count, a list of devices, or None for all devices.
+        eval_fn: `eval_fn(model, batch) -> metrics summed over the batch` for `evaluate`.
+        local_steps: for "local_sgd", average parameters every this many steps (H).
+        average_opt_state: for "local_sgd", average the optimizer state too.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        loss_fn: LossFn,
+        *,
+        strategy: str = "jit",
+        devices: int | Sequence[jax.Device] | None = None,
+        eval_fn: EvalFn | None = None,
+        local_steps: int = 1,
+        average_opt_state: bool = False,
+    ):
+        if devices is None or isinstance(devices, int):
+            devices = select_devices(devices)
+        self.devices = list(devices)
+        self.mesh = data_mesh(self.devices)
+        self.model = model
+        self.graphdef, self._initial_state = init_state(model, tx)
+        self.backend: Backend = make_backend(
+            strategy,
+            self.mesh,
+            lambda reduce: make_train_step(self.graphdef, loss_fn, tx, reduce),
+            local_steps=local_steps,
+            average_opt_state=average_opt_state,
+        )
+        self._eval_step = None
+        if eval_fn is not None:
+            rep = replicated(self.mesh)
+            self._eval_step = jax.jit(
+                make_eval_step(self.graphdef, eval_fn),
+                in_shardings=(rep, rep, batch_sharded(self.mesh)),
+                out_shardings=rep,
+            )
+
+    @property
+    def strategy(self) -> str:
+        return self.backend.name
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def num_local_devices(self) -> int:
+        return sum(d.process_index == jax.process_index() for d in self.devices)
+
+    def init(self) -> Any:
+        """The initial state, laid out on the devices for this strategy."""
+        return self.backend.place(self._initial_state)
+
+    def place(self, state: TrainState) -> Any:
+        """A canonical `TrainState` (e.g. restored from a checkpoint) in this strategy's layout."""
+        return self.backend.place(state)
+
+    def canonical(self, state: Any) -> TrainState:
+        """One replicated copy of the state, whatever the strategy (local SGD: the replica mean)."""
+        return self.backend.canonical(state)
+
+    def shard_batch(self, local_batch: Any) -> Any:
+        """This process's rows of the global batch -> global arrays split over the data axis."""
+        sharding = batch_sharded(self.mesh)
+        n_local = self.num_local_devices
+
+        def put(x):
+            x = np.asarray(x)
+            if x.ndim == 0 or x.shape[0] % n_local:
+                raise UsageError(
+                    f"a batch of {x.shape[0] if x.ndim else 0} rows per process does not divide "
+                    f"over {n_local} local devices; choose a global batch divisible by "
+                    f"{self.num_devices}"
+                )
+            if self.backend.stacked_batch:
+                x = x.reshape(n_local, x.shape[0] // n_local, *x.shape[1:])
+            return jax.make_array_from_process_local_data(sharding, x)
+
+        return jax.tree.map(put, local_batch)
+
+    def global_batch_size(self, sharded_batch: Any) -> int:
+        """Examples in a batch returned by `shard_batch`."""
+        shape = jax.tree.leaves(sharded_batch)[0].shape
+        return shape[0] * shape[1] if self.backend.stacked_batch else shape[0]
+
+    def step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        """One optimizer step on a global batch. `batch` may be host-local numpy or already sharded.
+
+        The input state is donated: use the returned one.
+        """
+        if not _is_sharded(batch):
+            batch = self.shard_batch(batch)
+        return self.backend.step(state, batch)
+
+    def evaluate(self, state: Any, batches: Iterable[Any]) -> dict[str, float]:
+        """Sums `eval_fn` over `batches` on all devices; returns the sums as floats."""
+        if self._eval_step is None:
+            raise UsageError("evaluate needs DataParallel(..., eval_fn=...)")
+        canonical = self.canonical(state)
+        totals: dict[str, Any] = {}
+        for batch in batches:
+            sharded = jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(batch_sharded(self.mesh), x), batch
+            )
+            sums = self._eval_step(canonical.params, canonical.rest, sharded)
+            totals = sums if not totals else jax.tree.map(lambda a, b: a + b, totals, sums)
+        return {k: float(v) for k, v in totals.items()}
+
+    def sync_model(self, state: Any) -> nnx.Module:
+        """Writes the state's weights into the user's model (the replica mean for local SGD)."""
+        canonical = self.canonical(state)
+        nnx.update(self.model, canonical.params, canonical.rest)
+        return self.model
+
+
+def _is_sharded(batch: Any) -> bool:
+    leaves = jax.tree.leaves(batch)
+    return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)

@@ -1,0 +1,130 @@
+"""The training loop: dispatch steps, read metrics one step late, evaluate at epoch ends.
+
+Reading step N's metrics only after step N+1 has been dispatched keeps the devices busy: the host
+never waits for a step to finish before handing over the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+
+from jaxdist.parallel.backends import host_metrics
+from jaxdist.parallel.data_parallel import DataParallel
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+        state: the final state, in the strategy's layout.
+        history: one dict per evaluation: epoch, step, the train loss and the eval metrics.
+        first_step_seconds: wall time of the first step (dominated by compilation).
+        train_seconds: wall time of all steps after the first, evaluation excluded.
+        images_per_second: global examples per second over `train_seconds`.
+    """
+
+    state: Any
+    history: list[dict]
+    first_step_seconds: float
+    train_seconds: float
+    images_per_second: float
+
+
+def epoch_end_steps(num_examples: int, global_batch: int, epochs: float) -> list[int]:
+    """The step counts after which epoch 1, 2, ... ends (the last one may be fractional)."""
+    total = math.ceil(epochs * num_examples / global_batch)
+    ends = [math.ceil(e * num_examples / global_batch) for e in range(1, math.ceil(epochs) + 1)]
+    return sorted({min(s, total) for s in ends})
+
+
+def fit(
+    dp: DataParallel,
+    state: Any,
+    batches: Iterator[Any],
+    *,
+    epoch_ends: list[int],
+    start_step: int = 0,
+    evaluate: Callable[[Any], dict] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Trains until the last of `epoch_ends`, evaluating after each.
+
+    Args:
+        batches: this process's share of consecutive global batches, from step `start_step` on.
+        epoch_ends: the step counts at which an epoch ends (see `epoch_end_steps`).
+        evaluate: state -> metrics dict, called at each epoch end.
+        progress: show a progress bar (process 0 only).
+    """
+    from tqdm.auto import tqdm
+
+    show = progress and jax.process_index() == 0
+    history: list[dict] = []
+    first_step_seconds = 0.0
+    train_seconds = 0.0
+    trained_images = 0
+    step = start_step
+    pending = None  # (step, metrics) dispatched but not yet read
+    last_loss = float("nan")
+    for epoch, end in enumerate(epoch_ends, start=1):
+        if end <= step:
+            continue
+        bar = tqdm(total=end - step, desc=f"epoch {epoch}/{len(epoch_ends)}", disable=not show,
+                   leave=False, unit="step")
+        epoch_start = time.perf_counter()
+        epoch_images = 0
+        while step < end:
+            t0 = time.perf_counter()
+            batch = dp.shard_batch(next(batches))
+            state, metrics = dp.step(state, batch)
+            if step == 0 and start_step == 0:
+                jax.block_until_ready(metrics)
+                first_step_seconds = time.perf_counter() - t0
+                epoch_start = time.perf_counter()
+            else:
+                epoch_images += dp.global_batch_size(batch)
+            if pending is not None:
+                last_loss = host_metrics(pending)["loss"]
+            pending = metrics
+            step += 1
+            elapsed = time.perf_counter() - epoch_start
+            bar.set_postfix(loss=f"{last_loss:.4f}",
+                            img_s=f"{epoch_images / elapsed:,.0f}" if elapsed > 0 else "-")
+            bar.update(1)
+        jax.block_until_ready(state)
+        epoch_seconds = time.perf_counter() - epoch_start
+        bar.close()
+        train_seconds += epoch_seconds
+        trained_images += epoch_images
+        last_loss = host_metrics(pending)["loss"]
+        record = {"epoch": epoch, "step": step, "train_loss": last_loss,
+                  "epoch_seconds": epoch_seconds,
+                  "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
+        if evaluate is not None:
+            record.update(evaluate(state))
+        history.append(record)
+        if show:
+            log(_format_record(record))
+    return FitResult(
+        state=state,
+        history=history,
+        first_step_seconds=first_step_seconds,
+        train_seconds=train_seconds,
+        images_per_second=trained_images / train_seconds if train_seconds else 0.0,
+    )
+
+
+def _format_record(r: dict) -> str:
+    parts = [f"epoch {r['epoch']}", f"step {r['step']}", f"train loss {r['train_loss']:.4f}"]
+    for key, value in r.items():
+        if key.startswith("test_"):
+            shown = f"{100 * value:.2f}%" if "accuracy" in key else f"{value:.4f}"
+            parts.append(f"{key.replace('_', ' ')} {shown}")
+    parts.append(f"{r['images_per_second']:,.0f} img/s")
+    return " | ".join(parts)
