@@ -131,7 +131,8 @@ def train(cfg: MnistConfig) -> dict:
     start = time.perf_counter()
     devices = select_devices(cfg.devices or None)
     validate(cfg, len(devices))
-    show = cfg.progress and jax.process_index() == 0
+    leader = jax.process_index() == 0
+    show = cfg.progress and leader
     train_split = load_split("mnist", "train", cfg.data_dir, download=cfg.download, progress=show)
     test_split = load_split("mnist", "test", cfg.data_dir, download=cfg.download, progress=show)
 
@@ -153,7 +154,7 @@ def train(cfg: MnistConfig) -> dict:
         return {"test_accuracy": sums["correct"] / sums["count"],
                 "test_loss": sums["nll"] / sums["count"]}
 
-    if show:
+    if leader:
         print(f"training the MNIST CNN on {len(devices)} {devices[0].platform} device(s), "
               f"strategy {cfg.strategy}, global batch {cfg.global_batch}, {total_steps} steps, "
               f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})",

@@ -60,11 +60,12 @@ def fit(
         batches: this process's share of consecutive global batches, from step `start_step` on.
         epoch_ends: the step counts at which an epoch ends (see `epoch_end_steps`).
         evaluate: state -> metrics dict, called at each epoch end.
-        progress: show a progress bar (process 0 only).
+        progress: show a progress bar. Only process 0 prints anything.
     """
     from tqdm.auto import tqdm
 
-    show = progress and jax.process_index() == 0
+    leader = jax.process_index() == 0
+    show = progress and leader
     history: list[dict] = []
     first_step_seconds = 0.0
     train_seconds = 0.0
@@ -109,7 +110,7 @@ def fit(
         if evaluate is not None:
             record.update(evaluate(state))
         history.append(record)
-        if show:
+        if leader:
             log(_format_record(record))
     return FitResult(
         state=state,
