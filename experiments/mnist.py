@@ -15,9 +15,9 @@ import time
 
 from jaxdist.cluster import configure_cpu_devices
 from jaxdist.errors import UsageError
+from jaxdist.parallel.backends import STRATEGIES
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
-STRATEGIES = ("jit", "shard_map", "pmap", "local_sgd")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
