@@ -61,7 +61,9 @@ class DataParallel:
         self.devices = list(devices)
         self.mesh = data_mesh(self.devices)
         self.model = model
-        self.graphdef, self._initial_state = init_state(model, tx)
+        self.graphdef, initial_state = init_state(model, tx)
+        # kept on the host: placing it always copies, so donating a placed state never frees it
+        self._initial_state = jax.device_get(initial_state)
         self.backend: Backend = make_backend(
             strategy,
             self.mesh,
@@ -102,8 +104,12 @@ class DataParallel:
         """One replicated copy of the state, whatever the strategy (local SGD: the replica mean)."""
         return self.backend.canonical(state)
 
-    def shard_batch(self, local_batch: Any) -> Any:
-        """This process's rows of the global batch -> global arrays split over the data axis."""
+    def shard_batch(self, local_batch: Any, *, stacked: bool | None = None) -> Any:
+        """This process's rows of the global batch -> global arrays split over the data axis.
+
+        `stacked` (default: what the strategy's step expects) adds pmap's leading device axis.
+        """
+        stacked = self.backend.stacked_batch if stacked is None else stacked
         sharding = batch_sharded(self.mesh)
         n_local = self.num_local_devices
 
@@ -115,7 +121,7 @@ class DataParallel:
                     f"over {n_local} local devices; choose a global batch divisible by "
                     f"{self.num_devices}"
                 )
-            if self.backend.stacked_batch:
+            if stacked:
                 x = x.reshape(n_local, x.shape[0] // n_local, *x.shape[1:])
             if jax.process_count() == 1:
                 return jax.device_put(x, sharding)  # same result, less per-call overhead
@@ -144,9 +150,7 @@ class DataParallel:
         canonical = self.canonical(state)
         totals: dict[str, Any] = {}
         for batch in batches:
-            sharded = jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(batch_sharded(self.mesh), x), batch
-            )
+            sharded = self.shard_batch(batch, stacked=False)
             sums = self._eval_step(canonical.params, canonical.rest, sharded)
             totals = sums if not totals else jax.tree.map(lambda a, b: a + b, totals, sums)
         return {k: float(v) for k, v in totals.items()}

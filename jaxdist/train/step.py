@@ -68,7 +68,8 @@ def make_train_step(
     """
 
     def loss_with_rest(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
+        # copy: `rest` comes from outside the grad trace, and layers such as BatchNorm mutate it
+        model = nnx.merge(graphdef, params, rest, copy=True)
         loss, metrics = _as_loss_and_metrics(loss_fn(model, batch))
         _, _, new_rest = split_model(model)
         return loss, (metrics, new_rest)
