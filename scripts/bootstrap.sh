@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with a Python >= 3.12 and installs jaxdist with its test tools (extras: $EXTRAS).
 # Python 3.12+ is needed for jax >= 0.12, the first release whose CPU collectives did not deadlock
-# on a 2-core machine. Looks for python3.13/python3.12 on PATH, then in pyenv's versions.
+# on a 2-core machine. Prefers 3.12 (the version the CPU-collective measurements were made on):
+# $PYTHON, then python3.12 / python3 / python3.13 on PATH, then pyenv's installed versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
@@ -9,9 +10,9 @@ EXTRAS=${EXTRAS:-dev}
 is_new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; }
 
 PY=""
-for candidate in "${PYTHON:-}" python3 python3.13 python3.12 \
-    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3 \
-    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3; do
+for candidate in "${PYTHON:-}" python3.12 python3 python3.13 \
+    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3 \
+    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[3-9]*/bin/python3; do
   if [ -n "$candidate" ] && is_new_enough "$candidate"; then PY=$candidate; break; fi
 done
 if [ -z "$PY" ]; then
@@ -21,5 +22,9 @@ fi
 echo "using $PY ($("$PY" --version))"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+if ! .venv/bin/python -m pip install -q -e ".[${EXTRAS}]" > .venv/pip-install.log 2>&1; then
+  grep -v "^WARNING: Location" .venv/pip-install.log >&2
+  echo "error: installing jaxdist failed (log: .venv/pip-install.log)" >&2
+  exit 1
+fi
 .venv/bin/python -c 'import jax, flax, optax, grain, tensorflow_datasets; print("jax", jax.__version__, "flax", flax.__version__)'
