@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import time
 
-from jaxdist.cluster import configure_cpu_devices
+from jaxdist.cluster import configure_cpu_devices, initialize
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import STRATEGIES
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -25,7 +25,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 class MnistConfig:
     strategy: str = "jit"
     devices: int = 0
-    cpu_devices: int = 8
+    cpu_devices: int = 0
     global_batch: int = 128
     epochs: float = 8.0
     seed: int = 0
@@ -44,7 +44,8 @@ class MnistConfig:
 HELP = {
     "strategy": "data-parallel backend",
     "devices": "number of devices (0: all)",
-    "cpu_devices": "virtual CPU devices to create when the host has no accelerator",
+    "cpu_devices": "virtual CPU devices per process on hosts without accelerators "
+                   "(0: $JAXDIST_CPU_DEVICES or 8)",
     "global_batch": "examples per step, summed over all devices",
     "epochs": "passes over the training set (may be fractional)",
     "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets)",
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         help_text=HELP,
     )
     try:
-        configure_cpu_devices(cfg.cpu_devices)
+        configure_cpu_devices(cfg.cpu_devices or None)
+        initialize()  # joins a multi-process job when launched as one; else does nothing
         summary = train(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

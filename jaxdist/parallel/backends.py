@@ -178,6 +178,17 @@ def make_backend(
     )
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process, also when other processes hold parts of it."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def host_metrics(metrics: dict) -> dict[str, float]:
     """Device metrics -> Python floats, averaging a per-replica axis where one exists."""
-    return {k: float(np.mean(np.asarray(v))) for k, v in metrics.items()}
+    return {k: float(np.mean(to_host(v))) for k, v in metrics.items()}

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxdist.cluster.devices import select_devices
 from jaxdist.errors import UsageError
-from jaxdist.parallel.backends import Backend, make_backend
+from jaxdist.parallel.backends import Backend, make_backend, to_host
 from jaxdist.parallel.mesh import batch_sharded, data_mesh, replicated
 from jaxdist.train.step import (
     EvalFn,
@@ -153,7 +153,7 @@ class DataParallel:
             sharded = self.shard_batch(batch, stacked=False)
             sums = self._eval_step(canonical.params, canonical.rest, sharded)
             totals = sums if not totals else jax.tree.map(lambda a, b: a + b, totals, sums)
-        return {k: float(v) for k, v in totals.items()}
+        return {k: float(to_host(v)) for k, v in totals.items()}
 
     def sync_model(self, state: Any) -> nnx.Module:
         """Writes the state's weights into the user's model (the replica mean for local SGD)."""

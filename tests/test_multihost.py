@@ -1,0 +1,109 @@
+"""Several real processes on loopback (gloo): same results as one process, clean failures."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from jaxdist import UsageError
+from jaxdist.cluster.distributed import ClusterSpec, validate
+from jaxdist.launch import free_port
+
+WORKER = str(REPO / "tests" / "multihost_worker.py")
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def _launch(args, command, timeout=240):
+    return subprocess.run([sys.executable, "-m", "jaxdist.launch", *args, "--", *command],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", ["jit", "shard_map"])
+def test_2_processes_x_4_devices_equal_1_process_x_8_devices(strategy, mnist, tmp_path):
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    single = subprocess.run([sys.executable, WORKER, str(one), strategy, "5"], cwd=REPO,
+                            env=_env(JAXDIST_CPU_DEVICES="8"), capture_output=True, text=True,
+                            timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = _launch(["-n", "2", "--devices_per_process", "4"],
+                    [sys.executable, WORKER, str(two), strategy, "5"])
+    assert multi.returncode == 0, multi.stdout[-3000:]
+    assert "[p1] process 1/2 devices 8 done" in multi.stdout
+    a, b = np.load(one), np.load(two)
+    assert len(a.files) == len(b.files) == 8
+    for key in a.files:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_when_one_process_is_killed_the_others_exit_nonzero_naming_it(mnist):
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = _env(JAXDIST_COORDINATOR=f"127.0.0.1:{port}", JAXDIST_NUM_PROCESSES="2",
+                   JAXDIST_PROCESS_ID=str(pid), JAXDIST_CPU_DEVICES="2",
+                   JAXDIST_HEARTBEAT_TIMEOUT="20")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "experiments.mnist", "--epochs", "1", "--progress", "false"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for line in procs[0].stdout:
+            if "training the MNIST CNN" in line:
+                break
+        time.sleep(3)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, _ = procs[0].communicate(timeout=90)
+        seconds = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode != 0
+    assert seconds <= 60, f"survivor took {seconds:.0f} s to exit"
+    assert "stopped sending heartbeats" in out
+
+
+def test_a_wrong_coordinator_address_fails_within_the_init_timeout_with_a_clear_message():
+    port = free_port()  # nothing listens there
+    env = _env(JAXDIST_COORDINATOR=f"127.0.0.1:{port}", JAXDIST_NUM_PROCESSES="2",
+               JAXDIST_PROCESS_ID="1", JAXDIST_INIT_TIMEOUT="5")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "experiments.mnist", "--config", "smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"coordinator 127.0.0.1:{port} unreachable after 5 s" in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_the_launcher_prefixes_output_and_stops_everyone_when_one_process_fails():
+    script = ("import os, sys, time; pid = int(os.environ['JAXDIST_PROCESS_ID']); "
+              "print('hello from', pid, os.environ['JAXDIST_COORDINATOR'], flush=True); "
+              "sys.exit(3) if pid == 1 else time.sleep(120)")
+    start = time.monotonic()
+    proc = _launch(["-n", "3"], [sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == 3
+    assert time.monotonic() - start < 30
+    assert "[p1] hello from 1 127.0.0.1:" in proc.stdout
+    assert "process 1 exited with status 3" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (ClusterSpec("127.0.0.1:1234", 2, 2), "process id 2 is out of range for 2 processes"),
+        (ClusterSpec("127.0.0.1:1234", 2, None), "needs the coordinator address, the process count"),
+        (ClusterSpec("localhost", 2, 0), "must be HOST:PORT"),
+        (ClusterSpec("127.0.0.1:1234", 0, 0), "at least 1"),
+    ],
+)
+def test_bad_cluster_specs_are_usage_errors(spec, message):
+    with pytest.raises(UsageError, match=message):
+        validate(spec)
