@@ -107,3 +107,32 @@ def test_the_launcher_prefixes_output_and_stops_everyone_when_one_process_fails(
 def test_bad_cluster_specs_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message):
         validate(spec)
+
+
+def test_kubernetes_indexed_job_env_gives_the_process_id(monkeypatch):
+    from jaxdist.cluster.distributed import spec_from_env
+
+    monkeypatch.setenv("JAXDIST_COORDINATOR", "jaxdist-mnist-0.jaxdist-mnist:8476")
+    monkeypatch.setenv("JAXDIST_NUM_PROCESSES", "2")
+    monkeypatch.delenv("JAXDIST_PROCESS_ID", raising=False)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    spec = spec_from_env()
+    assert (spec.coordinator, spec.num_processes, spec.process_id) == (
+        "jaxdist-mnist-0.jaxdist-mnist:8476", 2, 1)
+    validate(spec)
+
+
+def test_slurm_and_mpi_multi_process_jobs_are_detected(monkeypatch):
+    from jaxdist.cluster.distributed import detected_scheduler
+
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert detected_scheduler() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert detected_scheduler() is None  # a one-task allocation is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert detected_scheduler() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert detected_scheduler() == "mpi"
