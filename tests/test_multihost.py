@@ -136,3 +136,24 @@ def test_slurm_and_mpi_multi_process_jobs_are_detected(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     assert detected_scheduler() == "mpi"
+
+
+def test_a_process_that_expects_another_process_count_exits_2_saying_so():
+    port = free_port()
+    script = ("import sys; from jaxdist.cluster import initialize; from jaxdist import UsageError\n"
+              "try:\n    initialize()\nexcept UsageError as e:\n    print(e, file=sys.stderr); "
+              "sys.exit(2)\nimport time; time.sleep(2)")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=_env(JAXDIST_COORDINATOR=f"127.0.0.1:{port}", JAXDIST_PROCESS_ID=str(pid),
+                            JAXDIST_NUM_PROCESSES=str(count), JAXDIST_INIT_TIMEOUT="20",
+                            JAXDIST_HEARTBEAT_TIMEOUT="10"))
+        for pid, count in ((0, 2), (1, 3))]
+    try:
+        _, err = procs[1].communicate(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode == 2
+    assert "expected 3 processes but the job has 2" in err
