@@ -71,7 +71,7 @@ def fit(
     train_seconds = 0.0
     trained_images = 0
     step = start_step
-    pending = None  # (step, metrics) dispatched but not yet read
+    pending = None  # metrics of the last dispatched step, read after the next is dispatched
     last_loss = float("nan")
     for epoch, end in enumerate(epoch_ends, start=1):
         if end <= step:
