@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import time
 
-from jaxdist.cluster import configure_cpu_devices, initialize
+from jaxdist.cluster import ClusterSpec, configure_cpu_devices, initialize
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import STRATEGIES
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -36,6 +36,11 @@ class MnistConfig:
     max_steps: int = 0
     eval_examples: int = 0
     progress: bool = True
+    coordinator: str | None = None
+    num_processes: int = 0
+    process_id: int = -1
+    init_timeout: int = 0
+    heartbeat_timeout: int = 0
     optimizer: OptimizerConfig = OptimizerConfig(
         name="adam", learning_rate=3e-3, schedule="onecycle", warmup_fraction=0.15
     )
@@ -54,6 +59,14 @@ HELP = {
     "eval_batch": "examples per evaluation batch",
     "max_steps": "stop after this many steps (0: no limit)",
     "eval_examples": "evaluate on the first N test examples (0: all)",
+    "coordinator": "multi-process: HOST:PORT of process 0 (default: $JAXDIST_COORDINATOR or "
+                   "SLURM/MPI detection)",
+    "num_processes": "multi-process: number of processes (0: from the environment)",
+    "process_id": "multi-process: this process's id (-1: from the environment)",
+    "init_timeout": "multi-process: seconds to wait for all processes to join "
+                    "(0: $JAXDIST_INIT_TIMEOUT or 120)",
+    "heartbeat_timeout": "multi-process: seconds without heartbeats before a process is lost "
+                         "(0: $JAXDIST_HEARTBEAT_TIMEOUT or 30)",
     "optimizer": "optax optimizer",
     "learning_rate": "peak learning rate",
     "schedule": "learning-rate schedule",
@@ -188,6 +201,17 @@ def format_summary(s: dict) -> str:
     )
 
 
+def cluster_spec(cfg: MnistConfig) -> ClusterSpec:
+    """The flags' part of how to join a multi-process job; the environment fills the rest."""
+    return ClusterSpec(
+        coordinator=cfg.coordinator,
+        num_processes=cfg.num_processes or None,
+        process_id=None if cfg.process_id < 0 else cfg.process_id,
+        init_timeout=cfg.init_timeout or None,
+        heartbeat_timeout=cfg.heartbeat_timeout or None,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxdist.config import parse_config
 
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         configure_cpu_devices(cfg.cpu_devices or None)
-        initialize()  # joins a multi-process job when launched as one; else does nothing
+        initialize(cluster_spec(cfg))  # joins a multi-process job when there is one
         summary = train(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

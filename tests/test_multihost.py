@@ -73,11 +73,11 @@ def test_when_one_process_is_killed_the_others_exit_nonzero_naming_it(mnist):
 
 def test_a_wrong_coordinator_address_fails_within_the_init_timeout_with_a_clear_message():
     port = free_port()  # nothing listens there
-    env = _env(JAXDIST_COORDINATOR=f"127.0.0.1:{port}", JAXDIST_NUM_PROCESSES="2",
-               JAXDIST_PROCESS_ID="1", JAXDIST_INIT_TIMEOUT="5")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "experiments.mnist", "--config", "smoke"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.mnist", "--config", "smoke", "--coordinator",
+         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1", "--init_timeout", "5"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"coordinator 127.0.0.1:{port} unreachable after 5 s" in proc.stderr
     assert time.monotonic() - start < 60
@@ -107,6 +107,16 @@ def test_the_launcher_prefixes_output_and_stops_everyone_when_one_process_fails(
 def test_bad_cluster_specs_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message):
         validate(spec)
+
+
+def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch):
+    from jaxdist.cluster.distributed import spec_from_env
+
+    monkeypatch.setenv("JAXDIST_INIT_TIMEOUT", "7")
+    monkeypatch.delenv("JAXDIST_HEARTBEAT_TIMEOUT", raising=False)
+    assert spec_from_env().init_timeout == 7
+    assert spec_from_env().heartbeat_timeout == 30
+    assert spec_from_env(ClusterSpec(init_timeout=3)).init_timeout == 3
 
 
 def test_kubernetes_indexed_job_env_gives_the_process_id(monkeypatch):

@@ -42,8 +42,8 @@ class ClusterSpec:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
-    init_timeout: int = 120
-    heartbeat_timeout: int = 30
+    init_timeout: int | None = None  # None: $JAXDIST_INIT_TIMEOUT or 120 s
+    heartbeat_timeout: int | None = None  # None: $JAXDIST_HEARTBEAT_TIMEOUT or 30 s
     bind_address: str | None = None
 
 
@@ -70,8 +70,8 @@ def spec_from_env(base: ClusterSpec = ClusterSpec()) -> ClusterSpec:
         num_processes=base.num_processes or _int_env(ENV_NUM_PROCESSES),
         process_id=process_id,
         bind_address=base.bind_address or os.environ.get(ENV_BIND) or None,
-        init_timeout=_int_env(ENV_INIT_TIMEOUT) or base.init_timeout,
-        heartbeat_timeout=_int_env(ENV_HEARTBEAT_TIMEOUT) or base.heartbeat_timeout,
+        init_timeout=base.init_timeout or _int_env(ENV_INIT_TIMEOUT) or 120,
+        heartbeat_timeout=base.heartbeat_timeout or _int_env(ENV_HEARTBEAT_TIMEOUT) or 30,
     )
 
 
