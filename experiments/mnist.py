@@ -111,11 +111,11 @@ def eval_fn(model, batch):
 
 
 def validate(cfg: MnistConfig, num_devices: int) -> None:
-    """Every check that can fail on user input, before anything is computed or written."""
-    if cfg.strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if cfg.optimizer.name not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {cfg.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    """Shape checks that need the device count, before any data is loaded.
+
+    Unknown strategy/optimizer names are rejected by the flags' choices and, for direct calls, by
+    `make_backend` / `make_optimizer` themselves.
+    """
     if cfg.global_batch < 1 or cfg.global_batch % num_devices:
         raise UsageError(
             f"global batch {cfg.global_batch} does not divide over {num_devices} devices; "
