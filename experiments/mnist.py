@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from jaxdist.cluster import ClusterSpec, configure_cpu_devices, initialize
 from jaxdist.errors import UsageError
@@ -36,6 +37,10 @@ class MnistConfig:
     max_steps: int = 0
     eval_examples: int = 0
     progress: bool = True
+    workdir: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    restore_step: int = -1
     coordinator: str | None = None
     num_processes: int = 0
     process_id: int = -1
@@ -59,6 +64,10 @@ HELP = {
     "eval_batch": "examples per evaluation batch",
     "max_steps": "stop after this many steps (0: no limit)",
     "eval_examples": "evaluate on the first N test examples (0: all)",
+    "workdir": "directory for checkpoints; rerunning with it resumes (default: no checkpoints)",
+    "checkpoint_every": "save a checkpoint every N steps (asynchronously)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "restore_step": "resume from this checkpoint step (-1: the latest)",
     "coordinator": "multi-process: HOST:PORT of process 0 (default: $JAXDIST_COORDINATOR or "
                    "SLURM/MPI detection)",
     "num_processes": "multi-process: number of processes (0: from the environment)",
@@ -127,6 +136,8 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError(f"epochs must be positive, got {cfg.epochs}")
     if cfg.local_steps < 1:
         raise UsageError(f"local_steps must be at least 1, got {cfg.local_steps}")
+    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:
+        raise UsageError("checkpoint_every and keep_checkpoints must be at least 1")
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -160,7 +171,20 @@ def train(cfg: MnistConfig) -> dict:
     dp = DataParallel(model, tx, loss_fn, strategy=cfg.strategy, devices=devices,
                       eval_fn=eval_fn, local_steps=cfg.local_steps)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    batches = train_batches(train_split, cfg.global_batch, cfg.seed, **process)
+    state, start_step, checkpointer = dp.init(), 0, None
+    if cfg.workdir:
+        from jaxdist.io import Checkpointer
+
+        checkpointer = Checkpointer(Path(cfg.workdir) / "checkpoints", every=cfg.checkpoint_every,
+                                    keep=cfg.keep_checkpoints)
+        start_step = cfg.restore_step if cfg.restore_step >= 0 else (checkpointer.latest_step() or 0)
+        if start_step:
+            if start_step not in checkpointer.all_steps():
+                raise UsageError(f"no checkpoint of step {start_step} in {checkpointer.directory}; "
+                                 f"it has {checkpointer.all_steps()}")
+            state = dp.place(checkpointer.restore(start_step, like=dp.canonical(state)))
+    batches = train_batches(train_split, cfg.global_batch, cfg.seed, start_step=start_step,
+                            **process)
 
     def evaluate(state):
         sums = dp.evaluate(state, eval_batches(test_split, cfg.eval_batch,
@@ -169,13 +193,27 @@ def train(cfg: MnistConfig) -> dict:
                 "test_loss": sums["nll"] / sums["count"]}
 
     if leader:
+        resumed = f", resuming at step {start_step}" if start_step else ""
         print(f"training the MNIST CNN on {len(devices)} {devices[0].platform} device(s), "
               f"strategy {cfg.strategy}, global batch {cfg.global_batch}, {total_steps} steps, "
-              f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})",
-              flush=True)
-    result = fit(dp, dp.init(), batches, epoch_ends=epoch_ends, evaluate=evaluate,
-                 progress=cfg.progress)
-    final = result.history[-1]
+              f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})"
+              f"{resumed}", flush=True)
+    with _Preemption() as preempted:
+        def after_step(step, state):
+            stop = preempted.requested
+            if checkpointer is not None and (stop or step == total_steps or
+                                             step % cfg.checkpoint_every == 0):
+                checkpointer.maybe_save(step, dp.canonical(state), force=True)
+            return stop
+
+        result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
+                     evaluate=evaluate, progress=cfg.progress, after_step=after_step)
+        if checkpointer is not None:
+            checkpointer.close()
+    if result.stopped:
+        return {"stopped_at": int(jax.device_get(dp.canonical(result.state).step)),
+                "wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir}
+    final = result.history[-1] if result.history else evaluate(result.state)  # already done
     return {
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"],
@@ -193,7 +231,32 @@ def train(cfg: MnistConfig) -> dict:
     }
 
 
+class _Preemption:
+    """SIGTERM/SIGINT during training: finish the current step, checkpoint, exit 0."""
+
+    def __enter__(self):
+        import signal
+
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def format_summary(s: dict) -> str:
+    if "stopped_at" in s:
+        where = f"; checkpoint in {s['workdir']}" if s.get("workdir") else ""
+        return f"stopped at step {s['stopped_at']} after {s['wall_seconds']:.1f} s{where}"
     return (
         f"done: test accuracy {100 * s['test_accuracy']:.2f}% | wall {s['wall_seconds']:.1f} s "
         f"(first step {s['first_step_seconds']:.1f} s) | {s['images_per_second']:,.0f} img/s | "

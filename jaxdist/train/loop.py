@@ -27,6 +27,7 @@ class FitResult:
         first_step_seconds: wall time of the first step (dominated by compilation).
         train_seconds: wall time of all steps after the first, evaluation excluded.
         images_per_second: global examples per second over `train_seconds`.
+        stopped: `after_step` asked to stop before the last step.
     """
 
     state: Any
@@ -34,6 +35,7 @@ class FitResult:
     first_step_seconds: float
     train_seconds: float
     images_per_second: float
+    stopped: bool = False
 
 
 def epoch_end_steps(num_examples: int, global_batch: int, epochs: float) -> list[int]:
@@ -53,6 +55,7 @@ def fit(
     evaluate: Callable[[Any], dict] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    after_step: Callable[[int, Any], bool] | None = None,
 ) -> FitResult:
     """Trains until the last of `epoch_ends`, evaluating after each.
 
@@ -61,6 +64,7 @@ def fit(
         epoch_ends: the step counts at which an epoch ends (see `epoch_end_steps`).
         evaluate: state -> metrics dict, called at each epoch end.
         progress: show a progress bar. Only process 0 prints anything.
+        after_step: (steps done, state) -> True to stop now (checkpointing, preemption).
     """
     from tqdm.auto import tqdm
 
@@ -73,8 +77,9 @@ def fit(
     step = start_step
     pending = None  # metrics of the last dispatched step, read after the next is dispatched
     last_loss = float("nan")
+    stopped = False
     for epoch, end in enumerate(epoch_ends, start=1):
-        if end <= step:
+        if end <= step or stopped:
             continue
         bar = tqdm(total=end - step, desc=f"epoch {epoch}/{len(epoch_ends)}", disable=not show,
                    leave=False, unit="step")
@@ -84,7 +89,7 @@ def fit(
             t0 = time.perf_counter()
             batch = dp.shard_batch(next(batches))
             state, metrics = dp.step(state, batch)
-            if step == 0 and start_step == 0:
+            if step == start_step:
                 jax.block_until_ready(metrics)
                 first_step_seconds = time.perf_counter() - t0
                 epoch_start = time.perf_counter()
@@ -98,6 +103,9 @@ def fit(
             bar.set_postfix(loss=f"{last_loss:.4f}",
                             img_s=f"{epoch_images / elapsed:,.0f}" if elapsed > 0 else "-")
             bar.update(1)
+            if after_step is not None and after_step(step, state):
+                stopped = True
+                break
         jax.block_until_ready(state)
         epoch_seconds = time.perf_counter() - epoch_start
         bar.close()
@@ -107,7 +115,7 @@ def fit(
         record = {"epoch": epoch, "step": step, "train_loss": last_loss,
                   "epoch_seconds": epoch_seconds,
                   "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
-        if evaluate is not None:
+        if evaluate is not None and not stopped:
             record.update(evaluate(state))
         history.append(record)
         if leader:
@@ -118,6 +126,7 @@ def fit(
         first_step_seconds=first_step_seconds,
         train_seconds=train_seconds,
         images_per_second=trained_images / train_seconds if train_seconds else 0.0,
+        stopped=stopped,
     )
 
 

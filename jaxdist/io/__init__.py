@@ -1,0 +1,5 @@
+"""Checkpoints (orbax)."""
+
+from jaxdist.io.checkpoint import Checkpointer
+
+__all__ = ["Checkpointer"]
