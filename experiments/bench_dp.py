@@ -56,7 +56,6 @@ def baseline_runner(devices, tx, loss_fn):
     state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    @jax.jit
     def _step(state, batch):
         params, opt_state = state
         loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch)[0])(params)

@@ -136,7 +136,7 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError(f"epochs must be positive, got {cfg.epochs}")
     if cfg.local_steps < 1:
         raise UsageError(f"local_steps must be at least 1, got {cfg.local_steps}")
-    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:
+    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:  # also without --workdir: a typo
         raise UsageError("checkpoint_every and keep_checkpoints must be at least 1")
 
 
@@ -202,7 +202,7 @@ def train(cfg: MnistConfig) -> dict:
         def after_step(step, state):
             stop = preempted.requested
             if checkpointer is not None and (stop or step == total_steps or
-                                             step % cfg.checkpoint_every == 0):
+                                             checkpointer.due(step)):
                 checkpointer.maybe_save(step, dp.canonical(state), force=True)
             return stop
 

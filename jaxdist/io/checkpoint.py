@@ -14,8 +14,6 @@ only: nothing from the directory is unpickled or executed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import jax
 import orbax.checkpoint as ocp
 
@@ -28,8 +26,9 @@ class Checkpointer:
 
     Example:
         >>> ckpt = Checkpointer(workdir / "checkpoints", every=500)
-        >>> state, step = ckpt.restore_or(dp)       # dp.init() when there is nothing to restore
-        >>> ...; ckpt.maybe_save(step, dp.canonical(state))
+        >>> step = ckpt.latest_step() or 0
+        >>> if step: state = dp.place(ckpt.restore(step, like=dp.canonical(dp.init())))
+        >>> ...; ckpt.due(step) and ckpt.maybe_save(step, dp.canonical(state))
         >>> ckpt.close()                             # waits for the last async save
     """
 
@@ -43,6 +42,10 @@ class Checkpointer:
             save_interval_steps=every, max_to_keep=keep,
             enable_async_checkpointing=asynchronous, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is a saving step; ask before computing the canonical state to save."""
+        return step % self.every == 0
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
