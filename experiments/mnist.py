@@ -17,6 +17,7 @@ from pathlib import Path
 from jaxdist.cluster import ClusterSpec, configure_cpu_devices, initialize
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import STRATEGIES
+from jaxdist.train.loop import TrainingDiverged
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -40,7 +41,9 @@ class MnistConfig:
     workdir: str | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    keep_best: int = 1
     restore_step: int = -1
+    nonfinite_limit: int = 20
     coordinator: str | None = None
     num_processes: int = 0
     process_id: int = -1
@@ -67,7 +70,10 @@ HELP = {
     "workdir": "directory for checkpoints; rerunning with it resumes (default: no checkpoints)",
     "checkpoint_every": "save a checkpoint every N steps (asynchronously)",
     "keep_checkpoints": "how many checkpoints to keep",
-    "restore_step": "resume from this checkpoint step (-1: the latest)",
+    "keep_best": "also keep this many checkpoints with the best test accuracy",
+    "restore_step": "resume from this checkpoint step (-1: the latest readable one)",
+    "nonfinite_limit": "after N consecutive skipped non-finite steps roll back to the last "
+                       "checkpoint before them (or stop without one); 0: only log them",
     "coordinator": "multi-process: HOST:PORT of process 0 (default: $JAXDIST_COORDINATOR or "
                    "SLURM/MPI detection)",
     "num_processes": "multi-process: number of processes (0: from the environment)",
@@ -138,6 +144,8 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError(f"local_steps must be at least 1, got {cfg.local_steps}")
     if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:  # also without --workdir: a typo
         raise UsageError("checkpoint_every and keep_checkpoints must be at least 1")
+    if cfg.keep_best < 0 or cfg.nonfinite_limit < 0:
+        raise UsageError("keep_best and nonfinite_limit must be >= 0")
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -151,7 +159,7 @@ def train(cfg: MnistConfig) -> dict:
     from jaxdist.models import MnistCNN
     from jaxdist.parallel import DataParallel
     from jaxdist.train import make_optimizer
-    from jaxdist.train.loop import epoch_end_steps, fit
+    from jaxdist.train.loop import NonFiniteGuard, epoch_end_steps, fit
 
     start = time.perf_counter()
     devices = select_devices(cfg.devices or None)
@@ -171,26 +179,48 @@ def train(cfg: MnistConfig) -> dict:
     dp = DataParallel(model, tx, loss_fn, strategy=cfg.strategy, devices=devices,
                       eval_fn=eval_fn, local_steps=cfg.local_steps)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    # what a checkpoint's data position means; resuming with other values would read other data
+    data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed}
     state, start_step, checkpointer = dp.init(), 0, None
     if cfg.workdir:
         from jaxdist.io import Checkpointer
 
         checkpointer = Checkpointer(Path(cfg.workdir) / "checkpoints", every=cfg.checkpoint_every,
-                                    keep=cfg.keep_checkpoints)
-        start_step = cfg.restore_step if cfg.restore_step >= 0 else (checkpointer.latest_step() or 0)
-        if start_step:
-            if start_step not in checkpointer.all_steps():
-                raise UsageError(f"no checkpoint of step {start_step} in {checkpointer.directory}; "
-                                 f"it has {checkpointer.all_steps()}")
-            state = dp.place(checkpointer.restore(start_step, like=dp.canonical(state)))
+                                    keep=cfg.keep_checkpoints, keep_best=cfg.keep_best)
+        start_step, restored, meta = _resume(checkpointer, cfg.restore_step, dp.canonical(state))
+        if restored is not None:
+            _check_same_data(meta, data_meta, start_step)
+            state = dp.place(restored)
     batches = train_batches(train_split, cfg.global_batch, cfg.seed, start_step=start_step,
                             **process)
+    position = start_step  # global batches consumed: the key of the next checkpoint
+
+    def save(step, state, metrics=None):
+        checkpointer.save(step, dp.canonical(state), meta={**data_meta, "data_position": step},
+                          metrics=metrics)
 
     def evaluate(state):
         sums = dp.evaluate(state, eval_batches(test_split, cfg.eval_batch,
                                                limit=cfg.eval_examples or None, **process))
-        return {"test_accuracy": sums["correct"] / sums["count"],
-                "test_loss": sums["nll"] / sums["count"]}
+        metrics = {"test_accuracy": sums["correct"] / sums["count"],
+                   "test_loss": sums["nll"] / sums["count"]}
+        if checkpointer is not None:  # epoch ends are always saved, with metrics for keep-best
+            save(position, state, metrics)
+        return metrics
+
+    def rollback(first_bad_step):
+        if checkpointer is not None:
+            checkpointer.wait()
+            good = [s for s in checkpointer.all_steps() if s < first_bad_step]
+            if good:
+                restored, _ = checkpointer.restore(good[-1], like=dp.canonical(dp.init()))
+                if leader:
+                    print(f"rolled back to the checkpoint of step {good[-1]}; training goes on "
+                          f"from batch {position + 1}, skipping the batches in between", flush=True)
+                return dp.place(restored)
+        raise TrainingDiverged(
+            f"{cfg.nonfinite_limit} consecutive non-finite steps from step {first_bad_step} on and "
+            f"no checkpoint before them to roll back to; lower the learning rate or check the data")
 
     if leader:
         resumed = f", resuming at step {start_step}" if start_step else ""
@@ -198,20 +228,24 @@ def train(cfg: MnistConfig) -> dict:
               f"strategy {cfg.strategy}, global batch {cfg.global_batch}, {total_steps} steps, "
               f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})"
               f"{resumed}", flush=True)
-    with _Preemption() as preempted:
+    guard = NonFiniteGuard(limit=cfg.nonfinite_limit, rollback=rollback,
+                           log=print if leader else lambda _: None)
+    with Preemption() as preemption:
         def after_step(step, state):
-            stop = preempted.requested
-            if checkpointer is not None and (stop or step == total_steps or
-                                             checkpointer.due(step)):
-                checkpointer.maybe_save(step, dp.canonical(state), force=True)
+            nonlocal position
+            position = step
+            stop = preemption.reached(step)
+            if checkpointer is not None and (stop or (checkpointer.due(step)
+                                                      and step not in epoch_ends)):
+                save(step, state)
             return stop
 
         result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
-                     evaluate=evaluate, progress=cfg.progress, after_step=after_step)
+                     evaluate=evaluate, progress=cfg.progress, after_step=after_step, guard=guard)
         if checkpointer is not None:
             checkpointer.close()
     if result.stopped:
-        return {"stopped_at": int(jax.device_get(dp.canonical(result.state).step)),
+        return {"stopped_at": position,
                 "wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir}
     final = result.history[-1] if result.history else evaluate(result.state)  # already done
     return {
@@ -231,19 +265,53 @@ def train(cfg: MnistConfig) -> dict:
     }
 
 
-class _Preemption:
-    """SIGTERM/SIGINT during training: finish the current step, checkpoint, exit 0."""
+def _resume(checkpointer, restore_step: int, like) -> tuple[int, object, dict]:
+    """(step, canonical state or None, meta): the chosen step, else the latest readable one."""
+    if restore_step < 0:
+        return checkpointer.restore_latest(like)
+    if restore_step not in checkpointer.all_steps():
+        raise UsageError(f"no checkpoint of step {restore_step} in {checkpointer.directory}; "
+                         f"it has {checkpointer.all_steps()}")
+    return (restore_step, *checkpointer.restore(restore_step, like))
+
+
+def _check_same_data(saved: dict, now: dict, step: int) -> None:
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise UsageError(f"the checkpoint of step {step} was trained with {key} "
+                             f"{saved[key]}, this run has {value}; resume with the same {key} "
+                             f"or use another --workdir")
+
+
+class Preemption:
+    """SIGTERM/SIGINT during training: finish the current step, checkpoint, exit 0.
+
+    With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
+    catches SIGTERM on any process and the processes agree on one step to stop at
+    (`multihost_utils.reached_preemption_sync_point`), so none saves or stops alone.
+    """
 
     def __enter__(self):
         import signal
 
+        import jax
+
         self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handle)
-                          for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._multi = jax.process_count() > 1
+        signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; called once per step on every process."""
+        if not self._multi:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step) or self.requested
 
     def __exit__(self, *exc):
         import signal
@@ -292,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     import jax
 
     if jax.process_index() == 0:

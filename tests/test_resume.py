@@ -1,6 +1,8 @@
-"""Checkpoints: SIGTERM saves and exits 0, rerunning resumes, and the result is bitwise the same."""
+"""A run stopped at any moment (SIGTERM, kill -9, one of several processes preempted) resumes to
+bitwise the result of an uninterrupted run."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -8,89 +10,137 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from conftest import REPO
 from experiments.mnist import get_config, loss_fn
-from jaxdist import DataParallel, UsageError
+from jaxdist import DataParallel
 from jaxdist.io import Checkpointer
+from jaxdist.launch import free_port
 from jaxdist.models import MnistCNN
 from jaxdist.train import make_optimizer
 
-ARGS = ["--max_steps", "240", "--eval_examples", "1000", "--progress", "false",
-        "--checkpoint_every", "100"]
+STEPS = 240
+ARGS = ["--max_steps", str(STEPS), "--eval_examples", "1000", "--progress", "false",
+        "--checkpoint_every", "20"]
 
 
-def _run(workdir, extra=(), terminate_after=None):
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.mnist", *ARGS, "--workdir",
-                             str(workdir), *extra], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    if terminate_after is not None:
-        for line in proc.stdout:
-            if "training the MNIST CNN" in line:
-                break
-        time.sleep(terminate_after)
-        proc.send_signal(signal.SIGTERM)
+def _start(workdir, extra=(), env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.mnist", *ARGS, "--workdir", str(workdir), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def _wait_for_training(proc):
+    for line in proc.stdout:
+        if "training the MNIST CNN" in line:
+            return
+    raise AssertionError("the run ended before training started")
+
+
+def _finish(proc, timeout=300):
     try:
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
     return proc.returncode, out
 
 
-def _final_params(workdir, step):
+def _run(workdir, extra=(), signal_after=None, sig=signal.SIGTERM):
+    proc = _start(workdir, extra)
+    if signal_after is not None:
+        _wait_for_training(proc)
+        time.sleep(signal_after)
+        proc.send_signal(sig)
+    return _finish(proc)
+
+
+def _restored(workdir, step):
     ckpt = Checkpointer(workdir / "checkpoints")
-    tx = make_optimizer(get_config().optimizer, 240)  # the run's optimizer: same state tree
+    tx = make_optimizer(get_config().optimizer, STEPS)  # the run's optimizer: same state tree
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, devices=1)
-    state = ckpt.restore(step, dp.canonical(dp.init()))
+    state, meta = ckpt.restore(step, dp.canonical(dp.init()))
     ckpt.close()
-    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    return state, meta
 
 
-def test_sigterm_checkpoints_exits_0_and_the_resumed_run_ends_bitwise_equal(mnist, tmp_path):
-    code, out = _run(tmp_path / "straight")
+def _params(workdir, step=STEPS):
+    return [np.asarray(x) for x in jax.tree.leaves(_restored(workdir, step)[0].params)]
+
+
+def _assert_bitwise_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    code, out = _run(workdir)
     assert code == 0, out[-2000:]
-    code, out = _run(tmp_path / "interrupted", terminate_after=4.0)
+    return _params(workdir)
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_the_rerun_ends_bitwise_equal(
+        uninterrupted, tmp_path):
+    code, out = _run(tmp_path, signal_after=4.0)
     assert code == 0, out[-2000:]
-    assert "stopped at step" in out
     stopped_at = int(out.split("stopped at step ")[1].split()[0])
-    assert 0 < stopped_at < 240
-    assert stopped_at in Checkpointer(tmp_path / "interrupted" / "checkpoints").all_steps()
-    code, out = _run(tmp_path / "interrupted")
+    assert 0 < stopped_at < STEPS
+    state, meta = _restored(tmp_path, stopped_at)
+    assert int(state.step) == stopped_at and meta["data_position"] == stopped_at
+    code, out = _run(tmp_path)
     assert code == 0, out[-2000:]
     assert f"resuming at step {stopped_at}" in out
-    for got, want in zip(_final_params(tmp_path / "interrupted", 240),
-                         _final_params(tmp_path / "straight", 240)):
-        np.testing.assert_array_equal(got, want)
+    _assert_bitwise_equal(_params(tmp_path), uninterrupted)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
-def test_a_checkpoint_saved_under_pmap_on_8_restores_under_jit_on_4_and_1(tmp_path, rng):
-    batch = (rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8),
-             rng.integers(0, 10, 64).astype(np.int32))
-    dp8 = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy="pmap",
-                       devices=8)
-    state, _ = dp8.step(dp8.init(), batch)
-    saved = dp8.canonical(state)
-    ckpt = Checkpointer(tmp_path)
-    ckpt.maybe_save(1, saved, force=True)
+@pytest.mark.parametrize("trial", range(2))
+def test_kill_9_at_a_random_moment_loses_only_the_steps_since_the_last_checkpoint(
+        uninterrupted, tmp_path, trial):
+    delay = random.Random(trial).uniform(1.0, 7.0)
+    code, out = _run(tmp_path, signal_after=delay, sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL, out[-2000:]
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    kept = ckpt.all_steps()
     ckpt.close()
-    for n in (4, 1):
-        dp = DataParallel(MnistCNN(rngs=nnx.Rngs(1)), optax.adam(1e-3), loss_fn, devices=n)
-        restored = Checkpointer(tmp_path).restore(1, dp.canonical(dp.init()))
-        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        assert len(jax.tree.leaves(restored.params)[0].sharding.device_set) == n
+    for step in kept:  # no partial save is ever offered as a step
+        _restored(tmp_path, step)
+    code, out = _run(tmp_path)
+    assert code == 0, out[-2000:]
+    resumed = f"resuming at step {max(kept)}" if kept else "training the MNIST CNN"
+    assert resumed in out
+    _assert_bitwise_equal(_params(tmp_path), uninterrupted)
 
 
-def test_a_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
-    ckpt = Checkpointer(tmp_path)
-    ckpt.maybe_save(1, dp.canonical(dp.init()), force=True)
-    ckpt.close()
-    other = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
-    with pytest.raises(UsageError, match="does not fit"):
-        Checkpointer(tmp_path).restore(1, other.canonical(other.init()))
+def test_resuming_with_another_global_batch_is_a_clear_error(mnist, tmp_path):
+    code, out = _run(tmp_path, ["--max_steps", "4", "--checkpoint_every", "2"])
+    assert code == 0, out[-2000:]
+    code, out = _run(tmp_path, ["--max_steps", "8", "--global_batch", "64"])
+    assert code == 2
+    assert "trained with global_batch 128, this run has 64" in out
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(mnist, tmp_path):
+    port = free_port()
+    procs = [_start(tmp_path, ["--checkpoint_every", "1000"],
+                    env={"JAXDIST_COORDINATOR": f"127.0.0.1:{port}", "JAXDIST_NUM_PROCESSES": "2",
+                         "JAXDIST_PROCESS_ID": str(i), "JAXDIST_CPU_DEVICES": "2"})
+             for i in range(2)]
+    try:
+        _wait_for_training(procs[0])
+        time.sleep(6.0)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [_finish(p, timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    stopped_at = int(results[0][1].split("stopped at step ")[1].split()[0])
+    assert 0 < stopped_at < STEPS
+    state, _ = _restored(tmp_path, stopped_at)
+    assert int(state.step) == stopped_at

@@ -1,47 +1,71 @@
 """Checkpoints of the canonical train state with orbax: async, atomic, restorable on any layout.
 
-The state is saved in its canonical form (one replicated copy; see `DataParallel.canonical`), so a
-checkpoint written on 8 devices restores on 4 or 1, under any data-parallel strategy. The step is
-the data iterator's position: global batch k is a pure function of (seed, k), so resuming at step
-k reads exactly the batches an uninterrupted run would have read. Under local SGD the canonical
+The state is saved in its canonical form (one logical copy; see `DataParallel.canonical`), so a
+checkpoint written on 8 devices restores on 4 or 1, under any strategy. A checkpoint's key is the
+data iterator's position (global batches consumed): global batch k is a pure function of
+(seed, k), so resuming at k reads exactly the batches an uninterrupted run would have read. The
+optimizer step inside the state can be smaller (a rollback skips data). RNG streams of models that
+use them (dropout) live in the state's `rest` and are saved with it. Under local SGD the canonical
 state is the replica mean, so resume is exact only at averaging points (save every multiple of H).
 
-orbax writes each step into a temporary directory and renames it when complete; a crash mid-save
-never leaves a step that `latest_step` would offer. Restoring reads array data and JSON metadata
-only: nothing from the directory is unpickled or executed.
+orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
+never leaves a step that `latest_step` would offer; leftovers of such saves are removed at start.
+A checkpoint that still fails to read (a disk error, a truncated copy) is moved aside, never
+deleted, and the next older one is used. Restoring reads array data and JSON only: nothing from the
+directory is unpickled or executed.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from pathlib import Path
+from typing import Any
+
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.errors import UsageError
 from jaxdist.train.step import TrainState
 
+BEST_METRIC = "test_accuracy"
+
 
 class Checkpointer:
-    """Saves every `every` steps (asynchronously), keeps the newest `keep`, restores the latest.
+    """Saves every `every` steps (asynchronously), keeps the newest `keep` (and the `keep_best`
+    with the highest test accuracy), restores the latest good one.
 
     Example:
         >>> ckpt = Checkpointer(workdir / "checkpoints", every=500)
-        >>> step = ckpt.latest_step() or 0
-        >>> if step: state = dp.place(ckpt.restore(step, like=dp.canonical(dp.init())))
-        >>> ...; ckpt.due(step) and ckpt.maybe_save(step, dp.canonical(state))
+        >>> step, state, meta = ckpt.restore_latest(like=dp.canonical(dp.init()))
+        >>> ...; ckpt.due(step) and ckpt.save(step, dp.canonical(state), meta={"seed": 0})
         >>> ckpt.close()                             # waits for the last async save
     """
 
     def __init__(self, directory: str | Path, *, every: int = 1000, keep: int = 3,
-                 asynchronous: bool = True):
-        if every < 1 or keep < 1:
-            raise UsageError(f"checkpoint interval and count must be >= 1 (got {every}, {keep})")
+                 keep_best: int = 0, asynchronous: bool = True):
+        if every < 1 or keep < 1 or keep_best < 0:
+            raise UsageError(f"checkpoint interval and count must be >= 1 and keep_best >= 0 "
+                             f"(got {every}, {keep}, {keep_best})")
         self.directory = Path(directory).absolute()
         self.every = every
+        preserve = [policies.LatestN(n=keep)]
+        if keep_best:
+            preserve.append(policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
+                                           keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep,
-            enable_async_checkpointing=asynchronous, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+            preservation_policy=policies.AnyPreservationPolicy(preserve),
+            # a best_fn makes orbax record metrics; saves between evaluations have none
+            best_fn=(lambda m: m[BEST_METRIC]) if keep_best else None, best_mode="max",
+            enable_async_checkpointing=asynchronous, create=True,
+            cleanup_tmp_directories=True)
+        logging.getLogger("absl").addFilter(_quiet_missing_metrics)
+        # handlers named up front so metadata can be read before the first save or restore
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
 
     def due(self, step: int) -> bool:
         """Whether `step` is a saving step; ask before computing the canonical state to save."""
@@ -51,31 +75,120 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
-    def maybe_save(self, step: int, canonical: TrainState, *, force: bool = False) -> bool:
-        """Starts a save when `step` is due (or `force`); returns whether one started."""
-        return self._manager.save(step, args=ocp.args.StandardSave(canonical), force=force)
+    def best_step(self) -> int | None:
+        """The kept step with the highest test accuracy (None before any save with metrics)."""
+        return self._manager.best_step()
+
+    def save(self, step: int, canonical: TrainState, *, meta: dict | None = None,
+             metrics: dict[str, float] | None = None) -> bool:
+        """Starts an (async) save of `step`; `metrics` with a test accuracy feed keep-best.
+
+        Returns False when `step` is already saved.
+        """
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(canonical),
+                                  meta=ocp.args.JsonSave(dict(meta or {})))
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if k == BEST_METRIC} or None
+        return self._manager.save(step, args=args, metrics=metrics, force=True)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore(self, step: int, like: TrainState) -> TrainState:
-        """The state of `step`, laid out like `like` (arrays with shardings, or ShapeDtypeStructs).
+    def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
+        """(state, meta) of `step`, the state laid out like `like` (arrays with shardings, or
+        ShapeDtypeStructs).
 
         Raises:
             UsageError: the checkpoint does not match `like` (another model or shape).
+            CorruptCheckpoint: the files of `step` cannot be read.
         """
+        self._check_fits(step, like)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             like)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                  meta=ocp.args.JsonRestore())
         try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError, TypeError) as e:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - tensorstore, OS and orbax errors alike
+            raise CorruptCheckpoint(step, e) from e
+        return restored.state, dict(restored.meta or {})
+
+    def restore_latest(self, like: TrainState) -> tuple[int, TrainState | None, dict]:
+        """(step, state, meta) of the newest readable checkpoint, or (0, None, {}) when none.
+
+        An unreadable checkpoint is moved aside with a warning (to `<step>.unreadable-<time>`)
+        and the next older one is tried. A checkpoint of another model is an error, not a fallback.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, like)
+                return step, state, meta
+            except CorruptCheckpoint as e:
+                self._set_aside(step, e)
+        return 0, None, {}
+
+    def _check_fits(self, step: int, like: TrainState) -> None:
+        try:
+            saved = self._manager.item_metadata(step).state
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpoint(step, e) from e
+        if saved is None:
+            raise CorruptCheckpoint(step, ValueError("no state metadata"))
+        want = {_path_name(k): _stored_shape(x)
+                for k, x in jax.tree_util.tree_leaves_with_path(like)}
+        have = {_path_name(k): tuple(getattr(x, "shape", ()))
+                for k, x in jax.tree_util.tree_leaves_with_path(saved)}
+        if want.keys() != have.keys():
+            extra, missing = sorted(have.keys() - want.keys()), sorted(want.keys() - have.keys())
             raise UsageError(
                 f"checkpoint step {step} in {self.directory} does not fit this model/optimizer: "
-                f"{str(e).splitlines()[0]}") from e
+                f"it has {len(have)} arrays, this run {len(want)} "
+                f"(only in checkpoint: {extra[:3]}, only in this run: {missing[:3]})")
+        wrong = [(k, have[k], want[k]) for k in want if have[k] != want[k]]
+        if wrong:
+            path, got, expected = wrong[0]
+            raise UsageError(
+                f"checkpoint step {step} in {self.directory} does not fit this model/optimizer: "
+                f"{path} has shape {got}, this run expects {expected}")
+
+    def _set_aside(self, step: int, error: CorruptCheckpoint) -> None:
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable-{int(time.time())}"
+        print(f"warning: checkpoint step {step} is unreadable ({error.reason}); moved to "
+              f"{target.name}, trying an older one", file=sys.stderr, flush=True)
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _stored_shape(x) -> tuple[int, ...]:
+    """PRNG keys are stored as their key data (one more dimension)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+    return tuple(x.shape)
+
+
+def _quiet_missing_metrics(record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+def _path_name(path) -> str:
+    """'opt_state/0/mu/conv1/kernel/value' for a state path and for orbax's metadata path alike."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint whose files cannot be read."""
+
+    def __init__(self, step: int, cause: BaseException):
+        self.step = step
+        self.reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        super().__init__(f"checkpoint step {step} is unreadable: {self.reason}")

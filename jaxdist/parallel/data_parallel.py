@@ -42,6 +42,8 @@ class DataParallel:
         eval_fn: `eval_fn(model, batch) -> metrics summed over the batch` for `evaluate`.
         local_steps: for "local_sgd", average parameters every this many steps (H).
         average_opt_state: for "local_sgd", average the optimizer state too.
+        skip_nonfinite: skip updates whose loss or gradients are not finite (see
+            `jaxdist.train.step.make_train_step`); the step reports `metrics["nonfinite"]`.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class DataParallel:
         eval_fn: EvalFn | None = None,
         local_steps: int = 1,
         average_opt_state: bool = False,
+        skip_nonfinite: bool = True,
     ):
         if devices is None or isinstance(devices, int):
             devices = select_devices(devices)
@@ -67,7 +70,8 @@ class DataParallel:
         self.backend: Backend = make_backend(
             strategy,
             self.mesh,
-            lambda reduce: make_train_step(self.graphdef, loss_fn, tx, reduce),
+            lambda reduce: make_train_step(self.graphdef, loss_fn, tx, reduce,
+                                           skip_nonfinite=skip_nonfinite),
             local_steps=local_steps,
             average_opt_state=average_opt_state,
         )

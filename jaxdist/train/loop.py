@@ -38,6 +38,47 @@ class FitResult:
     stopped: bool = False
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps and nothing to roll back to."""
+
+
+@dataclasses.dataclass
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; at `limit`, rolls back or stops.
+
+    Attributes:
+        limit: consecutive skipped steps tolerated (0: log them, never act).
+        rollback: `first skipped step -> state` restoring the last checkpoint before it, or None
+            to stop.
+            Training then goes on with the next batch: the window that produced non-finite values
+            is skipped, not replayed (replaying it would fail the same way).
+    """
+
+    limit: int = 0
+    rollback: Callable[[int], Any] | None = None
+    log: Callable[[str], None] = print
+    consecutive: int = 0
+    skipped: int = 0
+
+    def check(self, step: int, metrics: dict[str, float], state: Any) -> Any:
+        """Inspects the host metrics of `step`; returns the state to continue with."""
+        if not metrics.get("nonfinite", 0.0):
+            self.consecutive = 0
+            return state
+        self.consecutive += 1
+        self.skipped += 1
+        self.log(f"step {step}: non-finite loss or gradient, update skipped "
+                 f"({self.consecutive} in a row)")
+        if not self.limit or self.consecutive < self.limit:
+            return state
+        first_bad, self.consecutive = step - self.consecutive + 1, 0
+        if self.rollback is None:
+            raise TrainingDiverged(
+                f"{self.limit} consecutive non-finite steps up to step {step}; stopping. Lower "
+                f"the learning rate, check the data, or train with a work dir to roll back")
+        return self.rollback(first_bad)
+
+
 def epoch_end_steps(num_examples: int, global_batch: int, epochs: float) -> list[int]:
     """The step counts after which epoch 1, 2, ... ends (the last one may be fractional)."""
     total = math.ceil(epochs * num_examples / global_batch)
@@ -56,6 +97,7 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     after_step: Callable[[int, Any], bool] | None = None,
+    guard: NonFiniteGuard | None = None,
 ) -> FitResult:
     """Trains until the last of `epoch_ends`, evaluating after each.
 
@@ -65,11 +107,13 @@ def fit(
         evaluate: state -> metrics dict, called at each epoch end.
         progress: show a progress bar. Only process 0 prints anything.
         after_step: (steps done, state) -> True to stop now (checkpointing, preemption).
+        guard: what to do about skipped non-finite steps (default: log them).
     """
     from tqdm.auto import tqdm
 
     leader = jax.process_index() == 0
     show = progress and leader
+    guard = guard or NonFiniteGuard(log=log if leader else lambda _: None)
     history: list[dict] = []
     first_step_seconds = 0.0
     train_seconds = 0.0
@@ -96,7 +140,7 @@ def fit(
             else:
                 epoch_images += dp.global_batch_size(batch)
             if pending is not None:
-                last_loss = host_metrics(pending)["loss"]
+                last_loss, state = _read(pending, step, state, guard)
             pending = metrics
             step += 1
             elapsed = time.perf_counter() - epoch_start
@@ -111,7 +155,9 @@ def fit(
         bar.close()
         train_seconds += epoch_seconds
         trained_images += epoch_images
-        last_loss = host_metrics(pending)["loss"]
+        if pending is not None:
+            last_loss, state = _read(pending, step, state, guard)
+            pending = None
         record = {"epoch": epoch, "step": step, "train_loss": last_loss,
                   "epoch_seconds": epoch_seconds,
                   "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
@@ -128,6 +174,12 @@ def fit(
         images_per_second=trained_images / train_seconds if train_seconds else 0.0,
         stopped=stopped,
     )
+
+
+def _read(metrics: dict, step: int, state: Any, guard: NonFiniteGuard) -> tuple[float, Any]:
+    """The loss of `step` (read from the device now) and the state to go on with."""
+    values = host_metrics(metrics)
+    return values["loss"], guard.check(step, values, state)
 
 
 def _format_record(r: dict) -> str:

@@ -60,11 +60,19 @@ def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     reduce: Reduce = lambda tree: tree,
+    *,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `(state, batch) -> (state, metrics)`.
 
     `reduce` averages a pytree over data-parallel replicas (identity when the program is already
     global). It is applied to gradients, metrics and the non-parameter model state.
+
+    With `skip_nonfinite`, a step whose reduced loss or gradients hold a NaN/Inf leaves params,
+    optimizer state and model state as they were (only the step counter moves on) and reports
+    `metrics["nonfinite"] = 1`. The test runs after the reduction, so every replica skips alike.
+    It is done here rather than with `optax.apply_if_finite` because batch statistics and other
+    model state must be protected too.
     """
 
     def loss_with_rest(params, rest, batch):
@@ -80,9 +88,30 @@ def make_train_step(
         grads, rest, metrics = reduce((grads, rest, {"loss": loss, **metrics}))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, rest, opt_state), metrics
+        new = TrainState(state.step + 1, params, rest, opt_state)
+        if skip_nonfinite:
+            finite = _all_finite((metrics["loss"], grads))
+            new = _keep_if(finite, new, state._replace(step=new.step))
+            metrics = {**metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return new, metrics
 
     return train_step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok`, else `old`, leaf by leaf (PRNG keys, which `where` rejects, move on)."""
+    def pick(n, o):
+        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
+            return n
+        return jnp.where(ok, n, o)
+
+    return jax.tree.map(pick, new, old)
 
 
 def make_eval_step(

@@ -1,0 +1,190 @@
+"""Checkpoints restore onto other layouts, bad checkpoints fall back or fail clearly, non-finite
+steps are skipped everywhere alike, and RNG state survives a restart."""
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import needs_devices
+from experiments.mnist import loss_fn
+from jaxdist import STRATEGIES, DataParallel, UsageError
+from jaxdist.io import Checkpointer
+from jaxdist.models import MnistCNN
+from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, fit
+
+
+def _batch(rng, n=64):
+    return (rng.integers(0, 255, (n, 28, 28, 1)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def _leaves(tree):
+    def host(x):
+        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        return np.asarray(jax.random.key_data(x) if is_key else x)
+
+    return [host(x) for x in jax.tree.leaves(tree)]
+
+
+def _save(directory, steps, state, **kw):
+    ckpt = Checkpointer(directory, every=1, **kw)
+    for step in steps:
+        ckpt.save(step, state)
+    ckpt.close()
+
+
+@needs_devices(8)
+def test_a_checkpoint_saved_under_pmap_on_8_restores_under_jit_on_4_and_1(tmp_path, rng):
+    dp8 = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy="pmap",
+                       devices=8)
+    state, _ = dp8.step(dp8.init(), _batch(rng))
+    saved = dp8.canonical(state)
+    _save(tmp_path, [1], saved)
+    for n in (4, 1):
+        dp = DataParallel(MnistCNN(rngs=nnx.Rngs(1)), optax.adam(1e-3), loss_fn, devices=n)
+        restored, _ = Checkpointer(tmp_path).restore(1, dp.canonical(dp.init()))
+        for got, want in zip(_leaves(restored), _leaves(saved)):
+            np.testing.assert_array_equal(got, want)
+        assert len(jax.tree.leaves(restored.params)[0].sharding.device_set) == n
+
+
+def test_a_checkpoint_of_another_optimizer_is_a_clear_error_not_a_fallback(tmp_path):
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    _save(tmp_path, [1], dp.canonical(dp.init()))
+    other = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    with pytest.raises(UsageError, match="does not fit"):
+        Checkpointer(tmp_path).restore_latest(other.canonical(other.init()))
+    assert Checkpointer(tmp_path).all_steps() == [1]  # still there
+
+
+@pytest.mark.parametrize("damage", ["truncate array data", "garble metadata", "remove state"])
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
+        tmp_path, damage, capsys):
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    state = dp.canonical(dp.init())
+    _save(tmp_path, [10, 20], state)
+    newest = tmp_path / "20" / "state"
+    if damage == "truncate array data":
+        for f in [p for p in newest.rglob("*") if p.is_file() and p.parent.name == "d"]:
+            os.truncate(f, f.stat().st_size // 2)
+    elif damage == "garble metadata":
+        (newest / "_METADATA").write_text("{not json")
+    else:
+        for f in sorted(newest.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        newest.rmdir()
+    step, restored, _ = Checkpointer(tmp_path).restore_latest(state)
+    assert step == 10
+    for got, want in zip(_leaves(restored), _leaves(state)):
+        np.testing.assert_array_equal(got, want)
+    assert "checkpoint step 20 is unreadable" in capsys.readouterr().err
+    aside = [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("20.unreadable")]
+    assert len(aside) == 1  # moved, not deleted
+
+
+def test_keep_best_keeps_the_most_accurate_checkpoint_beside_the_newest(tmp_path):
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    state = dp.canonical(dp.init())
+    ckpt = Checkpointer(tmp_path, every=1, keep=2, keep_best=1)
+    for step, accuracy in zip([1, 2, 3, 4, 5], [0.90, 0.97, 0.80, 0.85, 0.70]):
+        ckpt.save(step, state, metrics={"test_accuracy": accuracy})
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, keep=2, keep_best=1)
+    assert ckpt.all_steps() == [2, 4, 5]
+    assert ckpt.best_step() == 2
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_nan_in_one_replicas_shard_skips_the_update_on_every_replica(strategy, rng):
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy=strategy,
+                      devices=8)
+    state, _ = dp.step(dp.init(), _batch(rng))
+    before = _leaves(dp.canonical(state).params)
+    images, labels = _batch(rng)
+    images[5, 3, 3, 0] = np.nan  # in the first device's shard only
+    state, metrics = dp.step(state, (images, labels))
+    assert float(np.max(np.asarray(metrics["nonfinite"]))) == 1.0
+    if strategy != "local_sgd":  # local SGD replicas are independent: only the bad one skips
+        assert float(np.min(np.asarray(metrics["nonfinite"]))) == 1.0
+        for got, want in zip(_leaves(dp.canonical(state).params), before):
+            np.testing.assert_array_equal(got, want)
+    state, metrics = dp.step(state, _batch(rng))
+    assert float(np.max(np.asarray(metrics["nonfinite"]))) == 0.0
+    assert all(np.isfinite(x).all() for x in _leaves(dp.canonical(state).params))
+
+
+def _cnn_sgd():
+    return DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01), loss_fn, devices=1)
+
+
+def _nan_run(dp, rng, bad_steps, guard, steps=8):
+    batches = []
+    for step in range(1, steps + 1):
+        images, labels = _batch(rng, 32)
+        if step in bad_steps:
+            images[:] = np.nan
+        batches.append((images, labels))
+    return fit(dp, dp.init(), iter(batches), epoch_ends=[steps], progress=False,
+                   log=lambda _: None, guard=guard)
+
+
+def test_after_k_consecutive_nonfinite_steps_the_guard_rolls_back_to_before_them(rng):
+    dp, calls = _cnn_sgd(), []
+
+    def rollback(first_bad):
+        calls.append(first_bad)
+        return dp.init()
+
+    guard = NonFiniteGuard(limit=3, rollback=rollback, log=lambda _: None)
+    _nan_run(dp, rng, bad_steps={2, 4, 5, 6}, guard=guard)
+    assert calls == [4]  # steps 4, 5, 6 in a row; the lone step 2 only skipped
+    assert guard.skipped == 4
+
+
+def test_without_a_checkpoint_the_guard_stops_with_a_clear_message(rng):
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+        _nan_run(_cnn_sgd(), rng, bad_steps={3, 4, 5}, guard=NonFiniteGuard(limit=3))
+
+
+class DropoutNet(nnx.Module):
+    """A model whose output depends on its RNG stream."""
+
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(784, 10, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.log_softmax(self.fc(self.drop(x.reshape(x.shape[0], -1) / 255.0)))
+
+
+def test_the_rng_stream_is_checkpointed_so_dropout_resumes_exactly(tmp_path, rng):
+    batches = [_batch(rng, 32) for _ in range(6)]
+
+    def trainer():
+        return DataParallel(DropoutNet(nnx.Rngs(0, dropout=1)), optax.adam(1e-2), loss_fn,
+                            devices=2)
+
+    dp = trainer()
+    state = dp.init()
+    for batch in batches:
+        state, _ = dp.step(state, batch)
+    straight = _leaves(dp.canonical(state))
+
+    dp = trainer()
+    state = dp.init()
+    for batch in batches[:3]:
+        state, _ = dp.step(state, batch)
+    _save(tmp_path, [3], dp.canonical(state))
+    dp = trainer()
+    restored, _ = Checkpointer(tmp_path).restore(3, dp.canonical(dp.init()))
+    state = dp.place(restored)
+    for batch in batches[3:]:
+        state, _ = dp.step(state, batch)
+    for got, want in zip(_leaves(dp.canonical(state)), straight):
+        np.testing.assert_array_equal(got, want)
