@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxdist.cluster import ClusterSpec, configure_cpu_devices, initialize
+from jaxdist.cluster import ClusterSpec, configure_cpu_devices, enable_compilation_cache, initialize
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import STRATEGIES
 from jaxdist.train.loop import TrainingDiverged
@@ -44,6 +44,7 @@ class MnistConfig:
     keep_best: int = 1
     restore_step: int = -1
     nonfinite_limit: int = 20
+    compile_cache: str | None = None
     coordinator: str | None = None
     num_processes: int = 0
     process_id: int = -1
@@ -82,6 +83,8 @@ HELP = {
                     "(0: $JAXDIST_INIT_TIMEOUT or 120)",
     "heartbeat_timeout": "multi-process: seconds without heartbeats before a process is lost "
                          "(0: $JAXDIST_HEARTBEAT_TIMEOUT or 30)",
+    "compile_cache": "directory of the persistent XLA compilation cache (default: "
+                     "$JAXDIST_COMPILE_CACHE or ~/.cache/jaxdist/xla; 'off' disables it)",
     "optimizer": "optax optimizer",
     "learning_rate": "peak learning rate",
     "schedule": "learning-rate schedule",
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         configure_cpu_devices(cfg.cpu_devices or None)
+        if cfg.compile_cache != "off":
+            enable_compilation_cache(cfg.compile_cache)
         initialize(cluster_spec(cfg))  # joins a multi-process job when there is one
         summary = train(cfg)
     except UsageError as e:

@@ -1,5 +1,6 @@
 """Devices, processes and the distributed runtime."""
 
+from jaxdist.cluster.compile_cache import enable_compilation_cache
 from jaxdist.cluster.distributed import ClusterSpec, initialize
 from jaxdist.cluster.devices import (
     DEFAULT_CPU_DEVICES,
@@ -7,4 +8,11 @@ from jaxdist.cluster.devices import (
     select_devices,
 )
 
-__all__ = ["ClusterSpec", "initialize", "DEFAULT_CPU_DEVICES", "configure_cpu_devices", "select_devices"]
+__all__ = [
+    "ClusterSpec",
+    "DEFAULT_CPU_DEVICES",
+    "configure_cpu_devices",
+    "enable_compilation_cache",
+    "initialize",
+    "select_devices",
+]
