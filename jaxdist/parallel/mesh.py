@@ -1,12 +1,15 @@
-"""The device mesh and the shardings of data parallelism, declared in one place."""
+"""Device meshes: the 1-D mesh of data parallelism and the named 4-D mesh of model parallelism."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxdist.errors import UsageError
 
 DATA_AXIS = "data"
 
@@ -30,3 +33,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """The leading (batch, or replica) dimension is split across the data axis."""
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+# The axes of model parallelism, outermost first: devices that differ only in "tensor" are
+# neighbours (tensor parallelism talks most), "pipeline" stages are farthest apart.
+MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
+
+
+def parse_mesh_shape(text: str) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' -> {'data': 2, 'fsdp': 2, 'tensor': 2}.
+
+    Raises:
+        UsageError: malformed text, an unknown axis, a repeated axis or a size below 1.
+    """
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        name = name.strip()
+        if not sep or not size.strip().isdigit():
+            raise UsageError(f"bad mesh entry {part!r}; write AXIS=SIZE, e.g. data=2,fsdp=4")
+        if name not in MESH_AXES:
+            raise UsageError(f"unknown mesh axis {name!r}; choose from {', '.join(MESH_AXES)}")
+        if name in shape:
+            raise UsageError(f"mesh axis {name!r} given twice in {text!r}")
+        shape[name] = int(size)
+    return shape
+
+
+def make_mesh(shape: Mapping[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all four axes of `MESH_AXES` (those not in `shape` have size 1).
+
+    Raises:
+        UsageError: an unknown axis, a size below 1, or a product other than the device count.
+    """
+    if isinstance(shape, str):
+        shape = parse_mesh_shape(shape)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise UsageError(f"unknown mesh axis {sorted(unknown)[0]!r}; choose from "
+                         f"{', '.join(MESH_AXES)}")
+    sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)
+    if min(sizes) < 1:
+        raise UsageError(f"mesh axis sizes must be >= 1, got {dict(shape)}")
+    devices = list(devices) if devices is not None else jax.devices()
+    if math.prod(sizes) != len(devices):
+        described = ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s > 1) or "1 device"
+        raise UsageError(f"mesh {described} needs {math.prod(sizes)} devices, but "
+                         f"{len(devices)} are in use; make the sizes multiply to {len(devices)}")
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)

@@ -1,0 +1,152 @@
+"""Sharding as data: logical axis names on parameters, one rules table, one translation.
+
+Models name the dimensions of their parameters with the logical names of `LOGICAL_AXES` and never
+see a mesh. A strategy is a `Rules` value saying which mesh axes each logical name is split over,
+for parameters and for optimizer state, and which mesh axes split the batch:
+
+| strategy  | parameters                       | optimizer state        | batch over      |
+|-----------|----------------------------------|------------------------|-----------------|
+| `dp`      | replicated                       | replicated             | data, fsdp      |
+| `zero1`   | replicated                       | split over data, fsdp  | data, fsdp      |
+| `fsdp`    | split over fsdp (ZeRO-3)         | like the parameters    | data, fsdp      |
+| `tp`      | mlp, heads over tensor (Megatron)| like the parameters    | data, fsdp      |
+| `fsdp_tp` | both                             | like the parameters    | data, fsdp      |
+
+Under `fsdp` with data > 1 the parameters are split within each data group and replicated across
+groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
+wherever the optimizer state is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxdist.errors import UsageError
+from jaxdist.parallel.mesh import MESH_AXES
+
+LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "patch", "seq", "classes", "conv_in",
+                "conv_out", "features")
+
+MeshAxes = str | tuple[str, ...] | None
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical name -> mesh axes, for parameters and optimizer state; mesh axes of the batch.
+
+    `optimizer=None` means "laid out like the parameters".
+    """
+
+    params: Mapping[str, MeshAxes]
+    optimizer: Mapping[str, MeshAxes] | None = None
+    batch: tuple[str, ...] = BATCH_AXES
+
+    def for_optimizer(self) -> Mapping[str, MeshAxes]:
+        return self.params if self.optimizer is None else self.optimizer
+
+
+# FSDP splits one dimension of every parameter it can: the first named one in the parameter's
+# spec that appears here (a mesh axis is used once per parameter, so fc1 ("embed", "mlp") is split
+# on embed, its bias ("mlp",) on mlp).
+_FSDP = {name: "fsdp" for name in ("embed", "features", "conv_out", "mlp", "heads")}
+_TP = {"mlp": "tensor", "heads": "tensor"}
+
+STRATEGY_RULES: dict[str, Rules] = {
+    "dp": Rules(params={}),
+    "zero1": Rules(params={}, optimizer={name: BATCH_AXES for name in _FSDP}),
+    "fsdp": Rules(params=_FSDP),
+    "tp": Rules(params=_TP),
+    "fsdp_tp": Rules(params={**_FSDP, **_TP}),
+}
+MODEL_PARALLEL_STRATEGIES = tuple(STRATEGY_RULES)
+
+
+def rules_for(strategy: str | Rules) -> Rules:
+    """The rules of a named strategy (or `strategy` itself when it is already `Rules`)."""
+    if isinstance(strategy, Rules):
+        return strategy
+    if strategy not in STRATEGY_RULES:
+        raise UsageError(f"unknown sharding strategy {strategy!r}; choose one of "
+                         f"{', '.join(STRATEGY_RULES)}")
+    return STRATEGY_RULES[strategy]
+
+
+def validate_rules(rules: Rules) -> None:
+    """Every logical name and mesh axis in `rules` exists."""
+    for table in (rules.params, rules.for_optimizer()):
+        for name, axes in table.items():
+            if name not in LOGICAL_AXES:
+                raise UsageError(f"unknown logical axis {name!r} in the sharding rules; "
+                                 f"known: {', '.join(LOGICAL_AXES)}")
+            for axis in _as_tuple(axes):
+                if axis not in MESH_AXES:
+                    raise UsageError(f"rule {name!r} -> {axis!r}: unknown mesh axis; "
+                                     f"choose from {', '.join(MESH_AXES)}")
+    for axis in rules.batch:
+        if axis not in MESH_AXES:
+            raise UsageError(f"unknown mesh axis {axis!r} for the batch")
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh) -> P:
+    """A PartitionSpec of logical names -> one of mesh axes (axes of size 1 dropped)."""
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        axes = tuple(a for a in _as_tuple(table.get(name)) if mesh.shape[a] > 1 and a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
+    for dim, axes in zip(shape, spec):
+        ways = 1
+        for axis in _as_tuple(axes):
+            ways *= mesh.shape[axis]
+        if dim % ways:
+            raise UsageError(f"parameter {path} of shape {shape}: dimension {dim} does not divide "
+                             f"over mesh axes {axes} ({ways} ways); change the model size or "
+                             f"the mesh")
+
+
+def param_shardings(abstract_params: Any, logical_specs: Any, table: Mapping[str, MeshAxes],
+                    mesh: Mesh) -> Any:
+    """NamedShardings for a parameter tree, from its logical specs (unannotated: replicated)."""
+    def one(path, x, logical):
+        logical = logical if isinstance(logical, P) and len(logical) == len(x.shape) else P()
+        spec = logical_to_mesh(logical, table, mesh)
+        _check_divisible(_path_name(path), tuple(x.shape), spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params, logical_specs)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+                    if getattr(k, "name", None) != "value")
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """The batch's leading dimension split over the rules' batch axes."""
+    axes = tuple(a for a in rules.batch if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many pieces the batch is split into."""
+    ways = 1
+    for axis in rules.batch:
+        ways *= mesh.shape[axis]
+    return ways
