@@ -3,8 +3,11 @@
     python -m experiments.mnist                          # 8 virtual CPU devices on a CPU machine
     python -m experiments.mnist --strategy shard_map --devices 4 --global_batch 256
     python -m experiments.mnist --config smoke           # a few steps, for CI
+    python -m experiments.mnist --model wide_cnn --strategy fsdp --mesh data=2,fsdp=4
 
 On a machine without accelerators the job runs on `--cpu_devices` (default 8) virtual CPU devices.
+Data-parallel strategies (jit, shard_map, pmap, local_sgd) replicate the model; the model-parallel
+ones (dp, zero1, fsdp, tp, fsdp_tp) lay it out over `--mesh` by sharding rules.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 @dataclasses.dataclass(frozen=True)
 class MnistConfig:
+    model: str = "cnn"
+    vit_size: str = "tiny"
     strategy: str = "jit"
+    mesh: str = ""
     devices: int = 0
     cpu_devices: int = 0
     global_batch: int = 128
@@ -56,7 +62,11 @@ class MnistConfig:
 
 
 HELP = {
-    "strategy": "data-parallel backend",
+    "model": "cnn (the classic CNN), wide_cnn, or vit",
+    "vit_size": "ViT size (tiny, small, base, large)",
+    "strategy": "data-parallel backend, or model-parallel sharding rules",
+    "mesh": "model-parallel strategies: mesh shape, e.g. data=2,fsdp=2,tensor=2 "
+            "(default: all devices on the strategy's own axis, tensor=2 for tp)",
     "devices": "number of devices (0: all)",
     "cpu_devices": "virtual CPU devices per process on hosts without accelerators "
                    "(0: $JAXDIST_CPU_DEVICES or 8)",
@@ -99,6 +109,46 @@ def get_config(variant: str = "") -> MnistConfig:
     if variant == "smoke":
         return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
     raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
+MODELS = ("cnn", "wide_cnn", "vit")
+
+
+def model_builder(cfg: MnistConfig):
+    """(name for messages, a function that builds the model)."""
+    from flax import nnx
+
+    from jaxdist.models import MnistCNN, ViT, WideCNN, param_count, vit_config
+
+    if cfg.model == "vit":
+        vit = vit_config(cfg.vit_size)
+        name = f"ViT-{cfg.vit_size} ({param_count(vit) / 1e6:.2f}M params)"
+        return name, lambda: ViT(vit, rngs=nnx.Rngs(cfg.seed))
+    if cfg.model == "wide_cnn":
+        return "wide CNN", lambda: WideCNN(rngs=nnx.Rngs(cfg.seed))
+    return "CNN", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed))
+
+
+def default_mesh(strategy: str, devices: int) -> str:
+    """All devices on the strategy's own axis (tensor parallelism: pairs)."""
+    tensor = 2 if devices % 2 == 0 and devices > 1 else 1
+    return {"fsdp": f"fsdp={devices}", "tp": f"data={devices // tensor},tensor={tensor}",
+            "fsdp_tp": f"fsdp={devices // tensor},tensor={tensor}"}.get(strategy,
+                                                                          f"data={devices}")
+
+
+def make_trainer(cfg: MnistConfig, devices, tx):
+    """A DataParallel for the data-parallel strategies, a ShardedTrainer for the others."""
+    from jaxdist.parallel import DataParallel, ShardedTrainer, make_mesh
+
+    _, build = model_builder(cfg)
+    if cfg.strategy in STRATEGIES:
+        if cfg.mesh:
+            raise UsageError(f"--mesh is for the model-parallel strategies, not {cfg.strategy}")
+        return DataParallel(build(), tx, loss_fn, strategy=cfg.strategy, devices=devices,
+                            eval_fn=eval_fn, local_steps=cfg.local_steps)
+    mesh = make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
+    return ShardedTrainer(build, tx, loss_fn, mesh=mesh, strategy=cfg.strategy, eval_fn=eval_fn)
 
 
 def _normalize(images):
@@ -154,13 +204,9 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
 def train(cfg: MnistConfig) -> dict:
     """Runs the experiment and returns its summary (also printed by `main`)."""
     import jax
-    import optax
-    from flax import nnx
 
     from jaxdist.cluster import select_devices
     from jaxdist.data import eval_batches, load_split, train_batches
-    from jaxdist.models import MnistCNN
-    from jaxdist.parallel import DataParallel
     from jaxdist.train import make_optimizer
     from jaxdist.train.loop import NonFiniteGuard, epoch_end_steps, fit
 
@@ -178,9 +224,8 @@ def train(cfg: MnistConfig) -> dict:
         epoch_ends = sorted(set(epoch_ends))
     total_steps = epoch_ends[-1]
     tx = make_optimizer(cfg.optimizer, total_steps)
-    model = MnistCNN(rngs=nnx.Rngs(cfg.seed))
-    dp = DataParallel(model, tx, loss_fn, strategy=cfg.strategy, devices=devices,
-                      eval_fn=eval_fn, local_steps=cfg.local_steps)
+    model_name, _ = model_builder(cfg)
+    dp = make_trainer(cfg, devices, tx)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     # what a checkpoint's data position means; resuming with other values would read other data
     data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed}
@@ -227,8 +272,10 @@ def train(cfg: MnistConfig) -> dict:
 
     if leader:
         resumed = f", resuming at step {start_step}" if start_step else ""
-        print(f"training the MNIST CNN on {len(devices)} {devices[0].platform} device(s), "
-              f"strategy {cfg.strategy}, global batch {cfg.global_batch}, {total_steps} steps, "
+        layout = f" over mesh {cfg.mesh or default_mesh(cfg.strategy, len(devices))}" if (
+            cfg.strategy not in STRATEGIES) else ""
+        print(f"training the MNIST {model_name} on {len(devices)} {devices[0].platform} device(s), "
+              f"strategy {cfg.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} steps, "
               f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})"
               f"{resumed}", flush=True)
     guard = NonFiniteGuard(limit=cfg.nonfinite_limit, rollback=rollback,
@@ -346,14 +393,18 @@ def cluster_spec(cfg: MnistConfig) -> ClusterSpec:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, configs=None, description: str | None = None) -> int:
+    """Parses flags over `configs` (default: this module's `get_config`), trains, prints."""
     from jaxdist.config import parse_config
+    from jaxdist.models import VIT_SIZES
+    from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
 
     cfg = parse_config(
-        get_config,
+        configs or get_config,
         argv,
-        description=__doc__.split("\n\n")[0],
-        choices={"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES},
+        description=description or __doc__.split("\n\n")[0],
+        choices={"strategy": STRATEGIES + MODEL_PARALLEL_STRATEGIES, "model": MODELS,
+                 "vit_size": tuple(VIT_SIZES), "optimizer": OPTIMIZERS, "schedule": SCHEDULES},
         help_text=HELP,
     )
     try:

@@ -69,7 +69,7 @@ class ShardedTrainer:
         self.graphdef, abstract_params, abstract_rest = split_model(abstract_model)
         logical = nnx.get_partition_spec(abstract_params)
         self.param_shardings = param_shardings(abstract_params, logical, self.rules.params, mesh)
-        opt_param_shardings = param_shardings(abstract_params, logical,
+        self.grad_shardings = opt_param_shardings = param_shardings(abstract_params, logical,
                                               self.rules.for_optimizer(), mesh)
         replicated = NamedSharding(mesh, P())
         abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -1,0 +1,38 @@
+"""Train a Vision Transformer on MNIST with FSDP + tensor parallelism over a 3-D mesh.
+
+    python -m experiments.vit                                  # ViT-tiny, data=2,fsdp=2,tensor=2
+    python -m experiments.vit --vit_size small --mesh fsdp=4,tensor=2
+    python -m experiments.vit --config smoke                   # a few steps, for CI
+
+Every flag of `experiments.mnist` applies (checkpoints, resume, preemption, multi-process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from experiments import mnist
+from jaxdist.train.optim import OptimizerConfig
+
+
+def get_config(variant: str = "") -> mnist.MnistConfig:
+    """The ViT recipe, or 'smoke' (a few steps)."""
+    cfg = mnist.MnistConfig(
+        model="vit", vit_size="tiny", strategy="fsdp_tp", mesh="data=2,fsdp=2,tensor=2",
+        global_batch=128, epochs=10,
+        optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
+                                  warmup_fraction=0.05, weight_decay=0.05))
+    if variant in ("", "default"):
+        return cfg
+    if variant == "smoke":
+        return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
+    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return mnist.main(argv, configs=get_config, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
