@@ -1,0 +1,137 @@
+"""GPipe over the pipeline axis computes what the unpipelined model computes: outputs, gradients and
+training steps, alone or combined with data parallelism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from conftest import needs_devices
+from jaxdist import UsageError
+from jaxdist.models.vit import Block, vit_config
+from jaxdist.parallel import make_mesh
+from jaxdist.parallel.pipeline import (
+    bubble_fraction,
+    pipeline_call,
+    stack_stages,
+    unstack_stages,
+)
+
+CFG = vit_config("tiny", embed=32, heads=4, mlp=64, patch=7)  # 16 tokens of 49 pixels
+TOKENS, PIXELS = 16, 49
+
+
+def _model(stages):
+    rngs = nnx.Rngs(0)
+    embed, head = nnx.Linear(PIXELS, CFG.embed, rngs=rngs), nnx.Linear(CFG.embed, 10, rngs=rngs)
+    blocks = [Block(CFG, rngs=rngs) for _ in range(stages)]
+    graphdefs = {"embed": nnx.split(embed)[0], "head": nnx.split(head)[0],
+                 "block": nnx.split(blocks[0])[0]}
+    params = {"embed": nnx.split(embed)[1], "head": nnx.split(head)[1],
+              "stages": stack_stages([nnx.split(b)[1] for b in blocks])}
+    return graphdefs, params
+
+
+def _forward(graphdefs, params, tokens, mesh=None, microbatches=4):
+    stage = lambda p, h: nnx.merge(graphdefs["block"], p)(h)  # noqa: E731
+    h = nnx.merge(graphdefs["embed"], params["embed"])(tokens)
+    if mesh is None:
+        for p in unstack_stages(params["stages"]):
+            h = stage(p, h)
+    else:
+        h = pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=microbatches)
+    return jax.nn.log_softmax(nnx.merge(graphdefs["head"], params["head"])(h.mean(1)))
+
+
+def _loss(graphdefs, params, batch, mesh=None):
+    tokens, labels = batch
+    log_probs = _forward(graphdefs, params, tokens, mesh)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=1).mean()
+
+
+def _batch(seed=0, n=32):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, TOKENS, PIXELS)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def _close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("shape", ["pipeline=4,data=2", "pipeline=2,data=4", "pipeline=8"])
+def test_pipelined_outputs_and_gradients_equal_the_sequential_model(shape):
+    mesh = make_mesh(shape)
+    graphdefs, params = _model(mesh.shape["pipeline"])
+    batch = _batch()
+    _close(jax.jit(lambda p, x: _forward(graphdefs, p, x, mesh))(params, batch[0]),
+           _forward(graphdefs, params, batch[0]))
+    _close(jax.jit(jax.grad(lambda p: _loss(graphdefs, p, batch, mesh)))(params),
+           jax.grad(lambda p: _loss(graphdefs, p, batch))(params))
+
+
+def _train(graphdefs, params, batches, mesh=None):
+    tx = optax.adam(1e-3)
+    traces = []
+
+    def step(state, batch):
+        traces.append(1)
+        params, opt_state = state
+        grads = jax.grad(lambda p: _loss(graphdefs, p, batch, mesh))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state)
+
+    state = (params, tx.init(params))
+    if mesh is None:
+        step = jax.jit(step)
+    else:
+        stage_sharded = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: NamedSharding(mesh, P("pipeline") if x.ndim and x.shape[0] ==
+                                    mesh.shape["pipeline"] else P()), tree)
+        shardings = (stage_sharded(params), stage_sharded(state[1]))
+        state = jax.device_put(state, shardings)
+        step = jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P("data"))),
+                       out_shardings=shardings, donate_argnums=0)
+    for batch in batches:
+        state = step(state, batch)
+    return state[0], len(traces)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("shape", ["pipeline=4,data=2", "pipeline=8"])
+def test_three_pipelined_training_steps_equal_one_device_and_trace_once(shape):
+    mesh = make_mesh(shape)
+    graphdefs, params = _model(mesh.shape["pipeline"])
+    batches = [_batch(seed) for seed in range(3)]
+    want, _ = _train(graphdefs, params, batches)
+    got, traces = _train(graphdefs, params, batches, mesh)
+    _close(got, want)
+    assert traces == 1
+    assert jax.tree.leaves(got["stages"])[0].sharding.spec == P("pipeline")
+
+
+@needs_devices(8)
+def test_bad_pipeline_inputs_are_clear_errors():
+    mesh = make_mesh("pipeline=4,data=2")
+    graphdefs, params = _model(4)
+    stage = lambda p, h: nnx.merge(graphdefs["block"], p)(h)  # noqa: E731
+    h = jnp.zeros((32, TOKENS, CFG.embed))
+    with pytest.raises(UsageError, match="does not split into 3 microbatches"):
+        pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=3)
+    with pytest.raises(UsageError, match=r"\[3\] stacked stages for a pipeline axis of size 4"):
+        pipeline_call(stage, jax.tree.map(lambda x: x[:3], params["stages"]), h, mesh=mesh,
+                      num_microbatches=4)
+    with pytest.raises(UsageError, match="no axis 'stages'"):
+        pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=4, axis="stages")
+
+
+def test_the_bubble_shrinks_with_more_microbatches():
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(4, 16) < bubble_fraction(4, 4)
+    assert bubble_fraction(1, 8) == 0.0
