@@ -1,0 +1,147 @@
+"""Per strategy and mesh: step time, bytes per device, and collective bytes per step vs the ideal.
+
+    python -m experiments.bench_parallel                          # ViT-small, 8 CPU devices
+    python -m experiments.bench_parallel --vit_size large --global_batch 16 --steps 2 \\
+        --budget_mib 1024                                         # 100.8M params, 1 GiB per device
+
+Each row compiles the train step ahead of time (from shapes only), reads its per-device memory
+from `memory_analysis()` and its collectives from the partitioned HLO, then, if it fits the
+budget, creates the state already sharded and times `--steps` steps on random batches.
+
+The ideal is the textbook wire traffic per device (ring algorithms): data parallelism all-reduces
+the gradients, 2(D-1)/D of their bytes; FSDP all-gathers the parameters for forward and backward
+and reduce-scatters the gradients, 3(F-1)/F; Megatron tensor parallelism all-reduces the
+activations twice per block forward and twice backward, 2(T-1)/T each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+CONFIGS = [("dp", "data=8"), ("zero1", "data=8"), ("fsdp", "fsdp=8"), ("fsdp", "data=2,fsdp=4"),
+           ("tp", "data=4,tensor=2"), ("fsdp_tp", "fsdp=4,tensor=2"),
+           ("fsdp_tp", "data=2,fsdp=2,tensor=2")]
+MIB = 2**20
+
+
+def ideal_wire_bytes(mesh, params_per_device: int, global_batch: int, vit) -> float:
+    """Textbook wire bytes per device per step for this mesh (see the module docstring)."""
+    from jaxdist.observe import wire_factor
+
+    d, f, t = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
+    fsdp = 3 * wire_factor("all-gather", f) * params_per_device * f
+    dp = wire_factor("all-reduce", d) * params_per_device
+    activations = global_batch // (d * f) * vit.num_patches * vit.embed * 4
+    tp = 4 * vit.depth * activations * wire_factor("all-reduce", t)
+    return fsdp + dp + tp
+
+
+def run_config(strategy, shape, args, vit, batch_np):
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from experiments.mnist import loss_fn
+    from jaxdist.models import ViT
+    from jaxdist.observe import collective_ledger, memory_report
+    from jaxdist.parallel import ShardedTrainer, make_mesh
+
+    mesh = make_mesh(shape)
+    trainer = ShardedTrainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(1e-4), loss_fn,
+                             mesh=mesh, strategy=strategy)
+    abstract = trainer.abstract_state()
+    batch_shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding),
+        batch_np)
+    compiled = trainer.lower(abstract, batch_shapes).compile()
+    memory = memory_report(compiled, abstract, trainer.grad_shardings)
+    ledger = collective_ledger(compiled.as_text(), mesh.size)
+    row = {"strategy": strategy, "mesh": shape, "memory": memory,
+           "wire": ledger.total(wire=True),
+           "ideal": ideal_wire_bytes(mesh, memory.params, args.global_batch, vit),
+           "fits": not args.budget_mib or memory.peak_estimate <= args.budget_mib * MIB,
+           "step_ms": None, "loss": None}
+    if row["fits"] and args.steps:
+        state = trainer.init()
+        batch = trainer.shard_batch(batch_np)
+        state, metrics = trainer.step(state, batch)  # compile + warm up
+        jax.block_until_ready(state)
+        times, losses = [], [float(metrics["loss"])]
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, metrics = trainer.step(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t0)
+            losses.append(float(metrics["loss"]))
+        row["step_ms"] = 1000 * statistics.median(times)
+        row["loss"] = (losses[0], losses[-1])
+        del state
+    return row
+
+
+def format_rows(rows, budget_mib) -> str:
+    head = (f"{'strategy':<8} {'mesh':<22} {'step ms':>8} {'params':>8} {'optim':>8} "
+            f"{'grads':>8} {'temp':>8} {'peak':>8} {'comm MiB':>9} {'ideal':>8} {'ratio':>6}"
+            + ("  fits" if budget_mib else ""))
+    lines = [head, "(bytes per device, MiB; comm = ring wire bytes per step from the HLO)"]
+    for r in rows:
+        m = r["memory"]
+        step = f"{r['step_ms']:.0f}" if r["step_ms"] is not None else "-"
+        ratio = f"{r['wire'] / r['ideal']:.2f}" if r["ideal"] else "-"
+        lines.append(
+            f"{r['strategy']:<8} {r['mesh']:<22} {step:>8} {m.params / MIB:>8.2f} "
+            f"{m.optimizer / MIB:>8.2f} {m.grads / MIB:>8.2f} {m.temp / MIB:>8.2f} "
+            f"{m.peak_estimate / MIB:>8.2f} {r['wire'] / MIB:>9.2f} {r['ideal'] / MIB:>8.2f} "
+            f"{ratio:>6}" + (f"  {'yes' if r['fits'] else 'NO'}" if budget_mib else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_parallel",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vit_size", default="small", help="tiny, small, base or large")
+    parser.add_argument("--global_batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (0: compile only)")
+    parser.add_argument("--budget_mib", type=float, default=0,
+                        help="per-device memory budget; rows over it are compiled, not run")
+    parser.add_argument("--configs", default="",
+                        help="STRATEGY:MESH;... (default: dp, zero1, fsdp, tp, fsdp_tp rows)")
+    args = parser.parse_args(argv)
+
+    from jaxdist.cluster import configure_cpu_devices
+
+    configure_cpu_devices(8)
+    import numpy as np
+
+    from jaxdist.errors import UsageError
+    from jaxdist.models import param_count, vit_config
+
+    configs = CONFIGS
+    if args.configs:
+        configs = [tuple(c.split(":", 1)) for c in args.configs.split(";") if c]
+    try:
+        vit = vit_config(args.vit_size)
+        rng = np.random.default_rng(0)
+        batch = (rng.integers(0, 255, (args.global_batch, 28, 28, 1)).astype(np.float32),
+                 rng.integers(0, 10, args.global_batch).astype(np.int32))
+        print(f"ViT-{args.vit_size}: {param_count(vit) / 1e6:.1f}M parameters, global batch "
+              f"{args.global_batch}, Adam, fp32, 8 devices", flush=True)
+        rows = []
+        for strategy, shape in configs:
+            rows.append(run_config(strategy, shape, args, vit, batch))
+            r = rows[-1]
+            loss = f", loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else ""
+            print(f"  {strategy} {shape}: done{loss}", flush=True)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_rows(rows, args.budget_mib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
