@@ -35,6 +35,7 @@ class MnistConfig:
     devices: int = 0
     cpu_devices: int = 0
     global_batch: int = 128
+    augment: str = "none"
     epochs: float = 8.0
     seed: int = 0
     data_dir: str | None = None
@@ -71,6 +72,7 @@ HELP = {
     "cpu_devices": "virtual CPU devices per process on hosts without accelerators "
                    "(0: $JAXDIST_CPU_DEVICES or 8)",
     "global_batch": "examples per step, summed over all devices",
+    "augment": "training-set augmentation: none, or shift (random shifts of up to 2 pixels)",
     "epochs": "passes over the training set (may be fractional)",
     "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets)",
     "download": "download and prepare MNIST if missing (needs internet and jaxdist[prepare])",
@@ -207,6 +209,7 @@ def train(cfg: MnistConfig) -> dict:
 
     from jaxdist.cluster import select_devices
     from jaxdist.data import eval_batches, load_split, train_batches
+    from jaxdist.data.augment import make_augment
     from jaxdist.train import make_optimizer
     from jaxdist.train.loop import NonFiniteGuard, epoch_end_steps, fit
 
@@ -228,7 +231,7 @@ def train(cfg: MnistConfig) -> dict:
     dp = make_trainer(cfg, devices, tx)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     # what a checkpoint's data position means; resuming with other values would read other data
-    data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed}
+    data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed, "augment": cfg.augment}
     state, start_step, checkpointer = dp.init(), 0, None
     if cfg.workdir:
         from jaxdist.io import Checkpointer
@@ -240,7 +243,7 @@ def train(cfg: MnistConfig) -> dict:
             _check_same_data(meta, data_meta, start_step)
             state = dp.place(restored)
     batches = train_batches(train_split, cfg.global_batch, cfg.seed, start_step=start_step,
-                            **process)
+                            augment=make_augment(cfg.augment), **process)
     position = start_step  # global batches consumed: the key of the next checkpoint
 
     def save(step, state, metrics=None):
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None, configs=None, description: str | None = 
         argv,
         description=description or __doc__.split("\n\n")[0],
         choices={"strategy": STRATEGIES + MODEL_PARALLEL_STRATEGIES, "model": MODELS,
+                 "augment": ("none", "shift"),
                  "vit_size": tuple(VIT_SIZES), "optimizer": OPTIMIZERS, "schedule": SCHEDULES},
         help_text=HELP,
     )

@@ -1,5 +1,7 @@
 """The input pipeline: every example once per epoch, the same global batches for any process count."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,34 @@ def test_eval_batches_cover_the_split_once_with_padding_masked():
 def test_a_global_batch_that_does_not_divide_over_processes_is_a_usage_error():
     with pytest.raises(UsageError, match="does not divide over 3 processes"):
         train_index_batches(100, 64, 0, 0, 3)
+
+
+def _augmented(split, steps, start_step=0, process_count=1):
+    from jaxdist.data.augment import random_shift
+
+    shares = [train_batches(split, 8, seed=0, start_step=start_step, process_index=p,
+                            process_count=process_count, augment=random_shift(2))
+              for p in range(process_count)]
+    return [np.concatenate([next(s)[0] for s in shares]) for _ in range(steps)]
+
+
+def test_augmented_batches_are_shifted_copies_and_the_same_for_any_process_count_and_restart():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 255, (40, 28, 28, 1)).astype(np.uint8)
+    split = ArraySplit(images=images, labels=np.arange(40, dtype=np.int32))
+    one = _augmented(split, 6)
+    two = _augmented(split, 6, process_count=2)
+    resumed = _augmented(split, 3, start_step=3)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(one[3:], resumed):
+        np.testing.assert_array_equal(a, b)
+    plain = np.concatenate([b for b, _ in itertools.islice(
+        train_batches(split, 8, seed=0), 6)])
+    shifted = np.concatenate(one)
+    assert shifted.shape == plain.shape and not np.array_equal(shifted, plain)
+    # each image is its source moved by at most 2 pixels: the central crop reappears inside it
+    for got, src in zip(shifted[:8], plain[:8]):
+        center = src[2:-2, 2:-2]
+        assert any(np.array_equal(got[dy:dy + 24, dx:dx + 24], center)
+                   for dy in range(5) for dx in range(5))

@@ -14,6 +14,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from jaxdist.data.augment import Augment
 from jaxdist.data.tfds_source import ArraySplit
 from jaxdist.errors import UsageError
 
@@ -50,13 +51,23 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 4,
+    augment: Augment | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, labels) of this process's share of global batches start_step, start_step+1, ...
 
     Batches are gathered from the decoded arrays on a background thread, `prefetch` ahead.
+    `augment(image, rng)` (see `jaxdist.data.augment`) transforms each training example.
     """
-    indices = train_index_batches(len(split), global_batch, seed, process_index, process_count)
-    batches = indices[start_step:].map(lambda idx: (split.images[idx], split.labels[idx]))
+    if augment is None:
+        indices = train_index_batches(len(split), global_batch, seed, process_index,
+                                      process_count)
+        batches = indices[start_step:].map(lambda idx: (split.images[idx], split.labels[idx]))
+    else:
+        local = _local_batch_size(global_batch, process_count)
+        stream = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat()
+        examples = stream.random_map(
+            lambda i, rng: (augment(split.images[i], rng), split.labels[i]), seed=seed)
+        batches = examples.batch(local)[process_index::process_count][start_step:]
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
     return iter(batches.to_iter_dataset(options))
 
