@@ -145,8 +145,6 @@ def make_trainer(cfg: MnistConfig, devices, tx):
 
     _, build = model_builder(cfg)
     if cfg.strategy in STRATEGIES:
-        if cfg.mesh:
-            raise UsageError(f"--mesh is for the model-parallel strategies, not {cfg.strategy}")
         return DataParallel(build(), tx, loss_fn, strategy=cfg.strategy, devices=devices,
                             eval_fn=eval_fn, local_steps=cfg.local_steps)
     mesh = make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
@@ -201,6 +199,8 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError("checkpoint_every and keep_checkpoints must be at least 1")
     if cfg.keep_best < 0 or cfg.nonfinite_limit < 0:
         raise UsageError("keep_best and nonfinite_limit must be >= 0")
+    if cfg.mesh and cfg.strategy in STRATEGIES:
+        raise UsageError(f"--mesh is for the model-parallel strategies, not {cfg.strategy}")
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -216,6 +216,10 @@ def train(cfg: MnistConfig) -> dict:
     start = time.perf_counter()
     devices = select_devices(cfg.devices or None)
     validate(cfg, len(devices))
+    if cfg.strategy not in STRATEGIES:  # a bad mesh fails before any data is read
+        from jaxdist.parallel import make_mesh
+
+        make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
     leader = jax.process_index() == 0
     show = cfg.progress and leader
     train_split = load_split("mnist", "train", cfg.data_dir, download=cfg.download, progress=show)

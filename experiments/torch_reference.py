@@ -1,0 +1,148 @@
+"""The PyTorch reference for `experiments.bench_torch`: the same classic CNN under DDP (gloo).
+
+Standalone on purpose (imports only torch, numpy and the standard library) so it can run under
+another interpreter: `python experiments/torch_reference.py --processes 2 --steps 60`. It prints
+one JSON line with the measured images/s.
+
+`--data random` times steps on random uint8 batches; `--data PATH.npz` (arrays `images` uint8
+NHWC, `labels`) feeds real MNIST through PyTorch's usual input path, a `DataLoader` over a
+`TensorDataset` with a `DistributedSampler`, normalising on the fly like the JAX side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _net():
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        """conv 1->10 5x5, pool, ReLU; conv 10->20 5x5, pool, ReLU; 320->50, ReLU; 50->10."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 10, 5)
+            self.conv2 = nn.Conv2d(10, 20, 5)
+            self.fc1 = nn.Linear(320, 50)
+            self.fc2 = nn.Linear(50, 10)
+
+        def forward(self, x):
+            x = F.relu(F.max_pool2d(self.conv1(x), 2))
+            x = F.relu(F.max_pool2d(self.conv2(x), 2))
+            x = F.relu(self.fc1(x.flatten(1)))
+            return F.log_softmax(self.fc2(x), dim=1)
+
+    return Net()
+
+
+def _batches(args, rank: int, world: int):
+    """Yields (images float NCHW normalised, labels) of this rank's share, forever."""
+    import numpy as np
+    import torch
+
+    local = args.global_batch // world
+    if args.data == "random":
+        rng = np.random.default_rng(rank)
+        pool = [(torch.from_numpy(rng.integers(0, 256, (local, 1, 28, 28), dtype=np.uint8)),
+                 torch.from_numpy(rng.integers(0, 10, local).astype(np.int64))) for _ in range(8)]
+        while True:
+            for images, labels in pool:
+                yield (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD, labels
+    data = np.load(args.data)
+    images = torch.from_numpy(np.ascontiguousarray(data["images"].transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(data["labels"].astype(np.int64))
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    dataset = TensorDataset(images, labels)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=True)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            yield (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD, labels
+        epoch += 1
+
+
+def _worker(rank: int, world: int, args, port: int, results):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, args.threads // world))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    model = _net()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    batches = _batches(args, rank, world)
+
+    def step():
+        images, labels = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss = F.nll_loss(model(images), labels)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(args.warmup):
+        step()
+    if world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()  # wait for the last step
+    if world > 1:
+        dist.barrier()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        results.put(args.steps * args.global_batch / seconds)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=1, help="DDP processes (1: no DDP)")
+    parser.add_argument("--global_batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="intra-op threads in all, split between processes")
+    parser.add_argument("--data", default="random", help="'random' or an MNIST .npz")
+    args = parser.parse_args(argv)
+    if args.global_batch % args.processes:
+        parser.error(f"global batch {args.global_batch} does not divide over {args.processes}")
+    import torch
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    if args.processes == 1:
+        _worker(0, 1, args, 0, results)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_worker, args=(args.processes, args, port, results), nprocs=args.processes)
+    print(json.dumps({"framework": f"torch {torch.__version__}", "processes": args.processes,
+                      "images_per_second": results.get()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
