@@ -51,8 +51,8 @@ def run_config(strategy, shape, args, vit, batch_np):
     from jaxdist.parallel import ShardedTrainer, make_mesh
 
     mesh = make_mesh(shape)
-    trainer = ShardedTrainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(1e-4), loss_fn,
-                             mesh=mesh, strategy=strategy)
+    trainer = ShardedTrainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(args.learning_rate),
+                             loss_fn, mesh=mesh, strategy=strategy)
     abstract = trainer.abstract_state()
     batch_shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding),
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit_size", default="small", help="tiny, small, base or large")
     parser.add_argument("--global_batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (0: compile only)")
+    parser.add_argument("--learning_rate", type=float, default=1e-5, help="Adam's step size")
     parser.add_argument("--budget_mib", type=float, default=0,
                         help="per-device memory budget; rows over it are compiled, not run")
     parser.add_argument("--configs", default="",
