@@ -154,7 +154,7 @@ def test_unknown_strategies_axes_and_logical_names_in_rules_are_clear_errors():
     mesh = make_mesh("", jax.devices()[:1])
     with pytest.raises(UsageError, match="unknown sharding strategy 'zero3'"):
         rules_for("zero3")
-    with pytest.raises(UsageError, match="unknown mesh axis 'model'"):
+    with pytest.raises(UsageError, match="rule 'embed' -> 'model': unknown mesh axis"):
         ShardedTrainer(MODELS["vit"], optax.sgd(0.1), loss_fn, mesh=mesh,
                        strategy=Rules(params={"embed": "model"}))
     with pytest.raises(UsageError, match="unknown logical axis 'hidden'"):
