@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.errors import UsageError
-from jaxdist.train.step import TrainState
+from jaxdist.train.step import TrainState, path_name
 
 BEST_METRIC = "test_accuracy"
 
@@ -138,9 +138,9 @@ class Checkpointer:
             raise CorruptCheckpoint(step, e) from e
         if saved is None:
             raise CorruptCheckpoint(step, ValueError("no state metadata"))
-        want = {_path_name(k): _stored_shape(x)
+        want = {path_name(k): _stored_shape(x)
                 for k, x in jax.tree_util.tree_leaves_with_path(like)}
-        have = {_path_name(k): tuple(getattr(x, "shape", ()))
+        have = {path_name(k): tuple(getattr(x, "shape", ()))
                 for k, x in jax.tree_util.tree_leaves_with_path(saved)}
         if want.keys() != have.keys():
             extra, missing = sorted(have.keys() - want.keys()), sorted(want.keys() - have.keys())
@@ -178,11 +178,6 @@ def _stored_shape(x) -> tuple[int, ...]:
 
 def _quiet_missing_metrics(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
-
-
-def _path_name(path) -> str:
-    """'opt_state/0/mu/conv1/kernel/value' for a state path and for orbax's metadata path alike."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class CorruptCheckpoint(Exception):

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UsageError
 from jaxdist.parallel.mesh import MESH_AXES
+from jaxdist.train.step import path_name
 
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "patch", "seq", "classes", "conv_in",
                 "conv_out", "features")
@@ -127,15 +128,10 @@ def param_shardings(abstract_params: Any, logical_specs: Any, table: Mapping[str
     def one(path, x, logical):
         logical = logical if isinstance(logical, P) and len(logical) == len(x.shape) else P()
         spec = logical_to_mesh(logical, table, mesh)
-        _check_divisible(_path_name(path), tuple(x.shape), spec, mesh)
+        _check_divisible(path_name(path), tuple(x.shape), spec, mesh)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_params, logical_specs)
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
-                    if getattr(k, "name", None) != "value")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -102,10 +102,12 @@ class ShardedTrainer:
     def num_devices(self) -> int:
         return self.mesh.size
 
+    def _build_state(self) -> TrainState:
+        return init_state(self._model_fn(), self._tx)[1]
+
     def init(self) -> TrainState:
         """The initial state, created directly in its sharded layout."""
-        build = lambda: init_state(self._model_fn(), self._tx)[1]  # noqa: E731
-        return jax.jit(build, out_shardings=self.state_shardings)()
+        return jax.jit(self._build_state, out_shardings=self.state_shardings)()
 
     def place(self, state: TrainState) -> TrainState:
         """Any `TrainState` of this model (e.g. restored on another layout) in this layout."""
@@ -150,8 +152,7 @@ class ShardedTrainer:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, without allocating it."""
-        build = lambda: init_state(self._model_fn(), self._tx)[1]  # noqa: E731
-        shapes = jax.eval_shape(build)
+        shapes = jax.eval_shape(self._build_state)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, self.state_shardings)
 

@@ -36,6 +36,13 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
+def path_name(path) -> str:
+    """'opt_state/0/mu/fc1/kernel' for a key path into a state, whether it reaches the arrays
+    through nnx Variables (a `.value` attribute) or through orbax's metadata dicts."""
+    names = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return "/".join(n for n in names if n != "value")
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable parameters, everything else)."""
     return nnx.split(model, nnx.Param, ...)
