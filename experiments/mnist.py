@@ -103,14 +103,18 @@ HELP = {
 }
 
 
-def get_config(variant: str = "") -> MnistConfig:
-    """The default recipe, or a named variant ('smoke': a few steps on a slice of the test set)."""
-    cfg = MnistConfig()
+def with_variant(cfg: MnistConfig, variant: str) -> MnistConfig:
+    """`cfg` itself, or its 'smoke' variant: a few steps on a slice of the test set."""
     if variant in ("", "default"):
         return cfg
     if variant == "smoke":
         return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
     raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
+def get_config(variant: str = "") -> MnistConfig:
+    """The default recipe, or a named variant (see `with_variant`)."""
+    return with_variant(MnistConfig(), variant)
 
 
 MODELS = ("cnn", "wide_cnn", "vit")

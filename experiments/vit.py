@@ -9,7 +9,6 @@ Every flag of `experiments.mnist` applies (checkpoints, resume, preemption, mult
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from experiments import mnist
@@ -23,11 +22,7 @@ def get_config(variant: str = "") -> mnist.MnistConfig:
         global_batch=128, epochs=10, augment="shift",
         optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
                                   warmup_fraction=0.05, weight_decay=0.05))
-    if variant in ("", "default"):
-        return cfg
-    if variant == "smoke":
-        return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
-    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+    return mnist.with_variant(cfg, variant)
 
 
 def main(argv: list[str] | None = None) -> int:

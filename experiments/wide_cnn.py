@@ -18,11 +18,7 @@ from experiments import mnist
 def get_config(variant: str = "") -> mnist.MnistConfig:
     """The wide-CNN recipe (the CNN's optimizer, 4 epochs), or 'smoke' (a few steps)."""
     cfg = dataclasses.replace(mnist.MnistConfig(), model="wide_cnn", strategy="fsdp", epochs=4)
-    if variant in ("", "default"):
-        return cfg
-    if variant == "smoke":
-        return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
-    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+    return mnist.with_variant(cfg, variant)
 
 
 def main(argv: list[str] | None = None) -> int:
