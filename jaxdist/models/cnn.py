@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jaxdist.models.layers import max_pool_2x2
+
 
 class MnistCNN(nnx.Module):
     """conv 1->10 5x5, max-pool 2, ReLU; conv 10->20 5x5, max-pool 2, ReLU; 320->50, ReLU; 50->10.
@@ -24,8 +26,8 @@ class MnistCNN(nnx.Module):
         self.fc2 = nnx.Linear(50, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(nnx.max_pool(self.conv1(x), window_shape=(2, 2), strides=(2, 2)))
-        x = nnx.relu(nnx.max_pool(self.conv2(x), window_shape=(2, 2), strides=(2, 2)))
+        x = nnx.relu(max_pool_2x2(self.conv1(x)))
+        x = nnx.relu(max_pool_2x2(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.fc1(x))
         return nnx.log_softmax(self.fc2(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jaxdist.models.layers import max_pool_2x2
 from jaxdist.models.vit import axes
 
 
@@ -26,7 +27,7 @@ class WideCNN(nnx.Module):
                               bias_metadata=axes("classes"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.relu(nnx.max_pool(self.conv1(x), window_shape=(2, 2), strides=(2, 2)))
-        x = nnx.relu(nnx.max_pool(self.conv2(x), window_shape=(2, 2), strides=(2, 2)))
+        x = nnx.relu(max_pool_2x2(self.conv1(x)))
+        x = nnx.relu(max_pool_2x2(self.conv2(x)))
         x = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
         return nnx.log_softmax(self.fc2(x))
