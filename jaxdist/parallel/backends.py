@@ -6,7 +6,7 @@
 - `local_sgd`: each replica steps alone on its shard (no gradient all-reduce) and every H steps
   parameters are averaged, theta = mean_i theta_i. Optimizer state stays per replica (each keeps
   its own momentum / Adam moments, as in local SGD); pass `average_opt_state=True` to average it
-  as well.
+  as well. With an outer optimizer it is DiLoCo: the averaged movement is an outer gradient.
 
 Every backend exposes the same four operations, so the loop, tests and checkpoints never branch
 on the strategy.
@@ -15,11 +15,12 @@ on the strategy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -89,16 +90,31 @@ def _jit_backend(mesh, train_step, **_) -> Backend:
 
 
 def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
-    local_step = train_step_with(pmean_floats)
+    """State replicated, except `comm` (the gradient reducer's state): one slice per replica,
+    stacked on a leading axis split over the data axis."""
+    train_step = train_step_with(pmean_floats)
+    add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+
+    def local_step(state: TrainState, batch):
+        state, metrics = train_step(state._replace(comm=_first(state.comm)), batch)
+        return state._replace(comm=add_axis(state.comm)), metrics
+
+    specs = TrainState(P(), P(), P(), P(), P(DATA_AXIS))
     mapped = jax.shard_map(
         local_step,
         mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS)),
-        out_specs=(P(), P()),
+        in_specs=(specs, P(DATA_AXIS)),
+        out_specs=(specs, P()),
         check_vma=False,  # else grads of replicated params arrive psum-med already
     )
     step = jax.jit(mapped, donate_argnums=0)
-    return Backend("shard_map", mesh, _replicate_on(mesh), step, lambda s: s)
+    rep, per_replica = replicated(mesh), batch_sharded(mesh)
+
+    def place(state: TrainState) -> TrainState:
+        comm = jax.device_put(state.comm, per_replica)
+        return jax.device_put(state._replace(comm=()), rep)._replace(comm=comm)
+
+    return Backend("shard_map", mesh, place, step, lambda s: s)
 
 
 def _stacked_placement(mesh: Mesh) -> Callable[[TrainState], TrainState]:
@@ -117,13 +133,40 @@ def _pmap_backend(mesh, train_step_with, **_) -> Backend:
     return Backend("pmap", mesh, _stacked_placement(mesh), step, canonical, stacked_batch=True)
 
 
-def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=False, **_) -> Backend:
+class OuterState(NamedTuple):
+    """DiLoCo's global parameters (where every replica restarts after a sync) and the outer
+    optimizer's state."""
+
+    anchor: Any
+    outer: Any
+
+
+def diloco_init(outer_optimizer: optax.GradientTransformation) -> Callable[[Any], OuterState]:
+    """`comm_init` for local SGD with an outer optimizer."""
+    return lambda params: OuterState(params, outer_optimizer.init(params))
+
+
+def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=False,
+                       outer_optimizer=None, **_) -> Backend:
     if local_steps < 1:
         raise UsageError(f"local SGD needs local_steps >= 1, got {local_steps}")
     local_step = train_step_with(lambda tree: tree)
 
+    def outer_step(state: TrainState, mean_params) -> TrainState:
+        """DiLoCo: the replicas' mean movement away from the anchor is the outer gradient."""
+        anchor, outer = state.comm
+        delta = jax.tree.map(lambda a, m: a - m, anchor, mean_params)
+        updates, outer = outer_optimizer.update(delta, outer, anchor)
+        anchor = optax.apply_updates(anchor, updates)
+        return state._replace(params=anchor, comm=OuterState(anchor, outer))
+
     def average(state: TrainState) -> TrainState:
-        state = state._replace(params=pmean_floats(state.params), rest=pmean_floats(state.rest))
+        mean_params = pmean_floats(state.params)
+        if outer_optimizer is None:
+            state = state._replace(params=mean_params)
+        else:
+            state = outer_step(state, mean_params)
+        state = state._replace(rest=pmean_floats(state.rest))
         if average_opt_state:
             state = state._replace(opt_state=pmean_floats(state.opt_state))
         return state
@@ -161,12 +204,17 @@ def make_backend(
     *,
     local_steps: int = 1,
     average_opt_state: bool = False,
+    outer_optimizer: optax.GradientTransformation | None = None,
 ) -> Backend:
     """Builds the backend for `strategy`.
 
     `train_step_with(reduce)` returns the shared pure train step with `reduce` averaging over
-    replicas (see `jaxdist.train.step.make_train_step`).
+    replicas (see `jaxdist.train.step.make_train_step`). `outer_optimizer` (local SGD only)
+    turns parameter averaging into DiLoCo's outer step; the state's `comm` must then hold
+    `diloco_init(outer_optimizer)(params)`.
     """
+    if outer_optimizer is not None and strategy != "local_sgd":
+        raise UsageError(f"an outer optimizer is for strategy local_sgd, not {strategy}")
     if strategy not in _BUILDERS:
         raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return _BUILDERS[strategy](
@@ -175,6 +223,7 @@ def make_backend(
         train_step_with=train_step_with,
         local_steps=local_steps,
         average_opt_state=average_opt_state,
+        outer_optimizer=outer_optimizer,
     )
 
 

@@ -11,7 +11,8 @@ from flax import nnx
 
 from jaxdist.cluster.devices import select_devices
 from jaxdist.errors import UsageError
-from jaxdist.parallel.backends import Backend, make_backend, to_host
+from jaxdist.comm.reducers import GradReducer
+from jaxdist.parallel.backends import Backend, diloco_init, make_backend, to_host
 from jaxdist.parallel.mesh import batch_sharded, data_mesh, replicated
 from jaxdist.train.step import (
     EvalFn,
@@ -44,6 +45,12 @@ class DataParallel:
         average_opt_state: for "local_sgd", average the optimizer state too.
         skip_nonfinite: skip updates whose loss or gradients are not finite (see
             `jaxdist.train.step.make_train_step`); the step reports `metrics["nonfinite"]`.
+        grad_reducer: for "shard_map", how gradients are averaged: another dtype, int8, top-k,
+            PowerSGD (see `jaxdist.comm`). Default: an exact fp32 `lax.pmean`.
+        microbatches: split each replica's batch into this many parts and accumulate their
+            gradients before the one reduction (gradient accumulation).
+        outer_optimizer: for "local_sgd", DiLoCo's outer optimizer applied every `local_steps`
+            to the replicas' averaged movement (e.g. SGD 0.7 with Nesterov momentum 0.9).
     """
 
     def __init__(
@@ -58,22 +65,40 @@ class DataParallel:
         local_steps: int = 1,
         average_opt_state: bool = False,
         skip_nonfinite: bool = True,
+        grad_reducer: GradReducer | None = None,
+        microbatches: int = 1,
+        outer_optimizer: optax.GradientTransformation | None = None,
     ):
         if devices is None or isinstance(devices, int):
             devices = select_devices(devices)
+        if grad_reducer is not None and strategy != "shard_map":
+            raise UsageError(f"a gradient reducer runs inside the shard_map step; strategy "
+                             f"{strategy!r} reduces gradients its own way")
+        if microbatches < 1:
+            raise UsageError(f"microbatches must be at least 1, got {microbatches}")
         self.devices = list(devices)
         self.mesh = data_mesh(self.devices)
         self.model = model
-        self.graphdef, initial_state = init_state(model, tx)
+        comm_init = None
+        if grad_reducer is not None:  # one state per replica, stacked
+            n = len(self.devices)
+            comm_init = lambda p: jax.tree.map(  # noqa: E731
+                lambda x: np.broadcast_to(x, (n, *x.shape)), grad_reducer.init(p))
+        elif outer_optimizer is not None:
+            comm_init = diloco_init(outer_optimizer)
+        self.graphdef, initial_state = init_state(model, tx, comm_init)
         # kept on the host: placing it always copies, so donating a placed state never frees it
         self._initial_state = jax.device_get(initial_state)
         self.backend: Backend = make_backend(
             strategy,
             self.mesh,
-            lambda reduce: make_train_step(self.graphdef, loss_fn, tx, reduce,
-                                           skip_nonfinite=skip_nonfinite),
+            lambda reduce: make_train_step(
+                self.graphdef, loss_fn, tx, reduce, skip_nonfinite=skip_nonfinite,
+                grad_reduce=grad_reducer.update if grad_reducer is not None else None,
+                microbatches=microbatches),
             local_steps=local_steps,
             average_opt_state=average_opt_state,
+            outer_optimizer=outer_optimizer,
         )
         self._eval_step = None
         if eval_fn is not None:

@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax import lax
+
+from jaxdist.errors import UsageError
 
 Batch = Any
 Metrics = dict[str, jax.Array]
@@ -21,19 +24,23 @@ LossFn = Callable[[nnx.Module, Batch], "jax.Array | tuple[jax.Array, Metrics]"]
 # eval_fn(model, batch) -> metrics summed over the batch's examples (padding masked out).
 EvalFn = Callable[[nnx.Module, Batch], Metrics]
 Reduce = Callable[[Any], Any]
+# grad_reduce(grads, comm_state) -> (grads averaged over replicas, comm_state)
+GradReduce = Callable[[Any, Any], tuple[Any, Any]]
 
 
 class TrainState(NamedTuple):
     """Everything that changes during training, as one pytree.
 
     `rest` holds the model's non-parameter state (batch statistics, RNG counters); it is empty for
-    the CNN.
+    the CNN. `comm` holds the gradient reducer's state (error-feedback residuals, PowerSGD's
+    factors, DiLoCo's outer optimizer), one copy per replica; empty for plain averaging.
     """
 
     step: jax.Array
     params: nnx.State
     rest: nnx.State
     opt_state: optax.OptState
+    comm: Any = ()
 
 
 def path_name(path) -> str:
@@ -48,10 +55,15 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """The model's structure and its initial train state (on the host or default device)."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation,
+               comm_init: Callable[[nnx.State], Any] | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """The model's structure and its initial train state (on the host or default device).
+
+    `comm_init(params)` builds one replica's gradient-reducer state (see `jaxdist.comm`).
+    """
     graphdef, params, rest = split_model(model)
-    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+    comm = comm_init(params) if comm_init is not None else ()
+    state = TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), comm)
     return graphdef, state
 
 
@@ -69,11 +81,19 @@ def make_train_step(
     reduce: Reduce = lambda tree: tree,
     *,
     skip_nonfinite: bool = True,
+    grad_reduce: GradReduce | None = None,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `(state, batch) -> (state, metrics)`.
 
     `reduce` averages a pytree over data-parallel replicas (identity when the program is already
-    global). It is applied to gradients, metrics and the non-parameter model state.
+    global). It is applied to gradients, metrics and the non-parameter model state, unless
+    `grad_reduce(grads, comm_state) -> (grads, comm_state)` is given: then that reduces the
+    gradients (in another dtype, compressed; see `jaxdist.comm`) and `reduce` the rest.
+
+    With `microbatches` M > 1 the batch is split into M equal parts whose gradients are summed
+    sequentially (`lax.scan`) before the one reduction: gradient accumulation, M times less
+    activation memory, the same update as the whole batch.
 
     With `skip_nonfinite`, a step whose reduced loss or gradients hold a NaN/Inf leaves params,
     optimizer state and model state as they were (only the step counter moves on) and reports
@@ -89,13 +109,39 @@ def make_train_step(
         _, _, new_rest = split_model(model)
         return loss, (metrics, new_rest)
 
+    grad_fn = jax.value_and_grad(loss_with_rest, has_aux=True)
+
+    def accumulated(params, rest, batch):
+        """(loss, metrics, rest, grads) of the batch, summed over microbatches then averaged."""
+        if microbatches == 1:
+            (loss, (metrics, rest)), grads = grad_fn(params, rest, batch)
+            return loss, metrics, rest, grads
+        parts = jax.tree.map(lambda x: _split_rows(x, microbatches), batch)
+        first = jax.tree.map(lambda x: x[0], parts)
+        (loss, (metrics, _)), grads = jax.eval_shape(grad_fn, params, rest, first)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (loss, metrics, grads))
+
+        def add(carry, part):
+            rest, sums = carry
+            (loss, (metrics, rest)), grads = grad_fn(params, rest, part)
+            return (rest, jax.tree.map(jnp.add, sums, (loss, metrics, grads))), None
+
+        (rest, sums), _ = lax.scan(add, (rest, zeros), parts)
+        loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, sums)
+        return loss, metrics, rest, grads
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grad_fn = jax.value_and_grad(loss_with_rest, has_aux=True)
-        (loss, (metrics, rest)), grads = grad_fn(state.params, state.rest, batch)
-        grads, rest, metrics = reduce((grads, rest, {"loss": loss, **metrics}))
+        loss, metrics, rest, grads = accumulated(state.params, state.rest, batch)
+        metrics = {"loss": loss, **metrics}
+        comm = state.comm
+        if grad_reduce is None:
+            grads, rest, metrics = reduce((grads, rest, metrics))
+        else:
+            grads, comm = grad_reduce(grads, comm)
+            rest, metrics = reduce((rest, metrics))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, rest, opt_state)
+        new = TrainState(state.step + 1, params, rest, opt_state, comm)
         if skip_nonfinite:
             finite = _all_finite((metrics["loss"], grads))
             new = _keep_if(finite, new, state._replace(step=new.step))
@@ -103,6 +149,13 @@ def make_train_step(
         return new, metrics
 
     return train_step
+
+
+def _split_rows(x: jax.Array, parts: int) -> jax.Array:
+    if x.shape[0] % parts:
+        raise UsageError(f"a batch of {x.shape[0]} rows per replica does not split into {parts} "
+                         f"microbatches")
+    return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
 
 
 def _all_finite(tree: Any) -> jax.Array:
