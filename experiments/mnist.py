@@ -41,6 +41,14 @@ class MnistConfig:
     data_dir: str | None = None
     download: bool = False
     local_steps: int = 1
+    grad_reduce: str = "mean"
+    topk_fraction: float = 0.01
+    powersgd_rank: int = 4
+    microbatches: int = 1
+    staleness: int = 0
+    outer_optimizer: str = "none"
+    outer_lr: float = 0.7
+    compute_dtype: str = "float32"
     eval_batch: int = 2000
     max_steps: int = 0
     eval_examples: int = 0
@@ -77,6 +85,16 @@ HELP = {
     "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets)",
     "download": "download and prepare MNIST if missing (needs internet and jaxdist[prepare])",
     "local_steps": "local_sgd: average parameters every H steps",
+    "grad_reduce": "shard_map: how gradients are averaged: mean (exact fp32), bf16, int8, topk "
+                   "(with error feedback) or powersgd (with error feedback)",
+    "topk_fraction": "grad_reduce topk: fraction of gradient entries each replica sends",
+    "powersgd_rank": "grad_reduce powersgd: rank of the approximation",
+    "microbatches": "accumulate gradients over this many parts of each replica's batch",
+    "staleness": "apply each gradient this many steps late (deterministic asynchrony; 0: sync)",
+    "outer_optimizer": "local_sgd: none (plain parameter averaging) or nesterov (DiLoCo's outer "
+                       "step: SGD with Nesterov momentum 0.9 on the averaged movement)",
+    "outer_lr": "local_sgd with an outer optimizer: its learning rate",
+    "compute_dtype": "CNN: float32, or bfloat16 compute with float32 master weights",
     "eval_batch": "examples per evaluation batch",
     "max_steps": "stop after this many steps (0: no limit)",
     "eval_examples": "evaluate on the first N test examples (0: all)",
@@ -132,6 +150,10 @@ def model_builder(cfg: MnistConfig):
         return name, lambda: ViT(vit, rngs=nnx.Rngs(cfg.seed))
     if cfg.model == "wide_cnn":
         return "wide CNN", lambda: WideCNN(rngs=nnx.Rngs(cfg.seed))
+    if cfg.compute_dtype == "bfloat16":
+        import jax.numpy as jnp
+
+        return "CNN (bf16 compute)", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed), dtype=jnp.bfloat16)
     return "CNN", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed))
 
 
@@ -149,8 +171,19 @@ def make_trainer(cfg: MnistConfig, devices, tx):
 
     _, build = model_builder(cfg)
     if cfg.strategy in STRATEGIES:
+        reducer = outer = None
+        if cfg.grad_reduce != "mean":
+            from jaxdist.comm import make_reducer
+
+            reducer = make_reducer(cfg.grad_reduce, topk_fraction=cfg.topk_fraction,
+                                   powersgd_rank=cfg.powersgd_rank)
+        if cfg.outer_optimizer == "nesterov":
+            import optax
+
+            outer = optax.sgd(cfg.outer_lr, momentum=0.9, nesterov=True)
         return DataParallel(build(), tx, loss_fn, strategy=cfg.strategy, devices=devices,
-                            eval_fn=eval_fn, local_steps=cfg.local_steps)
+                            eval_fn=eval_fn, local_steps=cfg.local_steps, grad_reducer=reducer,
+                            microbatches=cfg.microbatches, outer_optimizer=outer)
     mesh = make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
     return ShardedTrainer(build, tx, loss_fn, mesh=mesh, strategy=cfg.strategy, eval_fn=eval_fn)
 
@@ -205,6 +238,18 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError("keep_best and nonfinite_limit must be >= 0")
     if cfg.mesh and cfg.strategy in STRATEGIES:
         raise UsageError(f"--mesh is for the model-parallel strategies, not {cfg.strategy}")
+    if cfg.grad_reduce != "mean" and cfg.strategy != "shard_map":
+        raise UsageError(f"--grad_reduce {cfg.grad_reduce} runs inside the shard_map step; use "
+                         f"--strategy shard_map (not {cfg.strategy})")
+    if cfg.outer_optimizer != "none" and cfg.strategy != "local_sgd":
+        raise UsageError("--outer_optimizer is for --strategy local_sgd")
+    if cfg.compute_dtype != "float32" and cfg.model != "cnn":
+        raise UsageError("--compute_dtype is implemented for the CNN")
+    if cfg.microbatches < 1 or (cfg.global_batch // num_devices) % cfg.microbatches:
+        raise UsageError(f"{cfg.global_batch // num_devices} examples per device do not split "
+                         f"into {cfg.microbatches} microbatches")
+    if cfg.staleness < 0:
+        raise UsageError(f"staleness must be >= 0, got {cfg.staleness}")
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -235,6 +280,12 @@ def train(cfg: MnistConfig) -> dict:
         epoch_ends = sorted(set(epoch_ends))
     total_steps = epoch_ends[-1]
     tx = make_optimizer(cfg.optimizer, total_steps)
+    if cfg.staleness:
+        import optax
+
+        from jaxdist.comm import stale_gradients
+
+        tx = optax.chain(stale_gradients(cfg.staleness), tx)
     model_name, _ = model_builder(cfg)
     dp = make_trainer(cfg, devices, tx)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -406,6 +457,7 @@ def cluster_spec(cfg: MnistConfig) -> ClusterSpec:
 
 def main(argv: list[str] | None = None, configs=None, description: str | None = None) -> int:
     """Parses flags over `configs` (default: this module's `get_config`), trains, prints."""
+    from jaxdist.comm import REDUCERS
     from jaxdist.config import parse_config
     from jaxdist.models import VIT_SIZES
     from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
@@ -415,7 +467,9 @@ def main(argv: list[str] | None = None, configs=None, description: str | None = 
         argv,
         description=description or __doc__.split("\n\n")[0],
         choices={"strategy": STRATEGIES + MODEL_PARALLEL_STRATEGIES, "model": MODELS,
-                 "augment": ("none", "shift"),
+                 "augment": ("none", "shift"), "grad_reduce": REDUCERS,
+                 "outer_optimizer": ("none", "nesterov"),
+                 "compute_dtype": ("float32", "bfloat16"),
                  "vit_size": tuple(VIT_SIZES), "optimizer": OPTIMIZERS, "schedule": SCHEDULES},
         help_text=HELP,
     )

@@ -62,18 +62,49 @@ def _flatten(tree) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
     return vector, unflatten
 
 
+def _two_phase_mean(vector: jax.Array, block: int, encode, decode, axis_name: str) -> jax.Array:
+    """The replica mean of `vector` sent in a compact encoding: a reduce-scatter made of an
+    all-to-all of encoded chunks (each replica decodes and averages its chunk in fp32), then an
+    all-gather of the encoded means. Only data movement crosses the wire, so the encoding's dtype
+    is what is sent, whatever the backend supports for reductions."""
+    n = lax.axis_size(axis_name)
+    size = vector.size
+    chunk = math.ceil(size / (n * block)) * block
+    blocks = jnp.pad(vector, (0, n * chunk - size)).reshape(n, chunk // block, block)
+    # row j after the all-to-all: replica j's encoded copy of this replica's chunk
+    mine = decode(jax.tree.map(
+        lambda x: lax.all_to_all(x, axis_name, split_axis=0, concat_axis=0, tiled=True),
+        encode(blocks))).mean(0)
+    gathered = jax.tree.map(lambda x: lax.all_gather(x, axis_name), encode(mine))
+    return decode(gathered).reshape(-1)[:size]
+
+
+def _bits(dtype):
+    """(encode, decode) sending `dtype` values bit-cast to unsigned integers of the same width."""
+    carrier = {2: jnp.uint16, 1: jnp.uint8}[jnp.dtype(dtype).itemsize]
+    encode = lambda x: lax.bitcast_convert_type(x.astype(dtype), carrier)  # noqa: E731
+    decode = lambda b: lax.bitcast_convert_type(b, dtype).astype(jnp.float32)  # noqa: E731
+    return encode, decode
+
+
 def mean_reduce(dtype: Any = None, axis_name: str = DATA_AXIS) -> GradReducer:
-    """The exact replica mean (`lax.pmean`), all-reduced in `dtype` (default: the gradients' own).
+    """The replica mean, communicated in `dtype` (default: the gradients' own, one `lax.pmean`).
 
     The reduction dtype is independent of the compute dtype: fp32 master gradients may be
-    averaged in bf16 (half the bytes), and bf16 compute may still be averaged in fp32.
+    averaged in bf16 (half the bytes), and bf16 compute may still be averaged in fp32. A 16-bit
+    mean is sent as bit-cast data (all-to-all + all-gather, summed in fp32): XLA's CPU backend
+    widens a bf16 all-reduce to fp32 (seen in the compiled HLO), which would send fp32 bytes.
     """
+    if dtype is not None and jnp.dtype(dtype).itemsize not in (1, 2, 4):
+        raise UsageError(f"cannot reduce in {dtype}")
 
     def update(grads, state):
-        def mean(g):
-            return lax.pmean(g.astype(dtype or g.dtype), axis_name).astype(g.dtype)
-
-        return jax.tree.map(mean, grads), state
+        if dtype is None or jnp.dtype(dtype).itemsize == 4:
+            return jax.tree.map(lambda g: lax.pmean(g.astype(dtype or g.dtype), axis_name)
+                                .astype(g.dtype), grads), state
+        encode, decode = _bits(dtype)
+        vector, unflatten = _flatten(grads)
+        return unflatten(_two_phase_mean(vector, 1, encode, decode, axis_name)), state
 
     return GradReducer(_no_state, update)
 
@@ -86,12 +117,18 @@ def _quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
+def _dequantize(qs: tuple[jax.Array, jax.Array]) -> jax.Array:
+    q, scale = qs
+    return q.astype(jnp.float32) * scale[..., None]
+
+
 def int8_error_bound(per_replica: jax.Array, block: int) -> jax.Array:
     """Per element: the largest error of `int8_reduce` for these replicas' gradients
     (`per_replica`: (N, size), flattened), from its two rounding steps: each replica's blocks are
     rounded to half a step, then the mean's blocks are rounded again to half a step."""
     n, size = per_replica.shape
-    padded = jnp.pad(per_replica, ((0, 0), (0, -size % block)))
+    chunk = math.ceil(size / (n * block)) * block
+    padded = jnp.pad(per_replica, ((0, 0), (0, n * chunk - size)))
     blocks = padded.reshape(n, -1, block)
     first = (jnp.max(jnp.abs(blocks), axis=-1) / 127.0 / 2).mean(0)  # mean of half-steps
     mean_blocks = jnp.abs(blocks.mean(0)).max(-1) + first              # bound on |rounded mean|
@@ -105,28 +142,16 @@ def int8_reduce(block: int = 256, axis_name: str = DATA_AXIS) -> GradReducer:
     Like ZeRO++'s quantized gradients: every replica quantizes its gradient in blocks, an int8
     all-to-all hands replica j the j-th chunk of everyone's (a reduce-scatter), j dequantizes and
     averages in fp32, quantizes the mean of its chunk again, and an int8 all-gather returns all
-    chunks to everyone. Bytes: about a quarter of an fp32 all-reduce (plus 4/block for scales).
-    The error is bounded by two roundings (see `int8_error_bound`); no state is kept.
+    chunks to everyone. Bytes: a quarter of an fp32 all-reduce, plus 4/block for the scales and
+    the padding of each chunk to whole blocks. The error is bounded by two roundings (see
+    `int8_error_bound`); no state is kept.
     """
     if block < 1:
         raise UsageError(f"the int8 block size must be >= 1, got {block}")
 
     def update(grads, state):
-        n = lax.axis_size(axis_name)
         vector, unflatten = _flatten(grads)
-        size = vector.size
-        chunk = math.ceil(size / (n * block)) * block
-        blocks = jnp.pad(vector, (0, n * chunk - size)).reshape(n, chunk // block, block)
-        q, scale = _quantize(blocks)
-        # row j of the result: replica j's quantized copy of this replica's chunk
-        q = lax.all_to_all(q, axis_name, split_axis=0, concat_axis=0, tiled=True)
-        scale = lax.all_to_all(scale, axis_name, split_axis=0, concat_axis=0, tiled=True)
-        mine = (q.astype(jnp.float32) * scale[..., None]).mean(0)
-        q, scale = _quantize(mine)
-        q = lax.all_gather(q, axis_name)
-        scale = lax.all_gather(scale, axis_name)
-        mean = (q.astype(jnp.float32) * scale[..., None]).reshape(-1)[:size]
-        return unflatten(mean), state
+        return unflatten(_two_phase_mean(vector, block, _quantize, _dequantize, axis_name)), state
 
     return GradReducer(_no_state, update)
 
