@@ -194,3 +194,16 @@ def test_a_reducer_outside_shard_map_is_a_usage_error():
     with pytest.raises(UsageError, match="local_sgd"):
         DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="jit",
                      devices=N, outer_optimizer=optax.sgd(0.7))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad_reduce", "int8"], "shard_map"),
+    (["--outer_optimizer", "nesterov"], "local_sgd"),
+    (["--strategy", "shard_map", "--microbatches", "3"], "microbatches"),
+    (["--model", "wide_cnn", "--compute_dtype", "bfloat16"], "CNN"),
+])
+def test_experiment_rejects_communication_flags_that_do_not_apply(flags, message, capsys):
+    from experiments.mnist import main
+
+    assert main(["--config", "smoke", "--progress=false", *flags]) == 2
+    assert message in capsys.readouterr().err
