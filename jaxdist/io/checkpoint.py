@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp

@@ -13,7 +13,7 @@ from jaxdist.cluster.devices import select_devices
 from jaxdist.errors import UsageError
 from jaxdist.comm.reducers import GradReducer
 from jaxdist.parallel.backends import Backend, diloco_init, make_backend, to_host
-from jaxdist.parallel.mesh import batch_sharded, data_mesh, replicated
+from jaxdist.parallel.mesh import batch_sharded, data_mesh, put_global_batch, replicated
 from jaxdist.train.step import (
     EvalFn,
     LossFn,
@@ -139,24 +139,11 @@ class DataParallel:
         `stacked` (default: what the strategy's step expects) adds pmap's leading device axis.
         """
         stacked = self.backend.stacked_batch if stacked is None else stacked
-        sharding = batch_sharded(self.mesh)
         n_local = self.num_local_devices
-
-        def put(x):
-            x = np.asarray(x)
-            if x.ndim == 0 or x.shape[0] % n_local:
-                raise UsageError(
-                    f"a batch of {x.shape[0] if x.ndim else 0} rows per process does not divide "
-                    f"over {n_local} local devices; choose a global batch divisible by "
-                    f"{self.num_devices}"
-                )
-            if stacked:
-                x = x.reshape(n_local, x.shape[0] // n_local, *x.shape[1:])
-            if jax.process_count() == 1:
-                return jax.device_put(x, sharding)  # same result, less per-call overhead
-            return jax.make_array_from_process_local_data(sharding, x)
-
-        return jax.tree.map(put, local_batch)
+        return put_global_batch(
+            local_batch, batch_sharded(self.mesh), n_local,
+            f"over {n_local} local devices; choose a global batch divisible by "
+            f"{self.num_devices}", stacked_over=n_local if stacked else 0)
 
     def global_batch_size(self, sharded_batch: Any) -> int:
         """Examples in a batch returned by `shard_batch`."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +39,29 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 # The axes of model parallelism, outermost first: devices that differ only in "tensor" are
 # neighbours (tensor parallelism talks most), "pipeline" stages are farthest apart.
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
+
+
+def put_global_batch(local_batch: Any, sharding: NamedSharding, pieces: int, hint: str,
+                     stacked_over: int = 0) -> Any:
+    """This process's rows of a global batch -> global arrays laid out by `sharding`.
+
+    `pieces`: how many parts this process's rows split into (its local devices along the batch
+    axes); a batch that does not divide is a `UsageError` ending with `hint`. `stacked_over` > 0
+    adds pmap's leading device axis of that size.
+    """
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % pieces:
+            raise UsageError(f"a batch of {x.shape[0] if x.ndim else 0} rows per process does not "
+                             f"divide {hint}")
+        if stacked_over:
+            x = x.reshape(stacked_over, x.shape[0] // stacked_over, *x.shape[1:])
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)  # same result, less per-call overhead
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, local_batch)
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:

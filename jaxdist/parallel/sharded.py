@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -18,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import to_host
+from jaxdist.parallel.mesh import put_global_batch
 from jaxdist.parallel.rules import (
     Rules,
     batch_sharding,
@@ -121,19 +121,10 @@ class ShardedTrainer:
         """This process's rows of the global batch -> global arrays split over the batch axes."""
         n_local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         ways_local = max(1, self._batch_ways * n_local // self.mesh.size)
-
-        def put(x):
-            x = np.asarray(x)
-            if x.ndim == 0 or x.shape[0] % ways_local:
-                raise UsageError(
-                    f"a batch of {x.shape[0] if x.ndim else 0} rows per process does not divide "
-                    f"into {self._batch_ways} pieces over mesh axes {self.rules.batch}; choose "
-                    f"a global batch divisible by {self._batch_ways}")
-            if jax.process_count() == 1:
-                return jax.device_put(x, self.batch_sharding)
-            return jax.make_array_from_process_local_data(self.batch_sharding, x)
-
-        return jax.tree.map(put, local_batch)
+        return put_global_batch(
+            local_batch, self.batch_sharding, ways_local,
+            f"into {self._batch_ways} pieces over mesh axes {self.rules.batch}; choose a global "
+            f"batch divisible by {self._batch_ways}")
 
     def global_batch_size(self, sharded_batch: Any) -> int:
         return jax.tree.leaves(sharded_batch)[0].shape[0]
