@@ -439,7 +439,7 @@ def format_summary(s: dict) -> str:
         return f"stopped at step {s['stopped_at']} after {s['wall_seconds']:.1f} s{where}"
     return (
         f"done: test accuracy {100 * s['test_accuracy']:.2f}% | wall {s['wall_seconds']:.1f} s "
-        f"(first step {s['first_step_seconds']:.1f} s) | {s['images_per_second']:,.0f} img/s | "
+        f"(first step {s['first_step_seconds']:.2f} s) | {s['images_per_second']:,.0f} img/s | "
         f"{s['devices']} {s['platform']} device(s) | strategy {s['strategy']} | {s['steps']} steps"
     )
 

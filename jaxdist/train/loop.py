@@ -24,7 +24,8 @@ class FitResult:
     Attributes:
         state: the final state, in the strategy's layout.
         history: one dict per evaluation: epoch, step, the train loss and the eval metrics.
-        first_step_seconds: wall time of the first step (dominated by compilation).
+        first_step_seconds: wall time of the first step (dominated by compilation), from its batch
+            in hand to its metrics on the host.
         train_seconds: wall time of all steps after the first, evaluation excluded.
         images_per_second: global examples per second over `train_seconds`.
         stopped: `after_step` asked to stop before the last step.
@@ -130,8 +131,9 @@ def fit(
         epoch_start = time.perf_counter()
         epoch_images = 0
         while step < end:
-            t0 = time.perf_counter()
-            batch = dp.shard_batch(next(batches))
+            batch = next(batches)
+            t0 = time.perf_counter()  # the first step's time excludes starting the input pipeline
+            batch = dp.shard_batch(batch)
             state, metrics = dp.step(state, batch)
             if step == start_step:
                 jax.block_until_ready(metrics)
