@@ -12,6 +12,7 @@ ones (dp, zero1, fsdp, tp, fsdp_tp) lay it out over `--mesh` by sharding rules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -65,6 +66,10 @@ class MnistConfig:
     process_id: int = -1
     init_timeout: int = 0
     heartbeat_timeout: int = 0
+    logdir: str | None = None
+    profile_steps: str = ""
+    peak_tflops: float = 0.0
+    hang_timeout: float = 300.0
     optimizer: OptimizerConfig = OptimizerConfig(
         name="adam", learning_rate=3e-3, schedule="onecycle", warmup_fraction=0.15
     )
@@ -115,6 +120,12 @@ HELP = {
                          "(0: $JAXDIST_HEARTBEAT_TIMEOUT or 30)",
     "compile_cache": "directory of the persistent XLA compilation cache (default: "
                      "$JAXDIST_COMPILE_CACHE or ~/.cache/jaxdist/xla; 'off' disables it)",
+    "logdir": "metrics.jsonl, TensorBoard event files, status files and profiles (default: "
+              "<workdir>/logs with --workdir, else none)",
+    "profile_steps": "A,B: capture a jax.profiler trace of steps A..B into <logdir>/profile",
+    "peak_tflops": "peak TFLOP/s per device for the MFU estimate (0: a per-platform assumption)",
+    "hang_timeout": "seconds without progress before the watchdog prints which process is behind "
+                    "and where (0: off)",
     "optimizer": "optax optimizer",
     "learning_rate": "peak learning rate",
     "schedule": "learning-rate schedule",
@@ -250,6 +261,24 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
                          f"into {cfg.microbatches} microbatches")
     if cfg.staleness < 0:
         raise UsageError(f"staleness must be >= 0, got {cfg.staleness}")
+    if cfg.profile_steps:
+        from jaxdist.observe.metrics import parse_step_range
+
+        try:
+            parse_step_range(cfg.profile_steps)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if not log_dir(cfg):
+            raise UsageError("--profile_steps needs --logdir (or --workdir)")
+    if cfg.peak_tflops < 0 or cfg.hang_timeout < 0:
+        raise UsageError("peak_tflops and hang_timeout must be >= 0")
+
+
+def log_dir(cfg: MnistConfig) -> str | None:
+    """--logdir, else <workdir>/logs with a work dir, else None (nothing written)."""
+    if cfg.logdir:
+        return cfg.logdir
+    return str(Path(cfg.workdir) / "logs") if cfg.workdir else None
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -288,6 +317,8 @@ def train(cfg: MnistConfig) -> dict:
         tx = optax.chain(stale_gradients(cfg.staleness), tx)
     model_name, _ = model_builder(cfg)
     dp = make_trainer(cfg, devices, tx)
+    monitor = _monitor(cfg, start, devices, model_name, total_steps)
+    measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     # what a checkpoint's data position means; resuming with other values would read other data
     data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed, "augment": cfg.augment}
@@ -306,8 +337,11 @@ def train(cfg: MnistConfig) -> dict:
     position = start_step  # global batches consumed: the key of the next checkpoint
 
     def save(step, state, metrics=None):
-        checkpointer.save(step, dp.canonical(state), meta={**data_meta, "data_position": step},
-                          metrics=metrics)
+        if monitor is not None:
+            monitor.phase("checkpoint")
+        with measure("checkpoint"):
+            checkpointer.save(step, dp.canonical(state), meta={**data_meta, "data_position": step},
+                              metrics=metrics)
 
     def evaluate(state):
         sums = dp.evaluate(state, eval_batches(test_split, cfg.eval_batch,
@@ -352,13 +386,19 @@ def train(cfg: MnistConfig) -> dict:
                 save(step, state)
             return stop
 
-        result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
-                     evaluate=evaluate, progress=cfg.progress, after_step=after_step, guard=guard)
-        if checkpointer is not None:
-            checkpointer.close()
+        try:
+            result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
+                         evaluate=evaluate, progress=cfg.progress, after_step=after_step,
+                         guard=guard, monitor=monitor)
+            if checkpointer is not None:
+                with measure("checkpoint"):
+                    checkpointer.close()
+        finally:
+            goodput = monitor.close(position) if monitor is not None else None
     if result.stopped:
         return {"stopped_at": position,
-                "wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir}
+                "wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir,
+                "goodput": goodput}
     final = result.history[-1] if result.history else evaluate(result.state)  # already done
     return {
         "test_accuracy": final["test_accuracy"],
@@ -374,7 +414,27 @@ def train(cfg: MnistConfig) -> dict:
         "history": result.history,
         "state": result.state,
         "dp": dp,
+        "goodput": goodput,
+        "logdir": log_dir(cfg),
     }
+
+
+def _monitor(cfg: MnistConfig, start: float, devices, model_name: str, total_steps: int):
+    """The run's TrainMonitor (metrics, goodput, MFU, profile, hang watchdog), or None when there
+    is neither a logdir nor a watchdog."""
+    logdir = log_dir(cfg)
+    if not logdir and not cfg.hang_timeout:
+        return None
+    from jaxdist.observe.metrics import TrainMonitor, parse_step_range
+
+    meta = {"devices": len(devices), "platform": devices[0].platform, "strategy": cfg.strategy,
+            "global_batch": cfg.global_batch, "model": cfg.model, "model_name": model_name,
+            "mesh": cfg.mesh, "steps": total_steps, "epochs": cfg.epochs,
+            "grad_reduce": cfg.grad_reduce, "local_steps": cfg.local_steps,
+            "optimizer": cfg.optimizer.name, "learning_rate": cfg.optimizer.learning_rate}
+    return TrainMonitor(logdir, start=start, peak_tflops=cfg.peak_tflops,
+                        profile_steps=parse_step_range(cfg.profile_steps),
+                        hang_timeout=cfg.hang_timeout, meta=meta if logdir else None)
 
 
 def _resume(checkpointer, restore_step: int, like) -> tuple[int, object, dict]:

@@ -6,6 +6,7 @@ never waits for a step to finish before handing over the next one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -99,6 +100,7 @@ def fit(
     log: Callable[[str], None] = print,
     after_step: Callable[[int, Any], bool] | None = None,
     guard: NonFiniteGuard | None = None,
+    monitor: Any = None,
 ) -> FitResult:
     """Trains until the last of `epoch_ends`, evaluating after each.
 
@@ -109,6 +111,9 @@ def fit(
         progress: show a progress bar. Only process 0 prints anything.
         after_step: (steps done, state) -> True to stop now (checkpointing, preemption).
         guard: what to do about skipped non-finite steps (default: log them).
+        monitor: a `jaxdist.observe.metrics.TrainMonitor`: per-step and per-epoch records,
+            goodput, MFU, profiling, hang status (it sees each step's metrics when they are read
+            here anyway, one step late; it never blocks on a running step).
     """
     from tqdm.auto import tqdm
 
@@ -123,6 +128,7 @@ def fit(
     pending = None  # metrics of the last dispatched step, read after the next is dispatched
     last_loss = float("nan")
     stopped = False
+    measure = monitor.measure if monitor is not None else _no_measure
     for epoch, end in enumerate(epoch_ends, start=1):
         if end <= step or stopped:
             continue
@@ -131,41 +137,59 @@ def fit(
         epoch_start = time.perf_counter()
         epoch_images = 0
         while step < end:
-            batch = next(batches)
-            t0 = time.perf_counter()  # the first step's time excludes starting the input pipeline
-            batch = dp.shard_batch(batch)
-            state, metrics = dp.step(state, batch)
-            if step == start_step:
-                jax.block_until_ready(metrics)
-                first_step_seconds = time.perf_counter() - t0
-                epoch_start = time.perf_counter()
-            else:
-                epoch_images += dp.global_batch_size(batch)
-            if pending is not None:
-                last_loss, state = _read(pending, step, state, guard)
-            pending = metrics
-            step += 1
-            elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(loss=f"{last_loss:.4f}",
-                            img_s=f"{epoch_images / elapsed:,.0f}" if elapsed > 0 else "-")
-            bar.update(1)
-            if after_step is not None and after_step(step, state):
-                stopped = True
-                break
-        jax.block_until_ready(state)
+            if monitor is not None:
+                monitor.phase("data")
+            with measure("data"):
+                batch = next(batches)
+            if monitor is not None:
+                monitor.start_step(step, start_step)
+            with measure("compile" if step == start_step else "step"):
+                t0 = time.perf_counter()  # the first step excludes starting the input pipeline
+                batch = dp.shard_batch(batch)
+                state, metrics = dp.step(state, batch)
+                images = dp.global_batch_size(batch) if monitor is not None else 0
+                if step == start_step:
+                    jax.block_until_ready(metrics)
+                    first_step_seconds = time.perf_counter() - t0
+                    epoch_start = time.perf_counter()
+                    if monitor is not None:
+                        monitor.first_step(step + 1, first_step_seconds, dp, state, batch)
+                else:
+                    epoch_images += dp.global_batch_size(batch)
+                if monitor is not None:
+                    monitor.dispatched(step, metrics)
+                if pending is not None:
+                    last_loss, state = _read(pending, step, state, guard, monitor)
+                pending = (metrics, images)
+                step += 1
+                elapsed = time.perf_counter() - epoch_start
+                bar.set_postfix(loss=f"{last_loss:.4f}",
+                                img_s=f"{epoch_images / elapsed:,.0f}" if elapsed > 0 else "-")
+                bar.update(1)
+                if after_step is not None and after_step(step, state):
+                    stopped = True
+                    break
+        with measure("step"):
+            jax.block_until_ready(state)
         epoch_seconds = time.perf_counter() - epoch_start
         bar.close()
         train_seconds += epoch_seconds
         trained_images += epoch_images
         if pending is not None:
-            last_loss, state = _read(pending, step, state, guard)
+            with measure("step"):
+                last_loss, state = _read(pending, step, state, guard, monitor)
             pending = None
         record = {"epoch": epoch, "step": step, "train_loss": last_loss,
                   "epoch_seconds": epoch_seconds,
                   "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
         if evaluate is not None and not stopped:
-            record.update(evaluate(state))
+            if monitor is not None:
+                monitor.phase("eval")
+            with measure("eval"):
+                record.update(evaluate(state))
         history.append(record)
+        if monitor is not None:
+            monitor.epoch_end(record)
         if leader:
             log(_format_record(record))
     return FitResult(
@@ -178,10 +202,19 @@ def fit(
     )
 
 
-def _read(metrics: dict, step: int, state: Any, guard: NonFiniteGuard) -> tuple[float, Any]:
+def _read(pending: tuple[dict, int], step: int, state: Any, guard: NonFiniteGuard,
+          monitor: Any = None) -> tuple[float, Any]:
     """The loss of `step` (read from the device now) and the state to go on with."""
+    metrics, images = pending
     values = host_metrics(metrics)
+    if monitor is not None:
+        monitor.step_done(step, values, images)
     return values["loss"], guard.check(step, values, state)
+
+
+@contextlib.contextmanager
+def _no_measure(category: str) -> Iterator[None]:
+    yield
 
 
 def _format_record(r: dict) -> str:

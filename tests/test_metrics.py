@@ -1,0 +1,227 @@
+"""Observability: metrics.jsonl and TensorBoard events, goodput, MFU, profiles, plots, hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO
+from jaxdist.observe import metrics as M
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mnist):
+    """One smoke run (8 steps) with a logdir and a profile of steps 2-3; its logdir."""
+    from experiments import mnist as experiment
+
+    logdir = tmp_path_factory.mktemp("run") / "logs"
+    code = experiment.main(["--config", "smoke", "--logdir", str(logdir), "--profile_steps",
+                            "2,3", "--progress", "false", "--compile_cache", "off"])
+    assert code == 0
+    return logdir
+
+
+def _by_kind(logdir):
+    records = M.read_records(logdir)
+    kinds: dict[str, list] = {}
+    for r in records:
+        kinds.setdefault(r["kind"], []).append(r)
+    return kinds
+
+
+def test_a_run_with_a_logdir_writes_jsonl_records_of_every_step_epoch_and_the_run(run):
+    kinds = _by_kind(run)
+    meta = kinds["meta"][0]
+    assert (meta["devices"], meta["strategy"], meta["global_batch"], meta["model"]) == (
+        8, "jit", 128, "cnn")
+    train = kinds["train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for r in train:
+        assert {"loss", "accuracy", "step_seconds", "images_per_second", "time"} <= set(r)
+        assert r["step_seconds"] > 0 and r["images_per_second"] > 0
+    assert kinds["compile"][0]["compile_seconds"] == train[0]["step_seconds"]
+    assert kinds["compile"][0]["flops_per_device_step"] > 0
+    assert kinds["compile"][0]["collective_bytes"] > 0  # the jit step all-reduces gradients
+    assert 0 < kinds["epoch"][0]["mfu"] < 1
+    assert 0 < kinds["eval"][0]["test_accuracy"] <= 1
+    assert kinds["goodput"][-1]["final"] is True
+
+
+def test_tensorboard_event_files_read_back_with_the_logged_values(run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(run.glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    kinds = _by_kind(run)
+    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in kinds["train"]}, rel=1e-6)
+    [test] = acc.Scalars("eval/test_accuracy")
+    assert (test.step, test.value) == (8, pytest.approx(kinds["eval"][0]["test_accuracy"]))
+    tags = acc.Tags()["scalars"]
+    for tag in ("train/accuracy", "train/images_per_second", "train/step_seconds",
+                "compile/compile_seconds", "goodput/goodput", "goodput/step_seconds"):
+        assert tag in tags
+
+
+def test_goodput_parts_sum_to_no_more_than_the_wall_time(run):
+    for report in _by_kind(run)["goodput"]:
+        parts = sum(v for k, v in report.items() if k.endswith("_seconds") and k != "wall_seconds")
+        assert parts == pytest.approx(report["wall_seconds"], rel=1e-6)  # with `other`
+        assert parts - report["other_seconds"] <= report["wall_seconds"] + 1e-9
+        assert report["goodput"] == pytest.approx(report["step_seconds"] / report["wall_seconds"])
+        assert report["compile_seconds"] > 0 and report["step_seconds"] > 0
+
+
+def test_nested_goodput_measurements_count_only_to_the_innermost_category():
+    now = [0.0]
+    g = M.Goodput(start=0.0, clock=lambda: now[0])
+    with g.measure("eval"):
+        now[0] += 2
+        with g.measure("checkpoint"):
+            now[0] += 3
+        now[0] += 1
+    with g.measure("data"):
+        now[0] += 0.5
+    now[0] += 0.5
+    report = g.report()
+    assert (report["eval_seconds"], report["checkpoint_seconds"], report["data_seconds"]) == (
+        3, 3, 0.5)
+    assert report["other_seconds"] == 0.5 and report["wall_seconds"] == 7
+    assert report["goodput"] == 0
+
+
+def test_profile_steps_write_a_trace_directory_with_files(run):
+    files = [p for p in (run / "profile").rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".xplane.pb") for p in files)
+    assert all(p.stat().st_size > 0 for p in files)
+
+
+def test_the_plot_command_writes_non_empty_pngs_including_scaling_across_device_counts(
+        run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from jaxdist.observe import plots
+
+    # a second run "on 4 devices": the same records, other metadata and throughput
+    other = tmp_path / "four"
+    other.mkdir()
+    with open(other / "metrics.jsonl", "w") as f:
+        for r in M.read_records(run):
+            if r["kind"] == "meta":
+                r["devices"] = 4
+            if "images_per_second" in r:
+                r["images_per_second"] /= 1.7
+            f.write(json.dumps(r) + "\n")
+    out = tmp_path / "figures"
+    assert plots.main([str(run), str(other), "--out", str(out)]) == 0
+    for name in ("loss", "accuracy", "throughput", "goodput", "scaling", "collective_bytes"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+
+
+def test_flops_are_read_from_dict_and_list_cost_analyses():
+    class Compiled:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def cost_analysis(self):
+            return self.analysis
+
+    assert M.flops_per_step(Compiled({"flops": 10.0, "bytes accessed": 3})) == 10.0
+    assert M.flops_per_step(Compiled([{"flops": 10.0}, {"flops": 5.0}])) == 15.0
+    assert M.flops_per_step(Compiled(None)) is None
+    assert M.flops_per_step(Compiled({})) is None
+    assert M.mfu(1e12, 2.0, 4.0) == pytest.approx(0.5)
+    peak, note = M.default_peak_tflops()
+    assert peak > 0 and "TFLOP/s" in note
+
+
+def test_the_writer_on_other_processes_writes_nothing(tmp_path):
+    writer = M.MetricsWriter(tmp_path / "logs", enabled=False)
+    writer.write("train", 1, {"loss": 1.0})
+    writer.close()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_hang_message_names_the_process_that_is_behind_with_its_step_and_phase():
+    statuses = {0: {"step": 57, "phase": "step"}, 1: {"step": 41, "phase": "data"},
+                2: {"step": 57, "phase": "step"}, 3: {"step": 57, "phase": "checkpoint"}}
+    assert M.diagnose_hang(statuses, 300, 4) == (
+        "no progress for 300 s; process 1 is behind at step 41 (phase data), others at step 57")
+
+
+def test_at_the_same_step_the_process_in_another_phase_is_named_and_silent_ones_too():
+    statuses = {0: {"step": 9, "phase": "step"}, 1: {"step": 9, "phase": "step"},
+                2: {"step": 9, "phase": "eval"}}
+    message = M.diagnose_hang(statuses, 61, expected=4)
+    assert "process 2 is behind at step 9 (phase eval), others at step 9" in message
+    assert "process(es) 3 never reported" in message
+    same = {p: {"step": 5, "phase": "step"} for p in range(2)}
+    assert M.diagnose_hang(same, 10) == "no progress for 10 s; all 2 processes at step 5 (phase step)"
+
+
+def test_the_watchdog_of_a_single_process_reports_a_stall_and_writes_a_status_file(tmp_path):
+    status = M.ProgressStatus(tmp_path)
+    status.update("data", 12)
+    messages = []
+    dog = M.Watchdog(status, timeout=0.3, interval=0.05, log=messages.append).start()
+    deadline = time.time() + 10
+    while not messages and time.time() < deadline:
+        time.sleep(0.05)
+    dog.stop()
+    assert messages and messages[0] == "no progress for 0 s; process 0 at step 12 (phase data)"
+    assert json.loads((tmp_path / "status" / "process_0.json").read_text())["step"] == 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_one_is_named():
+    script = textwrap.dedent("""
+        import sys, time, jax
+        from jaxdist.cluster import configure_cpu_devices
+        configure_cpu_devices(1)
+        pid = int(sys.argv[1])
+        jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=pid)
+        from jaxdist.observe.metrics import KV_PREFIX, ProgressStatus, Watchdog, _kv_client
+        status = ProgressStatus()
+        status.update(*(("step", 57) if pid == 0 else ("data", 41)))
+        status.publish()
+        client = _kv_client()
+        client.blocking_key_value_get(KV_PREFIX + str(1 - pid), 30_000)
+        if pid == 0:
+            dog = Watchdog(status, timeout=0.2, interval=0.05, log=print).start()
+            time.sleep(1.0)
+            dog.stop()
+        client.key_value_set(f"done/{pid}", "1")
+        client.blocking_key_value_get(f"done/{1 - pid}", 30_000)
+    """)
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(pid), address], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for pid in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "process 1 is behind at step 41 (phase data), others at step 57" in outs[0], outs[0]
+
+
+def test_profile_steps_without_a_logdir_is_a_usage_error(capsys):
+    from experiments import mnist as experiment
+
+    assert experiment.main(["--profile_steps", "2,3", "--progress", "false"]) == 2
+    assert "--profile_steps needs --logdir" in capsys.readouterr().err
+    assert experiment.main(["--profile_steps", "5,2", "--logdir", "x", "--progress", "false"]) == 2
+    assert "1 <= A <= B" in capsys.readouterr().err
