@@ -128,7 +128,8 @@ def fit(
     pending = None  # metrics of the last dispatched step, read after the next is dispatched
     last_loss = float("nan")
     stopped = False
-    measure = monitor.measure if monitor is not None else _no_measure
+    monitor = monitor if monitor is not None else _NoMonitor()
+    measure = monitor.measure
     for epoch, end in enumerate(epoch_ends, start=1):
         if end <= step or stopped:
             continue
@@ -137,27 +138,23 @@ def fit(
         epoch_start = time.perf_counter()
         epoch_images = 0
         while step < end:
-            if monitor is not None:
-                monitor.phase("data")
+            monitor.phase("data")
             with measure("data"):
                 batch = next(batches)
-            if monitor is not None:
-                monitor.start_step(step, start_step)
+            monitor.start_step(step, start_step)
             with measure("compile" if step == start_step else "step"):
                 t0 = time.perf_counter()  # the first step excludes starting the input pipeline
                 batch = dp.shard_batch(batch)
                 state, metrics = dp.step(state, batch)
-                images = dp.global_batch_size(batch) if monitor is not None else 0
+                images = dp.global_batch_size(batch)
                 if step == start_step:
                     jax.block_until_ready(metrics)
                     first_step_seconds = time.perf_counter() - t0
                     epoch_start = time.perf_counter()
-                    if monitor is not None:
-                        monitor.first_step(step + 1, first_step_seconds, dp, state, batch)
+                    monitor.first_step(step + 1, first_step_seconds, dp, state, batch)
                 else:
-                    epoch_images += dp.global_batch_size(batch)
-                if monitor is not None:
-                    monitor.dispatched(step, metrics)
+                    epoch_images += images
+                monitor.dispatched(step, metrics)
                 if pending is not None:
                     last_loss, state = _read(pending, step, state, guard, monitor)
                 pending = (metrics, images)
@@ -183,13 +180,11 @@ def fit(
                   "epoch_seconds": epoch_seconds,
                   "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
         if evaluate is not None and not stopped:
-            if monitor is not None:
-                monitor.phase("eval")
+            monitor.phase("eval")
             with measure("eval"):
                 record.update(evaluate(state))
         history.append(record)
-        if monitor is not None:
-            monitor.epoch_end(record)
+        monitor.epoch_end(record)
         if leader:
             log(_format_record(record))
     return FitResult(
@@ -203,18 +198,31 @@ def fit(
 
 
 def _read(pending: tuple[dict, int], step: int, state: Any, guard: NonFiniteGuard,
-          monitor: Any = None) -> tuple[float, Any]:
+          monitor: Any) -> tuple[float, Any]:
     """The loss of `step` (read from the device now) and the state to go on with."""
     metrics, images = pending
     values = host_metrics(metrics)
-    if monitor is not None:
-        monitor.step_done(step, values, images)
+    monitor.step_done(step, values, images)
     return values["loss"], guard.check(step, values, state)
 
 
-@contextlib.contextmanager
-def _no_measure(category: str) -> Iterator[None]:
-    yield
+class _NoMonitor:
+    """What `fit` calls on a `TrainMonitor`, doing nothing (no logdir, no watchdog)."""
+
+    def measure(self, category: str):
+        return contextlib.nullcontext()
+
+    def phase(self, phase: str, step: int | None = None) -> None: ...
+
+    def start_step(self, index: int, start_step: int) -> None: ...
+
+    def first_step(self, step, seconds, trainer, state, batch) -> None: ...
+
+    def dispatched(self, index: int, metrics: Any) -> None: ...
+
+    def step_done(self, step: int, values: dict, images: int) -> None: ...
+
+    def epoch_end(self, record: dict) -> None: ...
 
 
 def _format_record(r: dict) -> str:
