@@ -41,25 +41,19 @@ def ideal_wire_bytes(mesh, params_per_device: int, global_batch: int, vit) -> fl
 
 def run_config(strategy, shape, args, vit, batch_np):
     import jax
-    import numpy as np
     import optax
     from flax import nnx
 
     from experiments.mnist import loss_fn
     from jaxdist.models import ViT
-    from jaxdist.observe import collective_ledger, memory_report
     from jaxdist.parallel import ShardedTrainer, make_mesh
+    from jaxdist.plan import analyze_step
 
     mesh = make_mesh(shape)
     trainer = ShardedTrainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(args.learning_rate),
                              loss_fn, mesh=mesh, strategy=strategy)
-    abstract = trainer.abstract_state()
-    batch_shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding),
-        batch_np)
-    compiled = trainer.lower(abstract, batch_shapes).compile()
-    memory = memory_report(compiled, abstract, trainer.grad_shardings)
-    ledger = collective_ledger(compiled.as_text(), mesh.size)
+    analysis = analyze_step(trainer, batch_np)  # ahead of time, from shapes: nothing allocated
+    memory, ledger = analysis.memory, analysis.ledger
     row = {"strategy": strategy, "mesh": shape, "memory": memory,
            "wire": ledger.total(wire=True),
            "ideal": ideal_wire_bytes(mesh, memory.params, args.global_batch, vit),
