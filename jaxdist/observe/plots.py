@@ -102,6 +102,11 @@ def _curves(plt, runs, labels, train_key, test_key, ylabel, path, log_y=False):
     ax.set_ylabel(ylabel)
     if log_y:
         ax.set_yscale("log")
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path) -> None:
+    """The figures' common finish: grid, legend, tight layout, PNG, closed."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -130,11 +135,7 @@ def plot_throughput(plt, runs, labels, path):
     ax.set_xlabel("wall time since the run started (s)")
     ax.set_ylabel("images / s (global)")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_goodput(plt, runs, labels, path):
@@ -181,11 +182,7 @@ def plot_scaling(plt, runs, path) -> bool:
     ax.set_xlabel("devices")
     ax.set_ylabel("images / s (median step)")
     ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
     return True
 
 
