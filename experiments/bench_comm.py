@@ -41,11 +41,11 @@ def step_wire_bytes(dp, cfg) -> float:
     import numpy as np
 
     from jaxdist.observe import collective_ledger
+    from jaxdist.observe.metrics import compiled_step
 
     batch = (np.zeros((cfg.global_batch, 28, 28, 1), np.uint8),
              np.zeros((cfg.global_batch,), np.int32))
-    state = dp.init()
-    hlo = dp.backend.step.lower(state, dp.shard_batch(batch)).compile().as_text()
+    hlo = compiled_step(dp, dp.init(), dp.shard_batch(batch)).as_text()
     wire = collective_ledger(hlo, dp.num_devices).total(wire=True)
     return wire / cfg.local_steps if cfg.strategy == "local_sgd" else wire
 

@@ -61,15 +61,10 @@ class StepAnalysis:
 
 def flops_per_device(compiled: Any) -> float:
     """FLOPs of one run of `compiled` on one device (the partitioned program), from XLA's cost
-    analysis; it is a dict or a list of dicts depending on the jax version, absent on some
-    backends (then 0)."""
-    try:
-        costs = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return 0.0
-    if isinstance(costs, (list, tuple)):
-        return float(sum((c or {}).get("flops", 0.0) for c in costs))
-    return float((costs or {}).get("flops", 0.0))
+    analysis (`jaxdist.observe.metrics.flops_per_step`); 0 where the backend gives none."""
+    from jaxdist.observe.metrics import flops_per_step
+
+    return flops_per_step(compiled) or 0.0
 
 
 def abstract_batch(trainer: Any, batch: Any) -> Any:
