@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# a run that turns the persistent compilation cache on writes here, not into ~/.cache
+os.environ.setdefault("JAXDIST_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxdist-test-xla-"))
 if SHARED_TFDS.exists():
     os.environ.setdefault("TFDS_DATA_DIR", str(SHARED_TFDS))
 

@@ -205,5 +205,6 @@ def test_a_reducer_outside_shard_map_is_a_usage_error():
 def test_experiment_rejects_communication_flags_that_do_not_apply(flags, message, capsys):
     from experiments.mnist import main
 
-    assert main(["--config", "smoke", "--progress=false", *flags]) == 2
+    # compile_cache off: the in-process run must not turn the cache on for the tests after it
+    assert main(["--config", "smoke", "--progress=false", "--compile_cache", "off", *flags]) == 2
     assert message in capsys.readouterr().err

@@ -221,7 +221,9 @@ def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_on
 def test_profile_steps_without_a_logdir_is_a_usage_error(capsys):
     from experiments import mnist as experiment
 
-    assert experiment.main(["--profile_steps", "2,3", "--progress", "false"]) == 2
+    assert experiment.main(["--profile_steps", "2,3", "--progress", "false",
+                            "--compile_cache", "off"]) == 2
     assert "--profile_steps needs --logdir" in capsys.readouterr().err
-    assert experiment.main(["--profile_steps", "5,2", "--logdir", "x", "--progress", "false"]) == 2
+    assert experiment.main(["--profile_steps", "5,2", "--logdir", "x", "--progress", "false",
+                            "--compile_cache", "off"]) == 2
     assert "1 <= A <= B" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""How jaxdist sets up XLA's CPU backend: oneDNN convolutions, on by default, same results."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxdist import DataParallel
+from jaxdist.cluster import devices
+from jaxdist.models import MnistCNN
+
+EIGEN = {"xla_cpu_use_onednn": False, "xla_cpu_experimental_onednn_custom_call": False}
+
+
+def _loss(model, batch):
+    images, labels = batch
+    logits = model(images.astype(np.float32) / 255.0)
+    return -jax.numpy.take_along_axis(logits, labels[:, None], axis=1).mean()
+
+
+@pytest.fixture
+def fresh_env(monkeypatch):
+    """XLA_FLAGS and the opt-out unset, and JAX's backends reported as not started yet."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAXDIST_CPU_ONEDNN", raising=False)
+    monkeypatch.setattr(devices, "_backends_started", lambda: False)
+    return monkeypatch
+
+
+def test_onednn_flags_are_added_to_xla_flags_before_the_backend_starts(fresh_env):
+    fresh_env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert devices.use_onednn_convolutions()
+    flags = devices.os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_force_host_platform_device_count=4"
+    assert set(devices.ONEDNN_XLA_FLAGS) <= set(flags)
+    assert devices.use_onednn_convolutions()  # a second call adds nothing
+    assert len(devices.os.environ["XLA_FLAGS"].split()) == len(flags)
+
+
+@pytest.mark.parametrize("setting, flags, expected", [
+    ("0", "", False),                                                  # opted out
+    ("1", "--xla_cpu_experimental_onednn_custom_call=false", False),   # the user's own flag wins
+    ("1", "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true", True),
+])
+def test_the_user_decides_over_onednn(fresh_env, setting, flags, expected):
+    fresh_env.setenv("JAXDIST_CPU_ONEDNN", setting)
+    fresh_env.setenv("XLA_FLAGS", flags)
+    assert devices.use_onednn_convolutions() is expected
+    assert devices.os.environ["XLA_FLAGS"] == flags
+
+
+def test_after_the_backend_started_the_flags_are_left_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(devices, "_backends_started", lambda: True)
+    assert not devices.use_onednn_convolutions()
+    assert devices.os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN is XLA:CPU's")
+def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding():
+    """The test session runs with the defaults (conftest calls configure_cpu_devices): the same
+    train step compiled with oneDNN convolutions and with XLA's own, 5 Adam steps on 2 devices."""
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), _loss, strategy="jit",
+                      devices=2)
+    rng = np.random.default_rng(0)
+    batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+                            rng.integers(0, 10, 64).astype(np.int32)))
+    batches = [batch] * 5  # one batch again and again: the loss must fall
+    lowered = dp.backend.step.lower(dp.init(), batches[0])
+    runs = {}
+    for name, options in (("onednn", {}), ("eigen", EIGEN)):
+        compiled = lowered.compile(compiler_options=options)
+        targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+        runs[name] = (targets, *_train(compiled, dp.init(), batches))
+    (onednn_calls, onednn_params, onednn_losses), (eigen_calls, eigen_params, eigen_losses) = (
+        runs["onednn"], runs["eigen"])
+    assert onednn_calls.count("__onednn$convolution") == 2  # conv1 and conv2, forward
+    assert "__onednn$convolution" not in eigen_calls
+    np.testing.assert_allclose(onednn_losses, eigen_losses, rtol=1e-5)
+    assert onednn_losses[-1] < onednn_losses[0]
+    for a, b in zip(jax.tree.leaves(onednn_params), jax.tree.leaves(eigen_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _train(compiled, state, batches):
+    losses = []
+    for batch in batches:
+        state, metrics = compiled(state, batch)
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses
