@@ -8,6 +8,10 @@ an empty compilation cache (cold: XLA compiles the train step) and once more wit
 cold run filled (warm: a restart after preemption). The first step's wall time (dispatch,
 compilation or cache load, and the step itself) is read from the job's summary line. Arguments
 after `--` go to the experiment.
+
+On CPU it measures both kernel choices (`--onednn both`): XLA's own convolutions, whose programs
+the cache stores, and oneDNN's (jaxdist's default, faster steps), whose programs jaxlib 0.12
+cannot serialize, so a restart compiles them again.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import tempfile
 _FIRST_STEP = re.compile(r"first step ([0-9.]+) s")
 
 
-def first_step_seconds(cache_dir: str, extra: list[str]) -> float:
+def first_step_seconds(cache_dir: str, extra: list[str], onednn: bool) -> float:
+    env = {**os.environ, "JAXDIST_CPU_ONEDNN": "1" if onednn else "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.mnist", "--config", "smoke", "--progress=false",
          "--compile_cache", cache_dir, *extra],
-        capture_output=True, text=True, timeout=900, env=os.environ.copy())
+        capture_output=True, text=True, timeout=900, env=env)
     found = _FIRST_STEP.search(proc.stdout)
     if proc.returncode or not found:
         raise RuntimeError(f"the experiment failed (exit {proc.returncode}): "
@@ -42,19 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_restart",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--onednn", choices=("both", "on", "off"), default="both",
+                        help="CPU convolutions by oneDNN (on), by XLA (off), or each in turn")
     args = parser.parse_args(own)
-    cold, warm = [], []
+    kernels = {"both": (False, True), "on": (True,), "off": (False,)}[args.onednn]
+    times = {(k, c): [] for k in kernels for c in ("cold", "warm")}
     for r in range(args.rounds):
-        with tempfile.TemporaryDirectory() as cache:
-            cold.append(first_step_seconds(cache, extra))
-            warm.append(first_step_seconds(cache, extra))
-        print(f"round {r + 1}: cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s", file=sys.stderr,
-              flush=True)
-    c, w = statistics.median(cold), statistics.median(warm)
-    print(f"{'cache':<6} | {'first step s (median)':>21} | rounds")
-    print(f"{'cold':<6} | {c:>21.2f} | {' '.join(f'{x:.2f}' for x in cold)}")
-    print(f"{'warm':<6} | {w:>21.2f} | {' '.join(f'{x:.2f}' for x in warm)}")
-    print(f"warm restart: first step {c / w:.1f}x faster")
+        for onednn in kernels:
+            with tempfile.TemporaryDirectory() as cache:
+                for cache_state in ("cold", "warm"):
+                    times[onednn, cache_state].append(first_step_seconds(cache, extra, onednn))
+            print(f"round {r + 1}, oneDNN {'on' if onednn else 'off'}: cold "
+                  f"{times[onednn, 'cold'][-1]:.2f} s, warm {times[onednn, 'warm'][-1]:.2f} s",
+                  file=sys.stderr, flush=True)
+    print(f"{'convolutions':<12} | {'cold s':>6} | {'warm s':>6} | {'speed-up':>8} | rounds (cold/warm)")
+    for onednn in kernels:
+        cold, warm = times[onednn, "cold"], times[onednn, "warm"]
+        c, w = statistics.median(cold), statistics.median(warm)
+        rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(cold, warm))
+        print(f"{'oneDNN' if onednn else 'XLA':<12} | {c:>6.2f} | {w:>6.2f} | {c / w:>7.1f}x | {rounds}")
     return 0
 
 

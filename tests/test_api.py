@@ -1,6 +1,5 @@
 """The public API: a user's own NNX model, optax optimizer and loss, data-parallel in a few lines."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
