@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from jaxdist import DataParallel
-from jaxdist.cluster import devices
+from jaxdist.cluster import XLA_OWN_CPU_KERNELS, devices
 from jaxdist.models import MnistCNN
+from jaxdist.observe.metrics import flops_per_step
 
-EIGEN = {"xla_cpu_use_onednn": False, "xla_cpu_experimental_onednn_custom_call": False}
+on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN is XLA:CPU's")
 
 
 def _loss(model, batch):
@@ -61,19 +62,24 @@ def test_after_the_backend_started_the_flags_are_left_alone(monkeypatch):
     assert devices.os.environ["XLA_FLAGS"] == ""
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN is XLA:CPU's")
-def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding():
-    """The test session runs with the defaults (conftest calls configure_cpu_devices): the same
-    train step compiled with oneDNN convolutions and with XLA's own, 5 Adam steps on 2 devices."""
+def _cnn_trainer_and_batch():
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), _loss, strategy="jit",
                       devices=2)
     rng = np.random.default_rng(0)
     batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
                             rng.integers(0, 10, 64).astype(np.int32)))
+    return dp, batch
+
+
+@on_cpu
+def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding():
+    """The test session runs with the defaults (conftest calls configure_cpu_devices): the same
+    train step compiled with oneDNN convolutions and with XLA's own, 5 Adam steps on 2 devices."""
+    dp, batch = _cnn_trainer_and_batch()
     batches = [batch] * 5  # one batch again and again: the loss must fall
     lowered = dp.backend.step.lower(dp.init(), batches[0])
     runs = {}
-    for name, options in (("onednn", {}), ("eigen", EIGEN)):
+    for name, options in (("onednn", {}), ("eigen", XLA_OWN_CPU_KERNELS)):
         compiled = lowered.compile(compiler_options=options)
         targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
         runs[name] = (targets, *_train(compiled, dp.init(), batches))
@@ -85,6 +91,18 @@ def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding(
     assert onednn_losses[-1] < onednn_losses[0]
     for a, b in zip(jax.tree.leaves(onednn_params), jax.tree.leaves(eigen_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@on_cpu
+def test_flops_count_what_onednn_computes():
+    """XLA's cost analysis sees no FLOPs inside a oneDNN call; MFU must not drop because of it."""
+    dp, batch = _cnn_trainer_and_batch()
+    lowered = dp.backend.step.lower(dp.init(), batch)
+    with_onednn = lowered.compile()
+    own_kernels = lowered.compile(compiler_options=XLA_OWN_CPU_KERNELS)
+    assert "__onednn$" in with_onednn.as_text()
+    assert flops_per_step(with_onednn) < flops_per_step(own_kernels)  # what XLA alone reports
+    assert flops_per_step(with_onednn, lowered) == flops_per_step(own_kernels)
 
 
 def _train(compiled, state, batches):

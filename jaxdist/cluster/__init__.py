@@ -5,6 +5,7 @@ from jaxdist.cluster.distributed import ClusterSpec, initialize
 from jaxdist.cluster.devices import (
     DEFAULT_CPU_DEVICES,
     ONEDNN_XLA_FLAGS,
+    XLA_OWN_CPU_KERNELS,
     configure_cpu_devices,
     select_devices,
     use_onednn_convolutions,
@@ -14,6 +15,7 @@ __all__ = [
     "ClusterSpec",
     "DEFAULT_CPU_DEVICES",
     "ONEDNN_XLA_FLAGS",
+    "XLA_OWN_CPU_KERNELS",
     "configure_cpu_devices",
     "enable_compilation_cache",
     "initialize",

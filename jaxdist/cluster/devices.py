@@ -33,6 +33,9 @@ def _backends_started() -> bool:
 # XLA:CPU runs convolutions with Eigen unless told to hand them to oneDNN. The classic CNN's train
 # step ran 40-60% faster with it, with the same results to float32 rounding (docs/performance.md).
 ONEDNN_XLA_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true")
+# compiler_options for one compilation with XLA's own CPU kernels, whatever XLA_FLAGS say: XLA's cost
+# analysis counts no FLOPs inside oneDNN calls, and planning should not depend on CPU libraries
+XLA_OWN_CPU_KERNELS = {"xla_cpu_use_onednn": False, "xla_cpu_experimental_onednn_custom_call": False}
 
 
 def use_onednn_convolutions() -> bool:

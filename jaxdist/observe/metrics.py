@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+from jaxdist.cluster.devices import XLA_OWN_CPU_KERNELS
+
 PHASES = ("startup", "data", "step", "eval", "checkpoint", "done")
 KV_PREFIX = "jaxdist/status/"
 
@@ -181,10 +183,16 @@ def format_goodput(report: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------ MFU
 
 
-def flops_per_step(compiled: Any) -> float | None:
+def flops_per_step(compiled: Any, lowered: Any = None) -> float | None:
     """FLOPs of one run of a compiled step from `compiled.cost_analysis()` (a dict, or a list of
     dicts in older JAX: summed), or None when XLA gives none. For SPMD-partitioned, shard_map and
-    pmap steps it is one device's program, i.e. FLOPs per device."""
+    pmap steps it is one device's program, i.e. FLOPs per device.
+
+    XLA counts nothing inside oneDNN calls (on CPU, jaxdist's default for convolutions): given
+    the `lowered` step, such a program is compiled once more with XLA's own kernels and counted.
+    """
+    if lowered is not None and "__onednn$" in compiled.as_text():
+        compiled = lowered.compile(compiler_options=XLA_OWN_CPU_KERNELS)
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
@@ -232,13 +240,18 @@ def mfu(flops_per_device_step: float, steps_per_second: float, peak_tflops: floa
     return flops_per_device_step * steps_per_second / (peak_tflops * 1e12)
 
 
+def lowered_step(trainer: Any, state: Any, batch: Any) -> Any:
+    """The lowered train step of a DataParallel or ShardedTrainer for these arguments."""
+    lower = getattr(trainer, "lower", None) or trainer.backend.step.lower
+    return lower(state, batch)
+
+
 def compiled_step(trainer: Any, state: Any, batch: Any) -> Any:
     """The compiled train step of a DataParallel or ShardedTrainer for these arguments.
 
     After the first step has run this is a cache hit (milliseconds), not a second compilation.
     """
-    lower = getattr(trainer, "lower", None) or trainer.backend.step.lower
-    return lower(state, batch).compile()
+    return lowered_step(trainer, state, batch).compile()
 
 
 # ------------------------------------------------------------------------------------ hangs
@@ -521,12 +534,13 @@ class TrainMonitor:
             return
         values: dict[str, Any] = {"compile_seconds": seconds}
         try:
-            compiled = compiled_step(trainer, state, batch)
+            lowered = lowered_step(trainer, state, batch)
+            compiled = lowered.compile()
         except Exception as e:  # an exotic backend: no MFU
             self.log(f"could not look up the compiled step ({e!r}); no MFU")
             compiled = None
         if compiled is not None:
-            self.flops = flops_per_step(compiled)
+            self.flops = flops_per_step(compiled, lowered)
             values["flops_per_device_step"] = self.flops or 0.0
             try:
                 from jaxdist.observe.ledger import collective_ledger

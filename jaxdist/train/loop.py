@@ -150,8 +150,9 @@ def fit(
                 if step == start_step:
                     jax.block_until_ready(metrics)
                     first_step_seconds = time.perf_counter() - t0
-                    epoch_start = time.perf_counter()
+                    # before the epoch clock starts: on CPU it may compile for FLOPs (oneDNN)
                     monitor.first_step(step + 1, first_step_seconds, dp, state, batch)
+                    epoch_start = time.perf_counter()
                 else:
                     epoch_images += images
                 monitor.dispatched(step, metrics)
