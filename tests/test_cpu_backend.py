@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -36,11 +37,11 @@ def fresh_env(monkeypatch):
 def test_onednn_flags_are_added_to_xla_flags_before_the_backend_starts(fresh_env):
     fresh_env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     assert devices.use_onednn_convolutions()
-    flags = devices.os.environ["XLA_FLAGS"].split()
+    flags = os.environ["XLA_FLAGS"].split()
     assert flags[0] == "--xla_force_host_platform_device_count=4"
     assert set(devices.ONEDNN_XLA_FLAGS) <= set(flags)
     assert devices.use_onednn_convolutions()  # a second call adds nothing
-    assert len(devices.os.environ["XLA_FLAGS"].split()) == len(flags)
+    assert len(os.environ["XLA_FLAGS"].split()) == len(flags)
 
 
 @pytest.mark.parametrize("setting, flags, expected", [
@@ -52,14 +53,14 @@ def test_the_user_decides_over_onednn(fresh_env, setting, flags, expected):
     fresh_env.setenv("JAXDIST_CPU_ONEDNN", setting)
     fresh_env.setenv("XLA_FLAGS", flags)
     assert devices.use_onednn_convolutions() is expected
-    assert devices.os.environ["XLA_FLAGS"] == flags
+    assert os.environ["XLA_FLAGS"] == flags
 
 
 def test_after_the_backend_started_the_flags_are_left_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(devices, "_backends_started", lambda: True)
     assert not devices.use_onednn_convolutions()
-    assert devices.os.environ["XLA_FLAGS"] == ""
+    assert os.environ["XLA_FLAGS"] == ""
 
 
 def _cnn_trainer_and_batch():
