@@ -62,12 +62,13 @@ class StepAnalysis:
     compile_s: float
 
 
-def flops_per_device(compiled: Any) -> float:
+def flops_per_device(compiled: Any, lowered: Any = None) -> float:
     """FLOPs of one run of `compiled` on one device (the partitioned program), from XLA's cost
-    analysis (`jaxdist.observe.metrics.flops_per_step`); 0 where the backend gives none."""
+    analysis (`jaxdist.observe.metrics.flops_per_step`, which needs `lowered` to count oneDNN
+    calls); 0 where the backend gives none."""
     from jaxdist.observe.metrics import flops_per_step
 
-    return flops_per_step(compiled) or 0.0
+    return flops_per_step(compiled, lowered) or 0.0
 
 
 def abstract_batch(trainer: Any, batch: Any) -> Any:
@@ -91,11 +92,12 @@ def analyze_step(trainer: Any, batch: Any, compiler_options: dict | None = None
         compiler_options = FAST_COMPILE
     state = trainer.abstract_state()
     start = time.perf_counter()
-    compiled = trainer.lower(state, abstract_batch(trainer, batch)).compile(compiler_options)
+    lowered = trainer.lower(state, abstract_batch(trainer, batch))
+    compiled = lowered.compile(compiler_options)
     seconds = time.perf_counter() - start
     return StepAnalysis(memory=memory_report(compiled, state, trainer.grad_shardings),
                         ledger=collective_ledger(compiled.as_text(), trainer.num_devices),
-                        flops=flops_per_device(compiled), compile_s=seconds)
+                        flops=flops_per_device(compiled, lowered), compile_s=seconds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,18 +11,13 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments.mnist import loss_fn
 from jaxdist import DataParallel
 from jaxdist.cluster import XLA_OWN_CPU_KERNELS, devices
 from jaxdist.models import MnistCNN
 from jaxdist.observe.metrics import flops_per_step
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN is XLA:CPU's")
-
-
-def _loss(model, batch):
-    images, labels = batch
-    logits = model(images.astype(np.float32) / 255.0)
-    return -jax.numpy.take_along_axis(logits, labels[:, None], axis=1).mean()
 
 
 @pytest.fixture
@@ -64,7 +59,7 @@ def test_after_the_backend_started_the_flags_are_left_alone(monkeypatch):
 
 
 def _cnn_trainer_and_batch():
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), _loss, strategy="jit",
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, strategy="jit",
                       devices=2)
     rng = np.random.default_rng(0)
     batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
