@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdist.cluster import configure_cpu_devices
 
     configure_cpu_devices()
+    from experiments.mnist import DATA_FALLBACKS
     from jaxdist.data import load_split
     from jaxdist.errors import UsageError
 
     try:
-        train = load_split("mnist", "train", args.data_dir, progress=False)
+        train = load_split("mnist", "train", args.data_dir, progress=False,
+                           fallbacks=DATA_FALLBACKS)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

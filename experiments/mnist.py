@@ -25,6 +25,9 @@ from jaxdist.train.loop import TrainingDiverged
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# where this repository's CI keeps prepared datasets, looked in after TFDS's own lookup
+DATA_FALLBACKS = (Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
+                  "tensorflow_datasets",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,7 @@ class MnistConfig:
     max_steps: int = 0
     eval_examples: int = 0
     progress: bool = True
+    progress_every: float = 30.0
     workdir: str | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -87,7 +91,8 @@ HELP = {
     "global_batch": "examples per step, summed over all devices",
     "augment": "training-set augmentation: none, or shift (random shifts of up to 2 pixels)",
     "epochs": "passes over the training set (may be fractional)",
-    "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets)",
+    "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets, then "
+                "../shared/data/tensorflow_datasets beside the repository)",
     "download": "download and prepare MNIST if missing (needs internet and jaxdist[prepare])",
     "local_steps": "local_sgd: average parameters every H steps",
     "grad_reduce": "shard_map: how gradients are averaged: mean (exact fp32), bf16, int8, topk "
@@ -103,6 +108,9 @@ HELP = {
     "eval_batch": "examples per evaluation batch",
     "max_steps": "stop after this many steps (0: no limit)",
     "eval_examples": "evaluate on the first N test examples (0: all)",
+    "progress": "show progress: a bar on a terminal, else plain lines (see --progress_every)",
+    "progress_every": "seconds between plain progress lines when output is not a terminal "
+                      "(0: a line every step)",
     "workdir": "directory for checkpoints; rerunning with it resumes (default: no checkpoints)",
     "checkpoint_every": "save a checkpoint every N steps (asynchronously)",
     "keep_checkpoints": "how many checkpoints to keep",
@@ -270,8 +278,21 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
             raise UsageError(str(e)) from None
         if not log_dir(cfg):
             raise UsageError("--profile_steps needs --logdir (or --workdir)")
-    if cfg.peak_tflops < 0 or cfg.hang_timeout < 0:
-        raise UsageError("peak_tflops and hang_timeout must be >= 0")
+    if cfg.peak_tflops < 0 or cfg.hang_timeout < 0 or cfg.progress_every < 0:
+        raise UsageError("peak_tflops, hang_timeout and progress_every must be >= 0")
+    for flag in ("workdir", "logdir", "data_dir"):
+        _check_directory(flag, getattr(cfg, flag))
+
+
+def _check_directory(flag: str, where: str | None) -> None:
+    """A directory flag must name a directory, or a path that can become one."""
+    if not where:
+        return
+    path = Path(where)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        shown = "" if existing == path else f" ({existing} is a file)"
+        raise UsageError(f"--{flag} {where} is not a directory{shown}")
 
 
 def log_dir(cfg: MnistConfig) -> str | None:
@@ -300,8 +321,10 @@ def train(cfg: MnistConfig) -> dict:
         make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
     leader = jax.process_index() == 0
     show = cfg.progress and leader
-    train_split = load_split("mnist", "train", cfg.data_dir, download=cfg.download, progress=show)
-    test_split = load_split("mnist", "test", cfg.data_dir, download=cfg.download, progress=show)
+    splits = {split: load_split("mnist", split, cfg.data_dir, download=cfg.download,
+                                progress=show, fallbacks=DATA_FALLBACKS)
+              for split in ("train", "test")}
+    train_split, test_split = splits["train"], splits["test"]
 
     epoch_ends = epoch_end_steps(len(train_split), cfg.global_batch, cfg.epochs)
     if cfg.max_steps:
@@ -388,7 +411,8 @@ def train(cfg: MnistConfig) -> dict:
 
         try:
             result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
-                         evaluate=evaluate, progress=cfg.progress, after_step=after_step,
+                         evaluate=evaluate, progress=cfg.progress,
+                         progress_every=cfg.progress_every, after_step=after_step,
                          guard=guard, monitor=monitor)
             if checkpointer is not None:
                 with measure("checkpoint"):

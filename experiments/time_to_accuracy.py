@@ -101,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_devices(args.cpu_devices)
     import numpy as np
 
+    from experiments.mnist import DATA_FALLBACKS
     from jaxdist.data import load_split
     from jaxdist.errors import UsageError
 
     try:
-        splits = {s: load_split("mnist", s, args.data_dir, progress=False) for s in ("train", "test")}
+        splits = {s: load_split("mnist", s, args.data_dir, progress=False,
+                                fallbacks=DATA_FALLBACKS) for s in ("train", "test")}
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED_TFDS
 from experiments import mnist
 
 
@@ -74,6 +74,47 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, message):
     assert code == 2
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_workdir_or_logdir_that_is_a_file_exits_2_with_one_line(capsys, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a directory")
+    for argv, message in [(["--workdir", str(afile)], f"--workdir {afile} is not a directory"),
+                          (["--workdir", str(afile / "run")], f"({afile} is a file)"),
+                          (["--logdir", str(afile)], f"--logdir {afile} is not a directory")]:
+        code, err = _exit_code_and_stderr(capsys, [*argv, "--progress", "false",
+                                                   "--compile_cache", "off"])
+        assert code == 2, err
+        assert message in err
+        assert len(err.splitlines()) == 1
+
+
+def test_off_a_terminal_progress_is_a_plain_line_per_interval_not_a_redrawn_bar(mnist):
+    proc = run_module(["--config", "smoke", "--max_steps", "30", "--progress_every", "3600",
+                       "--compile_cache", "off"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr  # nothing redrawn in place
+    lines = [line for line in proc.stdout.splitlines() if "| step " in line and "/30" in line]
+    assert lines == ["epoch 1/1 | step 30/30 | " + lines[-1].split(" | ", 2)[2]]  # the last only
+    every = run_module(["--config", "smoke", "--max_steps", "5", "--progress_every", "0",
+                        "--compile_cache", "off"])
+    steps = [line.split(" | ")[1] for line in every.stdout.splitlines() if "/5 |" in line]
+    assert steps == [f"step {k}/5" for k in range(1, 6)]
+
+
+@pytest.mark.skipif(not SHARED_TFDS.exists(), reason="no ../shared/data/tensorflow_datasets here")
+def test_without_tfds_data_dir_mnist_is_found_in_the_shared_folder_beside_the_repository(
+        mnist, tmp_path):
+    from jaxdist.data.tfds_source import default_cache_dir
+
+    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
+    env.update(HOME=str(tmp_path), JAXDIST_CACHE_DIR=str(default_cache_dir()),
+               PYTHONPATH=str(REPO))  # a home without ~/tensorflow_datasets
+    proc = subprocess.run([sys.executable, "-m", "experiments.mnist", "--config", "smoke",
+                           "--progress", "false", "--compile_cache", "off"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("done: test accuracy")
 
 
 def test_missing_data_exits_2_saying_how_to_get_it(capsys, tmp_path):

@@ -1,60 +1,45 @@
 """A run stopped at any moment (SIGTERM, kill -9, one of several processes preempted) resumes to
 bitwise the result of an uninterrupted run."""
 
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
 from experiments.mnist import get_config, loss_fn
 from jaxdist import DataParallel
 from jaxdist.io import Checkpointer
 from jaxdist.launch import free_port
 from jaxdist.models import MnistCNN
 from jaxdist.train import make_optimizer
+from runs import STEP_EVENTS, Run
 
 STEPS = 240
-ARGS = ["--max_steps", str(STEPS), "--eval_examples", "1000", "--progress", "false",
-        "--checkpoint_every", "20"]
+ARGS = ["--max_steps", str(STEPS), "--eval_examples", "1000", "--checkpoint_every", "20",
+        *STEP_EVENTS]
 
 
-def _start(workdir, extra=(), env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "experiments.mnist", *ARGS, "--workdir", str(workdir), *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+def _start(workdir, extra=(), env=None) -> Run:
+    return Run([*ARGS, "--workdir", str(workdir), *extra], env=env)
 
 
-def _wait_for_training(proc):
-    for line in proc.stdout:
-        if "training the MNIST CNN" in line:
-            return
-    raise AssertionError("the run ended before training started")
-
-
-def _finish(proc, timeout=300):
+def _run(workdir, extra=(), signal_at_step=None, sig=signal.SIGTERM):
+    """Runs to the end, or sends `sig` once the run reports step `signal_at_step`."""
+    run = _start(workdir, extra)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        if signal_at_step is not None:
+            run.wait_for_step(signal_at_step)
+            run.send(sig)
+        return run.finish()
     finally:
-        proc.kill()
-    return proc.returncode, out
+        run.kill()
 
 
-def _run(workdir, extra=(), signal_after=None, sig=signal.SIGTERM):
-    proc = _start(workdir, extra)
-    if signal_after is not None:
-        _wait_for_training(proc)
-        time.sleep(signal_after)
-        proc.send_signal(sig)
-    return _finish(proc)
+def _assert_interrupted_mid_run(out):
+    assert "done:" not in out, "the run finished before the signal landed"
 
 
 def _restored(workdir, step):
@@ -86,10 +71,11 @@ def uninterrupted(mnist, tmp_path_factory):
 
 def test_sigterm_checkpoints_the_current_step_exits_0_and_the_rerun_ends_bitwise_equal(
         uninterrupted, tmp_path):
-    code, out = _run(tmp_path, signal_after=4.0)
+    code, out = _run(tmp_path, signal_at_step=60)
     assert code == 0, out[-2000:]
+    _assert_interrupted_mid_run(out)
     stopped_at = int(out.split("stopped at step ")[1].split()[0])
-    assert 0 < stopped_at < STEPS
+    assert 60 <= stopped_at < STEPS
     state, meta = _restored(tmp_path, stopped_at)
     assert int(state.step) == stopped_at and meta["data_position"] == stopped_at
     code, out = _run(tmp_path)
@@ -101,9 +87,10 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_the_rerun_ends_bitwise
 @pytest.mark.parametrize("trial", range(2))
 def test_kill_9_at_a_random_moment_loses_only_the_steps_since_the_last_checkpoint(
         uninterrupted, tmp_path, trial):
-    delay = random.Random(trial).uniform(1.0, 7.0)
-    code, out = _run(tmp_path, signal_after=delay, sig=signal.SIGKILL)
+    kill_at = random.Random(trial).randint(10, STEPS // 2)
+    code, out = _run(tmp_path, signal_at_step=kill_at, sig=signal.SIGKILL)
     assert code == -signal.SIGKILL, out[-2000:]
+    _assert_interrupted_mid_run(out)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     kept = ckpt.all_steps()
     ckpt.close()
@@ -126,21 +113,21 @@ def test_resuming_with_another_global_batch_is_a_clear_error(mnist, tmp_path):
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(mnist, tmp_path):
     port = free_port()
-    procs = [_start(tmp_path, ["--checkpoint_every", "1000"],
-                    env={"JAXDIST_COORDINATOR": f"127.0.0.1:{port}", "JAXDIST_NUM_PROCESSES": "2",
-                         "JAXDIST_PROCESS_ID": str(i), "JAXDIST_CPU_DEVICES": "2"})
-             for i in range(2)]
+    runs = [_start(tmp_path, ["--checkpoint_every", "1000"],
+                   env={"JAXDIST_COORDINATOR": f"127.0.0.1:{port}", "JAXDIST_NUM_PROCESSES": "2",
+                        "JAXDIST_PROCESS_ID": str(i), "JAXDIST_CPU_DEVICES": "2"})
+            for i in range(2)]
     try:
-        _wait_for_training(procs[0])
-        time.sleep(6.0)
-        procs[1].send_signal(signal.SIGTERM)
-        results = [_finish(p, timeout=120) for p in procs]
+        runs[0].wait_for_step(40)  # only process 0 prints progress
+        runs[1].send(signal.SIGTERM)
+        results = [run.finish() for run in runs]
     finally:
-        for p in procs:
-            p.kill()
+        for run in runs:
+            run.kill()
     for code, out in results:
         assert code == 0, out[-3000:]
+        _assert_interrupted_mid_run(out)
     stopped_at = int(results[0][1].split("stopped at step ")[1].split()[0])
-    assert 0 < stopped_at < STEPS
+    assert 40 <= stopped_at < STEPS
     state, _ = _restored(tmp_path, stopped_at)
     assert int(state.step) == stopped_at

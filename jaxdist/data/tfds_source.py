@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdist.errors import UsageError
+from jaxdist.progress import Progress
 
 _DECODE_CHUNK = 2000
 
@@ -32,32 +33,46 @@ class ArraySplit:
         return len(self.labels)
 
 
-def resolve_data_dir(data_dir: str | None) -> str | None:
-    """The flag wins, then $TFDS_DATA_DIR, then TFDS's own default (None)."""
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+def resolve_data_dir(data_dir: str | None, name: str | None = None,
+                     fallbacks: tuple[str | os.PathLike, ...] = ()) -> str | None:
+    """The flag wins, then $TFDS_DATA_DIR, then TFDS's own default (None); when `name` is not
+    prepared in the default, the first of `fallbacks` that holds it (a project's shared copy)."""
+    explicit = data_dir or os.environ.get("TFDS_DATA_DIR")
+    if explicit or not name or not fallbacks:
+        return explicit or None
+    import tensorflow_datasets as tfds
+
+    if tfds.builder(name).is_prepared():
+        return None
+    for candidate in fallbacks:
+        if Path(candidate).is_dir() and tfds.builder(name, data_dir=str(candidate)).is_prepared():
+            return str(candidate)
+    return None
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("JAXDIST_CACHE_DIR", Path.home() / ".cache" / "jaxdist"))
 
 
-def _builder(name: str, data_dir: str | None, download: bool):
+def _builder(name: str, data_dir: str | None, download: bool, fallbacks=()):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
     where = builder.data_dir
+    also = "".join(f" (nor in {f})" for f in fallbacks if str(f) != str(data_dir))
+    ways = (f"point --data_dir (or TFDS_DATA_DIR) at a TFDS data dir that holds "
+            f"{name}/{builder.info.version}, or pass --download to fetch and prepare it (needs "
+            f"internet and the prepare extra: `pip install 'jaxdist[prepare]'`)")
     if not download:
-        raise UsageError(
-            f"dataset {name!r} is not prepared at {where}; point --data_dir (or TFDS_DATA_DIR) at a "
-            f"TFDS data dir that holds {name}/{builder.info.version}, or pass --download to fetch "
-            "and prepare it (needs internet and `pip install 'jaxdist[prepare]'`)"
-        )
+        raise UsageError(f"dataset {name!r} is not prepared at {where}{also}; {ways}")
     try:
         builder.download_and_prepare(file_format="array_record")
     except Exception as e:  # tfds raises many types; all mean "could not prepare"
-        raise UsageError(f"could not download/prepare {name!r} into {where}: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"could not download/prepare {name!r} into {where} ({first}); "
+                         f"{ways}") from e
     return builder
 
 
@@ -87,10 +102,8 @@ def _decode(name: str, split: str, data_dir: str | None, num_examples: int, prog
     return images, labels
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+def _progress(total: int, desc: str, enabled: bool) -> Progress:
+    return Progress(desc, total=total, unit="images", enabled=enabled)
 
 
 def _write_atomically(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -113,14 +126,18 @@ def load_split(
     download: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    fallbacks: tuple[str | os.PathLike, ...] = (),
 ) -> ArraySplit:
     """Loads a TFDS image-classification split as arrays, decoding at most once per machine.
+
+    `fallbacks`: data dirs to look in when neither `data_dir`, $TFDS_DATA_DIR nor TFDS's default
+    holds the dataset.
 
     Raises:
         UsageError: the dataset is not prepared under `data_dir` and `download` is False.
     """
-    data_dir = resolve_data_dir(data_dir)
-    builder = _builder(name, data_dir, download)
+    data_dir = resolve_data_dir(data_dir, name, fallbacks)
+    builder = _builder(name, data_dir, download, fallbacks)
     if split not in builder.info.splits:
         raise UsageError(f"{name} has no split {split!r}; it has {', '.join(builder.info.splits)}")
     num_examples = builder.info.splits[split].num_examples

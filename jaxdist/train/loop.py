@@ -16,6 +16,7 @@ import jax
 
 from jaxdist.parallel.backends import host_metrics
 from jaxdist.parallel.data_parallel import DataParallel
+from jaxdist.progress import PLAIN_EVERY_SECONDS, Progress
 
 
 @dataclasses.dataclass
@@ -97,6 +98,7 @@ def fit(
     start_step: int = 0,
     evaluate: Callable[[Any], dict] | None = None,
     progress: bool = True,
+    progress_every: float = PLAIN_EVERY_SECONDS,
     log: Callable[[str], None] = print,
     after_step: Callable[[int, Any], bool] | None = None,
     guard: NonFiniteGuard | None = None,
@@ -108,15 +110,14 @@ def fit(
         batches: this process's share of consecutive global batches, from step `start_step` on.
         epoch_ends: the step counts at which an epoch ends (see `epoch_end_steps`).
         evaluate: state -> metrics dict, called at each epoch end.
-        progress: show a progress bar. Only process 0 prints anything.
+        progress: show progress: a bar on a terminal, else a plain line at most every
+            `progress_every` seconds (0: every step). Only process 0 prints anything.
         after_step: (steps done, state) -> True to stop now (checkpointing, preemption).
         guard: what to do about skipped non-finite steps (default: log them).
         monitor: a `jaxdist.observe.metrics.TrainMonitor`: per-step and per-epoch records,
             goodput, MFU, profiling, hang status (it sees each step's metrics when they are read
             here anyway, one step late; it never blocks on a running step).
     """
-    from tqdm.auto import tqdm
-
     leader = jax.process_index() == 0
     show = progress and leader
     guard = guard or NonFiniteGuard(log=log if leader else lambda _: None)
@@ -133,8 +134,8 @@ def fit(
     for epoch, end in enumerate(epoch_ends, start=1):
         if end <= step or stopped:
             continue
-        bar = tqdm(total=end - step, desc=f"epoch {epoch}/{len(epoch_ends)}", disable=not show,
-                   leave=False, unit="step")
+        bar = Progress(f"epoch {epoch}/{len(epoch_ends)}", total=epoch_ends[-1], done=step,
+                       enabled=show, every=progress_every)
         epoch_start = time.perf_counter()
         epoch_images = 0
         while step < end:
@@ -161,9 +162,9 @@ def fit(
                 pending = (metrics, images)
                 step += 1
                 elapsed = time.perf_counter() - epoch_start
-                bar.set_postfix(loss=f"{last_loss:.4f}",
-                                img_s=f"{epoch_images / elapsed:,.0f}" if elapsed > 0 else "-")
-                bar.update(1)
+                loss = f"{last_loss:.4f}" if step > start_step + 1 else "-"
+                speed = f"{epoch_images / elapsed:,.0f}" if epoch_images else "-"
+                bar.update(1, f"loss {loss} | {speed} img/s")
                 if after_step is not None and after_step(step, state):
                     stopped = True
                     break
