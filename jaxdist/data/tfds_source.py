@@ -40,14 +40,25 @@ def resolve_data_dir(data_dir: str | None, name: str | None = None,
     explicit = data_dir or os.environ.get("TFDS_DATA_DIR")
     if explicit or not name or not fallbacks:
         return explicit or None
-    import tensorflow_datasets as tfds
-
-    if tfds.builder(name).is_prepared():
+    if _is_prepared(name, None):
         return None
     for candidate in fallbacks:
-        if Path(candidate).is_dir() and tfds.builder(name, data_dir=str(candidate)).is_prepared():
+        if Path(candidate).is_dir() and _is_prepared(name, str(candidate)):
             return str(candidate)
     return None
+
+
+def _is_prepared(name: str, data_dir: str | None) -> bool:
+    """Whether TFDS finds `name` prepared in `data_dir`, without its warnings about where not."""
+    import tensorflow_datasets as tfds
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return tfds.builder(name, data_dir=data_dir).is_prepared()
+    finally:
+        logging.set_verbosity(level)
 
 
 def default_cache_dir() -> Path:

@@ -92,7 +92,7 @@ def _jit_backend(mesh, train_step, **_) -> Backend:
 def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
     """State replicated, except `comm` (the gradient reducer's state): one slice per replica,
     stacked on a leading axis split over the data axis."""
-    train_step = train_step_with(pmean_floats)
+    train_step = train_step_with(pmean_floats, DATA_AXIS)
     add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
 
     def local_step(state: TrainState, batch):
@@ -124,7 +124,7 @@ def _stacked_placement(mesh: Mesh) -> Callable[[TrainState], TrainState]:
 
 def _pmap_backend(mesh, train_step_with, **_) -> Backend:
     step = jax.pmap(
-        train_step_with(pmean_floats),
+        train_step_with(pmean_floats, DATA_AXIS),
         axis_name=DATA_AXIS,
         devices=list(mesh.devices.flat),
         donate_argnums=0,
@@ -150,7 +150,7 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
                        outer_optimizer=None, **_) -> Backend:
     if local_steps < 1:
         raise UsageError(f"local SGD needs local_steps >= 1, got {local_steps}")
-    local_step = train_step_with(lambda tree: tree)
+    local_step = train_step_with(lambda tree: tree, DATA_AXIS)
 
     def outer_step(state: TrainState, mean_params) -> TrainState:
         """DiLoCo: the replicas' mean movement away from the anchor is the outer gradient."""
@@ -200,7 +200,7 @@ _BUILDERS = {
 def make_backend(
     strategy: str,
     mesh: Mesh,
-    train_step_with: Callable[[Callable], Callable],
+    train_step_with: Callable[[Callable, str | None], Callable],
     *,
     local_steps: int = 1,
     average_opt_state: bool = False,
@@ -208,8 +208,9 @@ def make_backend(
 ) -> Backend:
     """Builds the backend for `strategy`.
 
-    `train_step_with(reduce)` returns the shared pure train step with `reduce` averaging over
-    replicas (see `jaxdist.train.step.make_train_step`). `outer_optimizer` (local SGD only)
+    `train_step_with(reduce, replica_axis)` returns the shared pure train step with `reduce`
+    averaging over replicas and `replica_axis` the mapped axis each replica runs on (None: the
+    step is one global program; see `jaxdist.train.step.make_train_step`). `outer_optimizer` (local SGD only)
     turns parameter averaging into DiLoCo's outer step; the state's `comm` must then hold
     `diloco_init(outer_optimizer)(params)`.
     """
@@ -219,7 +220,7 @@ def make_backend(
         raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return _BUILDERS[strategy](
         mesh=mesh,
-        train_step=train_step_with(lambda tree: tree),
+        train_step=train_step_with(lambda tree: tree, None) if strategy == "jit" else None,
         train_step_with=train_step_with,
         local_steps=local_steps,
         average_opt_state=average_opt_state,

@@ -13,7 +13,13 @@ from jaxdist.cluster.devices import select_devices
 from jaxdist.errors import UsageError
 from jaxdist.comm.reducers import GradReducer
 from jaxdist.parallel.backends import Backend, diloco_init, make_backend, to_host
-from jaxdist.parallel.mesh import batch_sharded, data_mesh, put_global_batch, replicated
+from jaxdist.parallel.mesh import (
+    DATA_AXIS,
+    batch_sharded,
+    data_mesh,
+    put_global_batch,
+    replicated,
+)
 from jaxdist.train.step import (
     EvalFn,
     LossFn,
@@ -21,6 +27,7 @@ from jaxdist.train.step import (
     init_state,
     make_eval_step,
     make_train_step,
+    with_batch_stats_over,
 )
 
 
@@ -51,6 +58,14 @@ class DataParallel:
             gradients before the one reduction (gradient accumulation).
         outer_optimizer: for "local_sgd", DiLoCo's outer optimizer applied every `local_steps`
             to the replicas' averaged movement (e.g. SGD 0.7 with Nesterov momentum 0.9).
+        sync_batch_stats: BatchNorm's statistics over the global batch under "shard_map" and
+            "pmap" (a `lax.pmean` inside each BatchNorm), as "jit" and one device compute them.
+            False keeps each device's own shard statistics (cheaper, and what many multi-GPU
+            recipes do; "jit" cannot). Local SGD replicas always use their own: they train
+            independently between averaging points.
+
+    Whatever the strategy, dropout and other RNG draws differ between replicas (each folds its
+    index into the model's keys), so no replica repeats another's mask.
     """
 
     def __init__(
@@ -68,7 +83,12 @@ class DataParallel:
         grad_reducer: GradReducer | None = None,
         microbatches: int = 1,
         outer_optimizer: optax.GradientTransformation | None = None,
+        sync_batch_stats: bool = True,
     ):
+        if not sync_batch_stats and strategy == "jit":
+            raise UsageError("strategy jit computes batch statistics over the global batch; "
+                             "per-device statistics (sync_batch_stats=False) need shard_map or "
+                             "pmap")
         if devices is None or isinstance(devices, int):
             devices = select_devices(devices)
         if grad_reducer is not None and strategy != "shard_map":
@@ -89,13 +109,21 @@ class DataParallel:
         self.graphdef, initial_state = init_state(model, tx, comm_init)
         # kept on the host: placing it always copies, so donating a placed state never frees it
         self._initial_state = jax.device_get(initial_state)
+        replica_graphdef = self.graphdef
+        if sync_batch_stats and strategy in ("shard_map", "pmap"):
+            replica_graphdef = with_batch_stats_over(self.graphdef, initial_state, DATA_AXIS)
+
+        def train_step_with(reduce, replica_axis):
+            return make_train_step(
+                self.graphdef if replica_axis is None else replica_graphdef, loss_fn, tx, reduce,
+                skip_nonfinite=skip_nonfinite,
+                grad_reduce=grad_reducer.update if grad_reducer is not None else None,
+                microbatches=microbatches, replica_axis=replica_axis)
+
         self.backend: Backend = make_backend(
             strategy,
             self.mesh,
-            lambda reduce: make_train_step(
-                self.graphdef, loss_fn, tx, reduce, skip_nonfinite=skip_nonfinite,
-                grad_reduce=grad_reducer.update if grad_reducer is not None else None,
-                microbatches=microbatches),
+            train_step_with,
             local_steps=local_steps,
             average_opt_state=average_opt_state,
             outer_optimizer=outer_optimizer,

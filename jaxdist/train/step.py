@@ -83,6 +83,7 @@ def make_train_step(
     skip_nonfinite: bool = True,
     grad_reduce: GradReduce | None = None,
     microbatches: int = 1,
+    replica_axis: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `(state, batch) -> (state, metrics)`.
 
@@ -100,13 +101,24 @@ def make_train_step(
     `metrics["nonfinite"] = 1`. The test runs after the reduction, so every replica skips alike.
     It is done here rather than with `optax.apply_if_finite` because batch statistics and other
     model state must be protected too.
+
+    `replica_axis` names the mapped axis when each replica runs this step on its shard (shard_map,
+    pmap, local SGD). The replica's index is then folded into the model's RNG keys for the
+    forward pass, so dropout draws an independent mask on every replica, as it does for the
+    examples of one global batch on one device; the keys kept in the state stay replicated.
     """
 
     def loss_with_rest(params, rest, batch):
+        shared_keys = rest
+        if replica_axis is not None:
+            rest = fold_in_keys(rest, lax.axis_index(replica_axis))
         # copy: `rest` comes from outside the grad trace, and layers such as BatchNorm mutate it
         model = nnx.merge(graphdef, params, rest, copy=True)
         loss, metrics = _as_loss_and_metrics(loss_fn(model, batch))
         _, _, new_rest = split_model(model)
+        if replica_axis is not None:
+            new_rest = jax.tree.map(lambda new, old: old if _is_key(old) else new, new_rest,
+                                    shared_keys)
         return loss, (metrics, new_rest)
 
     grad_fn = jax.value_and_grad(loss_with_rest, has_aux=True)
@@ -149,6 +161,27 @@ def make_train_step(
         return new, metrics
 
     return train_step
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def fold_in_keys(tree: Any, data: jax.Array) -> Any:
+    """Every PRNG key in `tree` folded with `data` (other leaves as they are)."""
+    return jax.tree.map(lambda x: jax.random.fold_in(x, data) if _is_key(x) else x, tree)
+
+
+def with_batch_stats_over(graphdef: nnx.GraphDef, state: TrainState,
+                          axis_name: str) -> nnx.GraphDef:
+    """`graphdef` whose BatchNorm layers (those without an axis of their own) average their batch
+    statistics over `axis_name`: per replica, the statistics of the whole global batch."""
+    model = nnx.merge(graphdef, state.params, state.rest)
+    for _, module in model.iter_modules():
+        if isinstance(module, nnx.BatchNorm) and module.axis_name is None:
+            module.axis_name = axis_name
+    return split_model(model)[0]
 
 
 def _split_rows(x: jax.Array, parts: int) -> jax.Array:

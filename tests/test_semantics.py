@@ -1,0 +1,124 @@
+"""Every strategy trains a user's model with BatchNorm and Dropout as one device would over the
+global batch: batch statistics over the global batch, dropout masks independent across replicas."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import needs_devices
+from jaxdist import DataParallel, UsageError
+
+FEATURES = 16
+
+
+class MLP(nnx.Module):
+    """A user's model, nothing jaxdist-specific: Linear -> BatchNorm -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, rate: float, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(FEATURES, 32, use_bias=False, rngs=rngs)  # BatchNorm centres it
+        self.norm = nnx.BatchNorm(32, rngs=rngs)
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+        self.fc2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(jax.nn.relu(self.norm(self.fc1(x)))))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def _batches(k, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(n, FEATURES)).astype(np.float32) * 3 + 1,
+             rng.integers(0, 4, n).astype(np.int32)) for _ in range(k)]
+
+
+def _train(strategy, devices, batches, rate=0.0, **kw):
+    dp = DataParallel(MLP(rate, nnx.Rngs(0)), optax.adam(1e-2), loss_fn, strategy=strategy,
+                      devices=devices, **kw)
+    state = dp.init()
+    for batch in batches:
+        state, _ = dp.step(state, batch)
+    canonical = dp.canonical(state)
+    return [np.asarray(x) for x in jax.tree.leaves((canonical.params, canonical.rest))
+            if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy", ["jit", "shard_map", "pmap"])
+def test_a_model_with_batchnorm_equals_one_device_under_every_strategy(strategy):
+    batches = _batches(5)
+    want = _train("jit", 1, batches)
+    got = _train(strategy, 8, batches)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):  # parameters, and BatchNorm's running mean and variance
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@needs_devices(8)
+def test_per_device_batch_statistics_are_an_opt_out_and_differ_from_the_global_ones():
+    batches = _batches(3)
+    per_device = _train("shard_map", 8, batches, sync_batch_stats=False)
+    same = _train("pmap", 8, batches, sync_batch_stats=False)
+    one = _train("jit", 1, batches)
+    for a, b in zip(per_device, same):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, b, rtol=1e-3) for a, b in zip(per_device, one))
+    with pytest.raises(UsageError, match="per-device statistics"):
+        DataParallel(MLP(0.0, nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="jit", devices=8,
+                     sync_batch_stats=False)
+
+
+class Probe(nnx.Variable):
+    """Not a parameter: the first example's dropout mask, averaged over replicas by the step."""
+
+
+class DropoutProbe(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.scale = nnx.Param(np.ones((256,), np.float32))
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.seen = Probe(np.zeros((256,), np.float32))
+
+    def __call__(self, x):
+        kept = self.drop(np.ones((x.shape[0], 256), np.float32))
+        self.seen.value = kept[0]  # each replica's first example
+        return (kept * self.scale).mean(-1) * x[:, 0]
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy", ["shard_map", "pmap", "local_sgd"])
+def test_dropout_masks_are_independent_across_replicas(strategy):
+    dp = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.0),
+                      lambda m, b: m(b).mean(), strategy=strategy, devices=8,
+                      local_steps=1000)  # local SGD: no averaging point in between
+    state, _ = dp.step(dp.init(), np.ones((64, 1), np.float32))
+    seen = np.asarray(dp.canonical(state).rest["seen"].value)
+    # the mean over 8 replicas of a unit's keep/scale (0 or 2): only 0 or 2 if every replica
+    # drew the same mask; independent masks give k/8 * 2 for k kept of 8
+    kept_by = np.round(seen * 4).astype(int)  # k
+    assert np.allclose(seen * 4, kept_by, atol=1e-5)
+    assert ((kept_by > 0) & (kept_by < 8)).mean() > 0.9  # P(0 < k < 8) = 1 - 2/256
+    assert abs(kept_by.mean() / 8 - 0.5) < 0.05  # still keeps half
+
+
+@needs_devices(8)
+def test_replicas_keep_one_rng_state_so_a_resumed_run_draws_the_same_masks():
+    dp = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
+                      lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
+    state = dp.init()
+    for _ in range(2):
+        state, _ = dp.step(state, np.ones((64, 1), np.float32))
+    keys = [x for x in jax.tree.leaves(state.rest)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    assert keys and all(k.sharding.is_fully_replicated for k in keys)
+    again = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
+                         lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
+    other = again.init()
+    for _ in range(2):
+        other, _ = again.step(other, np.ones((64, 1), np.float32))
+    np.testing.assert_array_equal(np.asarray(state.rest["seen"].value),
+                                  np.asarray(other.rest["seen"].value))
