@@ -15,11 +15,20 @@ for parameters and for optimizer state, and which mesh axes split the batch:
 Under `fsdp` with data > 1 the parameters are split within each data group and replicated across
 groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
 wherever the optimizer state is split.
+
+A model needs no annotations for FSDP or ZeRO-1: an array without logical names is split on its
+largest dimension that divides over the axis (`Rules.unannotated`), as PyTorch FSDP and
+big_vision's FSDP rule do, when it has at least `Rules.min_split_size` elements (smaller ones
+cost more in collectives than they save). Tensor parallelism does need them: which dimension is a
+column or a row split is the model's semantics, not a shape. A strategy that would still leave
+most bytes replicated says so (`ReplicationWarning`) instead of training silently as DP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -37,19 +46,31 @@ MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
 
 
+class ReplicationWarning(UserWarning):
+    """A sharding strategy leaves most of the bytes it is meant to split replicated."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """Logical name -> mesh axes, for parameters and optimizer state; mesh axes of the batch.
 
-    `optimizer=None` means "laid out like the parameters".
+    `optimizer=None` means "laid out like the parameters". `unannotated` (and
+    `unannotated_optimizer`, default like the parameters when `optimizer` is None) are the mesh
+    axes that split arrays without logical names, on their largest dividing dimension.
     """
 
     params: Mapping[str, MeshAxes]
     optimizer: Mapping[str, MeshAxes] | None = None
     batch: tuple[str, ...] = BATCH_AXES
+    unannotated: MeshAxes = None
+    unannotated_optimizer: MeshAxes = None
+    min_split_size: int = 128
 
     def for_optimizer(self) -> Mapping[str, MeshAxes]:
         return self.params if self.optimizer is None else self.optimizer
+
+    def unannotated_for_optimizer(self) -> MeshAxes:
+        return self.unannotated if self.optimizer is None else self.unannotated_optimizer
 
 
 # FSDP splits one dimension of every parameter it can: the first named one in the parameter's
@@ -60,10 +81,11 @@ _TP = {"mlp": "tensor", "heads": "tensor"}
 
 STRATEGY_RULES: dict[str, Rules] = {
     "dp": Rules(params={}),
-    "zero1": Rules(params={}, optimizer={name: BATCH_AXES for name in _FSDP}),
-    "fsdp": Rules(params=_FSDP),
+    "zero1": Rules(params={}, optimizer={name: BATCH_AXES for name in _FSDP},
+                   unannotated_optimizer=BATCH_AXES),
+    "fsdp": Rules(params=_FSDP, unannotated="fsdp"),
     "tp": Rules(params=_TP),
-    "fsdp_tp": Rules(params={**_FSDP, **_TP}),
+    "fsdp_tp": Rules(params={**_FSDP, **_TP}, unannotated="fsdp"),
 }
 MODEL_PARALLEL_STRATEGIES = tuple(STRATEGY_RULES)
 
@@ -85,7 +107,7 @@ def validate_rules(rules: Rules) -> None:
             if name not in LOGICAL_AXES:
                 raise UsageError(f"unknown logical axis {name!r} in the sharding rules; "
                                  f"known: {', '.join(LOGICAL_AXES)}")
-            for axis in _as_tuple(axes):
+            for axis in as_axis_tuple(axes):
                 if axis not in MESH_AXES:
                     raise UsageError(f"rule {name!r} -> {axis!r}: unknown mesh axis; "
                                      f"choose from {', '.join(MESH_AXES)}")
@@ -94,7 +116,7 @@ def validate_rules(rules: Rules) -> None:
             raise UsageError(f"unknown mesh axis {axis!r} for the batch")
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def as_axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -105,7 +127,7 @@ def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh) -> P:
     used: set[str] = set()
     out = []
     for name in logical:
-        axes = tuple(a for a in _as_tuple(table.get(name)) if mesh.shape[a] > 1 and a not in used)
+        axes = tuple(a for a in as_axis_tuple(table.get(name)) if mesh.shape[a] > 1 and a not in used)
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
@@ -114,7 +136,7 @@ def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh) -> P:
 def _check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
     for dim, axes in zip(shape, spec):
         ways = 1
-        for axis in _as_tuple(axes):
+        for axis in as_axis_tuple(axes):
             ways *= mesh.shape[axis]
         if dim % ways:
             raise UsageError(f"parameter {path} of shape {shape}: dimension {dim} does not divide "
@@ -122,16 +144,56 @@ def _check_divisible(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> 
                              f"the mesh")
 
 
+def split_largest_dim(shape: tuple[int, ...], axes: MeshAxes, mesh: Mesh,
+                      min_size: int = 128) -> P:
+    """`shape` split over `axes` on its largest dimension that divides; P() when none does, the
+    axes are trivial, or the array has fewer than `min_size` elements."""
+    axes = tuple(a for a in as_axis_tuple(axes) if mesh.shape[a] > 1)
+    if not axes or math.prod(shape) < min_size:
+        return P()
+    ways = math.prod(mesh.shape[a] for a in axes)
+    for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+        if shape[dim] % ways == 0:
+            spec: list[Any] = [None] * len(shape)
+            spec[dim] = axes[0] if len(axes) == 1 else axes
+            return P(*spec)
+    return P()
+
+
 def param_shardings(abstract_params: Any, logical_specs: Any, table: Mapping[str, MeshAxes],
-                    mesh: Mesh) -> Any:
-    """NamedShardings for a parameter tree, from its logical specs (unannotated: replicated)."""
+                    mesh: Mesh, unannotated: MeshAxes = None, min_size: int = 128) -> Any:
+    """NamedShardings for a parameter tree, from its logical specs; arrays without them are split
+    on their largest dividing dimension over `unannotated` (None: replicated)."""
     def one(path, x, logical):
-        logical = logical if isinstance(logical, P) and len(logical) == len(x.shape) else P()
-        spec = logical_to_mesh(logical, table, mesh)
+        if isinstance(logical, P) and len(logical) == len(x.shape):
+            spec = logical_to_mesh(logical, table, mesh)
+        else:
+            spec = split_largest_dim(tuple(x.shape), unannotated, mesh, min_size)
         _check_divisible(path_name(path), tuple(x.shape), spec, mesh)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_params, logical_specs)
+
+
+def replicated_fraction(abstract: Any, shardings: Any) -> float:
+    """The fraction of `abstract`'s bytes that its `shardings` leave whole on every device."""
+    whole = total = 0
+    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        size = math.prod(x.shape) * x.dtype.itemsize
+        total += size
+        whole += size if s.is_fully_replicated else 0
+    return whole / total if total else 0.0
+
+
+def warn_if_mostly_replicated(what: str, strategy: str, fraction: float,
+                              limit: float = 0.5) -> None:
+    """A `ReplicationWarning` when `strategy` leaves more than `limit` of `what` replicated."""
+    if fraction > limit:
+        warnings.warn(
+            f"strategy {strategy} leaves {100 * fraction:.0f}% of the {what} bytes replicated on "
+            f"every device (its dimensions do not divide over the mesh axis, or the model names "
+            f"no logical axes that the strategy splits); it trains, but saves little memory",
+            ReplicationWarning, stacklevel=3)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -20,11 +20,14 @@ from jaxdist.parallel.backends import to_host
 from jaxdist.parallel.mesh import put_global_batch
 from jaxdist.parallel.rules import (
     Rules,
+    as_axis_tuple,
     batch_sharding,
     batch_ways,
     param_shardings,
+    replicated_fraction,
     rules_for,
     validate_rules,
+    warn_if_mostly_replicated,
 )
 from jaxdist.train.step import (
     EvalFn,
@@ -68,9 +71,13 @@ class ShardedTrainer:
         abstract_model = nnx.eval_shape(model_fn)
         self.graphdef, abstract_params, abstract_rest = split_model(abstract_model)
         logical = nnx.get_partition_spec(abstract_params)
-        self.param_shardings = param_shardings(abstract_params, logical, self.rules.params, mesh)
-        self.grad_shardings = opt_param_shardings = param_shardings(abstract_params, logical,
-                                              self.rules.for_optimizer(), mesh)
+        rules = self.rules
+        self.param_shardings = param_shardings(abstract_params, logical, rules.params, mesh,
+                                               rules.unannotated, rules.min_split_size)
+        self.grad_shardings = opt_param_shardings = param_shardings(
+            abstract_params, logical, rules.for_optimizer(), mesh,
+            rules.unannotated_for_optimizer(), rules.min_split_size)
+        self._warn_if_mostly_replicated(abstract_params, opt_param_shardings)
         replicated = NamedSharding(mesh, P())
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_shardings = optax.tree_utils.tree_map_params(
@@ -101,6 +108,21 @@ class ShardedTrainer:
     @property
     def num_devices(self) -> int:
         return self.mesh.size
+
+    def _warn_if_mostly_replicated(self, abstract_params, opt_param_shardings) -> None:
+        """Strategies meant to split parameters (or, ZeRO-1, optimizer state) over mesh axes of
+        more than one device, that would leave most of those bytes replicated, say so."""
+        def splits(table, unannotated):
+            axes = [a for v in table.values() for a in as_axis_tuple(v)] + list(as_axis_tuple(unannotated))
+            return any(self.mesh.shape[a] > 1 for a in axes)
+
+        rules = self.rules
+        if splits(rules.params, rules.unannotated):
+            warn_if_mostly_replicated("parameter", self.strategy, replicated_fraction(
+                abstract_params, self.param_shardings))
+        elif splits(rules.for_optimizer(), rules.unannotated_for_optimizer()):
+            warn_if_mostly_replicated("optimizer-state", self.strategy, replicated_fraction(
+                abstract_params, opt_param_shardings))
 
     def _build_state(self) -> TrainState:
         return init_state(self._model_fn(), self._tx)[1]
