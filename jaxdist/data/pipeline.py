@@ -35,8 +35,13 @@ def _local_batch_size(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
+# Above this many examples an epoch's order is computed per index (a keyed Feistel permutation,
+# no memory) instead of held as an array (8 bytes per example).
+MATERIALIZED_PERMUTATION_LIMIT = 1 << 24
+
+
 class _EpochPermutations:
-    """Stream position -> example index, vectorized; epoch e is `permutation(n)` seeded (seed, e)."""
+    """Stream position -> example index, vectorized; epoch e is a permutation seeded (seed, e)."""
 
     def __init__(self, num_examples: int, seed: int):
         self.n, self.seed = num_examples, seed
@@ -45,13 +50,43 @@ class _EpochPermutations:
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int64)
 
+    def _permute(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        if self.n <= MATERIALIZED_PERMUTATION_LIMIT:
+            return self.permutation(epoch)[offsets]
+        return feistel_permutation(offsets, self.n, (self.seed, epoch))
+
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         epochs, offsets = np.divmod(positions, self.n)
         out = np.empty_like(positions)
         for epoch in np.unique(epochs):
             rows = epochs == epoch
-            out[rows] = self.permutation(int(epoch))[offsets[rows]]
+            out[rows] = self._permute(int(epoch), offsets[rows])
         return out
+
+
+def feistel_permutation(indices: np.ndarray, n: int, key: tuple[int, ...],
+                        rounds: int = 4) -> np.ndarray:
+    """A keyed bijection of [0, n) evaluated at `indices`, in O(1) memory: a balanced Feistel
+    network on the smallest even-bit domain >= n, cycle-walking values that fall outside."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = np.random.default_rng(list(key)).integers(0, 1 << 62, rounds, dtype=np.uint64)
+    x = np.asarray(indices, dtype=np.uint64)
+
+    def encrypt(v):
+        left, right = v >> np.uint64(half), v & mask
+        for k in round_keys:
+            mixed = (right * np.uint64(0x9E3779B97F4A7C15) + k) & np.uint64(2**64 - 1)
+            mixed ^= mixed >> np.uint64(29)
+            left, right = right, left ^ (mixed & mask)
+        return (left << np.uint64(half)) | right
+
+    out = encrypt(x)
+    outside = out >= np.uint64(n)
+    while outside.any():  # cycle-walk: stays a bijection of [0, n)
+        out[outside] = encrypt(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 _ENDLESS = 2**40  # batches (and examples) in the stream: unbounded in practice

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdist.errors import UsageError
+from jaxdist.errors import DataError, UsageError, first_line
 from jaxdist.progress import Progress
 
 _DECODE_CHUNK = 2000
@@ -57,6 +57,8 @@ def _is_prepared(name: str, data_dir: str | None) -> bool:
     logging.set_verbosity(logging.ERROR)
     try:
         return tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # damaged metadata: not usable here (open_builder says why if chosen)
+        return False
     finally:
         logging.set_verbosity(level)
 
@@ -65,10 +67,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("JAXDIST_CACHE_DIR", Path.home() / ".cache" / "jaxdist"))
 
 
-def _builder(name: str, data_dir: str | None, download: bool, fallbacks=()):
+def open_builder(name: str, data_dir: str | None, download: bool = False, fallbacks=()):
+    """The TFDS builder of a prepared dataset (preparing it with `download`).
+
+    Raises:
+        UsageError: not prepared (saying how to get it); DataError: its metadata is damaged.
+    """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # a garbled dataset_info.json / features.json: protobuf, JSON errors
+        root = Path(data_dir) if data_dir else Path.home() / "tensorflow_datasets"
+        damaged = sorted(str(p) for p in root.glob(f"{name}/*/*.json")) or [str(root / name)]
+        raise DataError(f"dataset {name!r}: its metadata cannot be read ({first_line(e)}); check "
+                        f"or prepare again: {', '.join(damaged)}") from None
     if builder.is_prepared():
         return builder
     where = builder.data_dir
@@ -81,8 +94,7 @@ def _builder(name: str, data_dir: str | None, download: bool, fallbacks=()):
     try:
         builder.download_and_prepare(file_format="array_record")
     except Exception as e:  # tfds raises many types; all mean "could not prepare"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"could not download/prepare {name!r} into {where} ({first}); "
+        raise UsageError(f"could not download/prepare {name!r} into {where} ({first_line(e)}); "
                          f"{ways}") from e
     return builder
 
@@ -98,19 +110,32 @@ def _cache_key(name: str, split: str, record_dir: str) -> str:
 def _decode(name: str, split: str, data_dir: str | None, num_examples: int, progress: bool):
     import tensorflow_datasets as tfds
 
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    first = source[0]
-    images = np.empty((num_examples, *np.shape(first["image"])), np.uint8)
-    labels = np.empty((num_examples,), np.int32)
-    bar = _progress(num_examples, f"decoding {name}/{split} (once; cached)", progress)
-    for start in range(0, num_examples, _DECODE_CHUNK):
-        idx = list(range(start, min(start + _DECODE_CHUNK, num_examples)))
-        for i, record in zip(idx, source.__getitems__(idx)):
-            images[i] = record["image"]
-            labels[i] = record["label"]
-        bar.update(len(idx))
-    bar.close()
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        first = source[0]
+        images = np.empty((num_examples, *np.shape(first["image"])), np.uint8)
+        labels = np.empty((num_examples,), np.int32)
+        bar = _progress(num_examples, f"decoding {name}/{split} (once; cached)", progress)
+        for start in range(0, num_examples, _DECODE_CHUNK):
+            idx = list(range(start, min(start + _DECODE_CHUNK, num_examples)))
+            for i, record in zip(idx, source.__getitems__(idx)):
+                images[i] = record["image"]
+                labels[i] = record["label"]
+            bar.update(len(idx))
+        bar.close()
+    except (RuntimeError, OSError, ValueError) as e:  # Riegeli/array_record, PNG decoding
+        files = split_files(name, split, data_dir)
+        raise DataError(f"dataset {name}/{split}: {', '.join(files)} cannot be read "
+                        f"({first_line(e)}); prepare the dataset again") from None
     return images, labels
+
+
+def split_files(name: str, split: str, data_dir: str | None) -> list[str]:
+    """The record files of a prepared split."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    return [str(Path(builder.data_dir) / f) for f in builder.info.splits[split].filenames]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Progress:
@@ -148,7 +173,7 @@ def load_split(
         UsageError: the dataset is not prepared under `data_dir` and `download` is False.
     """
     data_dir = resolve_data_dir(data_dir, name, fallbacks)
-    builder = _builder(name, data_dir, download, fallbacks)
+    builder = open_builder(name, data_dir, download, fallbacks)
     if split not in builder.info.splits:
         raise UsageError(f"{name} has no split {split!r}; it has {', '.join(builder.info.splits)}")
     num_examples = builder.info.splits[split].num_examples
