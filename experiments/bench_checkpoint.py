@@ -24,7 +24,7 @@ def build_state(width: int, layers: int):
     import optax
     from flax import nnx
 
-    from jaxdist.train.step import init_state
+    from jaxdist.core.step import init_state
 
     model = nnx.Sequential(*[nnx.Linear(width, width, rngs=nnx.Rngs(i)) for i in range(layers)])
     _, state = init_state(model, optax.adam(1e-3))

@@ -176,35 +176,27 @@ def model_builder(cfg: MnistConfig):
     return "CNN", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed))
 
 
-def default_mesh(strategy: str, devices: int) -> str:
-    """All devices on the strategy's own axis (tensor parallelism: pairs)."""
-    tensor = 2 if devices % 2 == 0 and devices > 1 else 1
-    return {"fsdp": f"fsdp={devices}", "tp": f"data={devices // tensor},tensor={tensor}",
-            "fsdp_tp": f"fsdp={devices // tensor},tensor={tensor}"}.get(strategy,
-                                                                          f"data={devices}")
-
-
 def make_trainer(cfg: MnistConfig, devices, tx):
-    """A DataParallel for the data-parallel strategies, a ShardedTrainer for the others."""
-    from jaxdist.parallel import DataParallel, ShardedTrainer, make_mesh
+    """The `jaxdist.Trainer` of the configured strategy, with its options."""
+    from jaxdist import Trainer
 
     _, build = model_builder(cfg)
-    if cfg.strategy in STRATEGIES:
-        reducer = outer = None
-        if cfg.grad_reduce != "mean":
-            from jaxdist.comm import make_reducer
+    reducer = outer = None
+    if cfg.grad_reduce != "mean":
+        from jaxdist.comm import make_reducer
 
-            reducer = make_reducer(cfg.grad_reduce, topk_fraction=cfg.topk_fraction,
-                                   powersgd_rank=cfg.powersgd_rank)
-        if cfg.outer_optimizer == "nesterov":
-            import optax
+        reducer = make_reducer(cfg.grad_reduce, topk_fraction=cfg.topk_fraction,
+                               powersgd_rank=cfg.powersgd_rank)
+    if cfg.outer_optimizer == "nesterov":
+        import optax
 
-            outer = optax.sgd(cfg.outer_lr, momentum=0.9, nesterov=True)
-        return DataParallel(build(), tx, loss_fn, strategy=cfg.strategy, devices=devices,
-                            eval_fn=eval_fn, local_steps=cfg.local_steps, grad_reducer=reducer,
-                            microbatches=cfg.microbatches, outer_optimizer=outer)
-    mesh = make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
-    return ShardedTrainer(build, tx, loss_fn, mesh=mesh, strategy=cfg.strategy, eval_fn=eval_fn)
+        outer = optax.sgd(cfg.outer_lr, momentum=0.9, nesterov=True)
+    local = {"local_steps": cfg.local_steps, "outer_optimizer": outer} if (
+        cfg.strategy == "local_sgd") else {}
+    model = build() if cfg.strategy in STRATEGIES else build  # model-parallel: born sharded
+    return Trainer(model, tx, loss_fn, strategy=cfg.strategy, devices=devices,
+                   mesh=cfg.mesh or None, eval_fn=eval_fn, microbatches=cfg.microbatches,
+                   grad_reducer=reducer, **local)
 
 
 def _normalize(images):
@@ -224,14 +216,14 @@ def loss_fn(model, batch):
 
 
 def eval_fn(model, batch):
-    """Sums over the batch, padding masked out."""
+    """Sums over the batch, padding masked out (`fit` reports them as means over "count")."""
     import jax.numpy as jnp
 
     images, labels, mask = batch
     log_probs = model(_normalize(images))
     nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
     correct = (log_probs.argmax(-1) == labels).astype(jnp.float32)
-    return {"count": mask.sum(), "correct": (correct * mask).sum(), "nll": (nll * mask).sum()}
+    return {"count": mask.sum(), "accuracy": (correct * mask).sum(), "loss": (nll * mask).sum()}
 
 
 def validate(cfg: MnistConfig, num_devices: int) -> None:
@@ -306,31 +298,32 @@ def train(cfg: MnistConfig) -> dict:
     """Runs the experiment and returns its summary (also printed by `main`)."""
     import jax
 
+    from jaxdist import data, fit
     from jaxdist.cluster import select_devices
-    from jaxdist.data import eval_batches, load_split, train_batches
     from jaxdist.data.augment import make_augment
-    from jaxdist.train import make_optimizer
-    from jaxdist.train.loop import NonFiniteGuard, epoch_end_steps, fit
+    from jaxdist.observe.metrics import parse_step_range
+    from jaxdist.parallel import default_mesh, make_mesh
+    from jaxdist.train import epoch_end_steps, make_optimizer
 
     start = time.perf_counter()
     devices = select_devices(cfg.devices or None)
     validate(cfg, len(devices))
+    mesh = cfg.mesh or default_mesh(cfg.strategy, len(devices))
     if cfg.strategy not in STRATEGIES:  # a bad mesh fails before any data is read
-        from jaxdist.parallel import make_mesh
-
-        make_mesh(cfg.mesh or default_mesh(cfg.strategy, len(devices)), devices)
-    leader = jax.process_index() == 0
-    show = cfg.progress and leader
-    splits = {split: load_split("mnist", split, cfg.data_dir, download=cfg.download,
-                                progress=show, fallbacks=DATA_FALLBACKS)
+        make_mesh(mesh, devices)
+    show = cfg.progress and jax.process_index() == 0
+    splits = {split: data.load_split("mnist", split, cfg.data_dir, download=cfg.download,
+                                     progress=show, fallbacks=DATA_FALLBACKS)
               for split in ("train", "test")}
-    train_split, test_split = splits["train"], splits["test"]
-
-    epoch_ends = epoch_end_steps(len(train_split), cfg.global_batch, cfg.epochs)
-    if cfg.max_steps:
-        epoch_ends = [min(e, cfg.max_steps) for e in epoch_ends]
-        epoch_ends = sorted(set(epoch_ends))
-    total_steps = epoch_ends[-1]
+    augment = make_augment(cfg.augment)
+    train_data = data.from_arrays(
+        (splits["train"].images, splits["train"].labels), global_batch=cfg.global_batch,
+        seed=cfg.seed, name="mnist/train",
+        augment=(lambda ex, rng: (augment(ex[0], rng), ex[1])) if augment else None)
+    test_data = data.from_arrays((splits["test"].images, splits["test"].labels),
+                                 global_batch=cfg.eval_batch, name="mnist/test")
+    ends = epoch_end_steps(len(train_data), cfg.global_batch, cfg.epochs)
+    total_steps = min(ends[-1], cfg.max_steps) if cfg.max_steps else ends[-1]
     tx = make_optimizer(cfg.optimizer, total_steps)
     if cfg.staleness:
         import optax
@@ -339,182 +332,47 @@ def train(cfg: MnistConfig) -> dict:
 
         tx = optax.chain(stale_gradients(cfg.staleness), tx)
     model_name, _ = model_builder(cfg)
-    dp = make_trainer(cfg, devices, tx)
-    monitor = _monitor(cfg, start, devices, model_name, total_steps)
-    measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    # what a checkpoint's data position means; resuming with other values would read other data
-    data_meta = {"global_batch": cfg.global_batch, "seed": cfg.seed, "augment": cfg.augment}
-    state, start_step, checkpointer = dp.init(), 0, None
-    if cfg.workdir:
-        from jaxdist.io import Checkpointer
-
-        checkpointer = Checkpointer(Path(cfg.workdir) / "checkpoints", every=cfg.checkpoint_every,
-                                    keep=cfg.keep_checkpoints, keep_best=cfg.keep_best)
-        start_step, restored, meta = _resume(checkpointer, cfg.restore_step, dp.canonical(state))
-        if restored is not None:
-            _check_same_data(meta, data_meta, start_step)
-            state = dp.place(restored)
-    batches = train_batches(train_split, cfg.global_batch, cfg.seed, start_step=start_step,
-                            augment=make_augment(cfg.augment), **process)
-    position = start_step  # global batches consumed: the key of the next checkpoint
-
-    def save(step, state, metrics=None):
-        if monitor is not None:
-            monitor.phase("checkpoint")
-        with measure("checkpoint"):
-            checkpointer.save(step, dp.canonical(state), meta={**data_meta, "data_position": step},
-                              metrics=metrics)
-
-    def evaluate(state):
-        sums = dp.evaluate(state, eval_batches(test_split, cfg.eval_batch,
-                                               limit=cfg.eval_examples or None, **process))
-        metrics = {"test_accuracy": sums["correct"] / sums["count"],
-                   "test_loss": sums["nll"] / sums["count"]}
-        if checkpointer is not None:  # epoch ends are always saved, with metrics for keep-best
-            save(position, state, metrics)
-        return metrics
-
-    def rollback(first_bad_step):
-        if checkpointer is not None:
-            checkpointer.wait()
-            good = [s for s in checkpointer.all_steps() if s < first_bad_step]
-            if good:
-                restored, _ = checkpointer.restore(good[-1], like=dp.canonical(dp.init()))
-                if leader:
-                    print(f"rolled back to the checkpoint of step {good[-1]}; training goes on "
-                          f"from batch {position + 1}, skipping the batches in between", flush=True)
-                return dp.place(restored)
-        raise TrainingDiverged(
-            f"{cfg.nonfinite_limit} consecutive non-finite steps from step {first_bad_step} on and "
-            f"no checkpoint before them to roll back to; lower the learning rate or check the data")
-
-    if leader:
-        resumed = f", resuming at step {start_step}" if start_step else ""
-        layout = f" over mesh {cfg.mesh or default_mesh(cfg.strategy, len(devices))}" if (
-            cfg.strategy not in STRATEGIES) else ""
+    trainer = make_trainer(cfg, devices, tx)
+    if jax.process_index() == 0:
+        layout = f" over mesh {mesh}" if cfg.strategy not in STRATEGIES else ""
         print(f"training the MNIST {model_name} on {len(devices)} {devices[0].platform} device(s), "
-              f"strategy {cfg.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} steps, "
-              f"{cfg.optimizer.name} lr {cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})"
-              f"{resumed}", flush=True)
-    guard = NonFiniteGuard(limit=cfg.nonfinite_limit, rollback=rollback,
-                           log=print if leader else lambda _: None)
-    with Preemption() as preemption:
-        def after_step(step, state):
-            nonlocal position
-            position = step
-            stop = preemption.reached(step)
-            if checkpointer is not None and (stop or (checkpointer.due(step)
-                                                      and step not in epoch_ends)):
-                save(step, state)
-            return stop
-
-        try:
-            result = fit(dp, state, batches, epoch_ends=epoch_ends, start_step=start_step,
-                         evaluate=evaluate, progress=cfg.progress,
-                         progress_every=cfg.progress_every, after_step=after_step,
-                         guard=guard, monitor=monitor)
-            if checkpointer is not None:
-                with measure("checkpoint"):
-                    checkpointer.close()
-        finally:
-            goodput = monitor.close(position) if monitor is not None else None
-    if result.stopped:
-        return {"stopped_at": position,
-                "wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir,
-                "goodput": goodput}
-    final = result.history[-1] if result.history else evaluate(result.state)  # already done
+              f"strategy {cfg.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} "
+              f"steps, {cfg.optimizer.name} lr {cfg.optimizer.learning_rate} "
+              f"({cfg.optimizer.schedule})", flush=True)
+    run = fit(
+        trainer, train_data, epochs=cfg.epochs, steps=cfg.max_steps or None, eval_data=test_data,
+        eval_examples=cfg.eval_examples or None, workdir=cfg.workdir,
+        checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, keep_best=cfg.keep_best,
+        best_metric="test_accuracy", restore_step=cfg.restore_step,
+        data_meta={"augment": cfg.augment}, nonfinite_limit=cfg.nonfinite_limit,
+        progress=cfg.progress, progress_every=cfg.progress_every, logdir=log_dir(cfg),
+        profile_steps=parse_step_range(cfg.profile_steps), hang_timeout=cfg.hang_timeout,
+        peak_tflops=cfg.peak_tflops, run_meta={
+            "model": cfg.model, "model_name": model_name, "mesh": cfg.mesh, "epochs": cfg.epochs,
+            "grad_reduce": cfg.grad_reduce, "local_steps": cfg.local_steps,
+            "optimizer": cfg.optimizer.name, "learning_rate": cfg.optimizer.learning_rate},
+        log=print)
+    if run.stopped:
+        return {"stopped_at": run.stopped_at, "wall_seconds": time.perf_counter() - start,
+                "workdir": cfg.workdir, "goodput": run.goodput}
+    final = run.history[-1]
     return {
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"],
         "wall_seconds": time.perf_counter() - start,
-        "train_seconds": result.train_seconds,
-        "first_step_seconds": result.first_step_seconds,
-        "images_per_second": result.images_per_second,
+        "train_seconds": run.train_seconds,
+        "first_step_seconds": run.first_step_seconds,
+        "images_per_second": run.images_per_second,
         "devices": len(devices),
         "platform": devices[0].platform,
         "strategy": cfg.strategy,
         "steps": total_steps,
-        "history": result.history,
-        "state": result.state,
-        "dp": dp,
-        "goodput": goodput,
+        "history": run.history,
+        "state": run.state,
+        "dp": trainer,
+        "goodput": run.goodput,
         "logdir": log_dir(cfg),
     }
-
-
-def _monitor(cfg: MnistConfig, start: float, devices, model_name: str, total_steps: int):
-    """The run's TrainMonitor (metrics, goodput, MFU, profile, hang watchdog), or None when there
-    is neither a logdir nor a watchdog."""
-    logdir = log_dir(cfg)
-    if not logdir and not cfg.hang_timeout:
-        return None
-    from jaxdist.observe.metrics import TrainMonitor, parse_step_range
-
-    meta = {"devices": len(devices), "platform": devices[0].platform, "strategy": cfg.strategy,
-            "global_batch": cfg.global_batch, "model": cfg.model, "model_name": model_name,
-            "mesh": cfg.mesh, "steps": total_steps, "epochs": cfg.epochs,
-            "grad_reduce": cfg.grad_reduce, "local_steps": cfg.local_steps,
-            "optimizer": cfg.optimizer.name, "learning_rate": cfg.optimizer.learning_rate}
-    return TrainMonitor(logdir, start=start, peak_tflops=cfg.peak_tflops,
-                        profile_steps=parse_step_range(cfg.profile_steps),
-                        hang_timeout=cfg.hang_timeout, meta=meta if logdir else None)
-
-
-def _resume(checkpointer, restore_step: int, like) -> tuple[int, object, dict]:
-    """(step, canonical state or None, meta): the chosen step, else the latest readable one."""
-    if restore_step < 0:
-        return checkpointer.restore_latest(like)
-    if restore_step not in checkpointer.all_steps():
-        raise UsageError(f"no checkpoint of step {restore_step} in {checkpointer.directory}; "
-                         f"it has {checkpointer.all_steps()}")
-    return (restore_step, *checkpointer.restore(restore_step, like))
-
-
-def _check_same_data(saved: dict, now: dict, step: int) -> None:
-    for key, value in now.items():
-        if key in saved and saved[key] != value:
-            raise UsageError(f"the checkpoint of step {step} was trained with {key} "
-                             f"{saved[key]}, this run has {value}; resume with the same {key} "
-                             f"or use another --workdir")
-
-
-class Preemption:
-    """SIGTERM/SIGINT during training: finish the current step, checkpoint, exit 0.
-
-    With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
-    catches SIGTERM on any process and the processes agree on one step to stop at
-    (`multihost_utils.reached_preemption_sync_point`), so none saves or stops alone.
-    """
-
-    def __enter__(self):
-        import signal
-
-        import jax
-
-        self.requested = False
-        self._multi = jax.process_count() > 1
-        signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step`; called once per step on every process."""
-        if not self._multi:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step) or self.requested
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def format_summary(s: dict) -> str:

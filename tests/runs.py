@@ -23,11 +23,14 @@ STEP_EVENTS = ["--progress", "true", "--progress_every", "0"]
 
 
 class Run:
-    """`python -m <module> <args>` with its output (stdout + stderr) read line by line."""
+    """`python -m <module> <args>` (or `python <args>` with module=None) with its output
+    (stdout + stderr) read line by line."""
 
     def __init__(self, args, *, env=None, module="experiments.mnist", cwd=REPO):
+        command = [sys.executable, *args] if module is None else [sys.executable, "-m", module,
+                                                                   *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
+            command, cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         self.lines: list[str] = []

@@ -41,8 +41,9 @@ def _separable_batches(rng, steps, batch=256):
 def test_a_user_model_with_batch_norm_trains_on_8_devices_and_syncs_back(strategy, rng):
     model = MLPWithBatchNorm(nnx.Rngs(0))
     initial_kernel = np.asarray(model.hidden.kernel[...]).copy()
+    local = {"local_steps": 2} if strategy == "local_sgd" else {}
     dp = jaxdist.DataParallel(model, optax.adam(1e-2), loss_fn, strategy=strategy, devices=8,
-                              local_steps=2)
+                              **local)
     state = dp.init()
     accuracies = []
     for batch in _separable_batches(rng, 120):
@@ -62,6 +63,19 @@ def test_the_step_accepts_already_sharded_batches(rng):
     s2, m2 = dp.step(dp.init(), dp.shard_batch(batch))
     assert float(m1["loss"]) == float(m2["loss"])
     assert dp.global_batch_size(dp.shard_batch(batch)) == 256
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strategy": "fsdp", "local_steps": 4}, "are for strategy local_sgd, not fsdp"),
+    ({"strategy": "jit", "grad_reducer": object()}, "runs inside the shard_map step"),
+    ({"strategy": "tp", "sync_batch_stats": False}, "per-device statistics"),
+    ({"strategy": "zero2"}, "unknown strategy 'zero2'"),
+    ({"strategy": "pmap", "mesh": "data=4,tensor=2"}, "runs over the data axis only"),
+    ({"strategy": "fsdp", "mesh": "fsdp=3"}, "needs 3 devices"),
+])
+def test_options_a_strategy_does_not_have_are_clear_errors(options, message):
+    with pytest.raises(jaxdist.UsageError, match=message):
+        jaxdist.Trainer(MLPWithBatchNorm(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, **options)
 
 
 def test_evaluate_without_eval_fn_is_a_usage_error():

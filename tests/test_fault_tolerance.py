@@ -15,7 +15,7 @@ from experiments.mnist import loss_fn
 from jaxdist import STRATEGIES, DataParallel, UsageError
 from jaxdist.io import Checkpointer
 from jaxdist.models import MnistCNN
-from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, fit
+from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, train_loop
 
 
 def _batch(rng, n=64):
@@ -90,11 +90,11 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_resto
 def test_keep_best_keeps_the_most_accurate_checkpoint_beside_the_newest(tmp_path):
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     state = dp.canonical(dp.init())
-    ckpt = Checkpointer(tmp_path, every=1, keep=2, keep_best=1)
+    ckpt = Checkpointer(tmp_path, every=1, keep=2, keep_best=1, best_metric="test_accuracy")
     for step, accuracy in zip([1, 2, 3, 4, 5], [0.90, 0.97, 0.80, 0.85, 0.70]):
         ckpt.save(step, state, metrics={"test_accuracy": accuracy})
     ckpt.close()
-    ckpt = Checkpointer(tmp_path, keep=2, keep_best=1)
+    ckpt = Checkpointer(tmp_path, keep=2, keep_best=1, best_metric="test_accuracy")
     assert ckpt.all_steps() == [2, 4, 5]
     assert ckpt.best_step() == 2
 
@@ -130,7 +130,7 @@ def _nan_run(dp, rng, bad_steps, guard, steps=8):
         if step in bad_steps:
             images[:] = np.nan
         batches.append((images, labels))
-    return fit(dp, dp.init(), iter(batches), epoch_ends=[steps], progress=False,
+    return train_loop(dp, dp.init(), iter(batches), epoch_ends=[steps], progress=False,
                    log=lambda _: None, guard=guard)
 
 

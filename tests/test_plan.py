@@ -17,7 +17,7 @@ from jaxdist import plan
 from jaxdist.models import ViT, vit_config
 from jaxdist.observe import collective_ledger
 from jaxdist.parallel import ShardedTrainer, make_mesh
-from jaxdist.train.step import init_state
+from jaxdist.core.step import init_state
 
 MESHES = [("fsdp", "fsdp=8"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")]
 BATCH = 64

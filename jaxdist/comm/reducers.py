@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jaxdist.errors import UsageError
-from jaxdist.parallel.mesh import DATA_AXIS
+from jaxdist.core.axes import DATA_AXIS
 
 
 class GradReducer(NamedTuple):

@@ -46,6 +46,9 @@ class Dataset:
         name: how messages and checkpoints name the data.
         gather: `indices -> batch`, a vectorized read of many examples at once (arrays); used
             instead of per-example reads when `map` is None.
+        augment: `(example, rng) -> example` for training batches, after `map`; `rng` is seeded
+            by (seed, the example's position in the stream), so a resumed run, or one with
+            another process count, augments exactly alike.
         workers: threads reading and mapping examples; `prefetch`: batches read ahead.
         process_index, process_count: this process's share (default: JAX's).
     """
@@ -61,6 +64,7 @@ class Dataset:
     process_index: int | None = None
     process_count: int | None = None
     describe_error: Callable[[int, Exception], str] | None = None
+    augment: Callable[[Any, np.random.Generator], Any] | None = None
 
     def __post_init__(self):
         if self.process_index is None:
@@ -100,15 +104,25 @@ class Dataset:
         """This process's rows of global batches `start_step`, `start_step + 1`, ... (endless)."""
         index_of = _EpochPermutations(len(self), self.seed)
         rows = np.arange(self.local_batch, dtype=np.int64) + self.process_index * self.local_batch
-        batch_indices = grain.MapDataset.range(_ENDLESS)[start_step:].map(
-            lambda k: index_of(k * self.global_batch + rows))
-        if self.gather is not None and self.map is None:
-            batches = batch_indices.map(self.gather)
-        else:
-            batches = batch_indices.map(self._read_batch)
+        positions = grain.MapDataset.range(_ENDLESS)[start_step:].map(
+            lambda k: k * self.global_batch + rows)
+        batches = positions.map(lambda p: self._augmented(self._gather(index_of(p)), p))
         options = grain.ReadOptions(num_threads=max(1, self.workers),
                                     prefetch_buffer_size=self.prefetch)
         return iter(batches.to_iter_dataset(options))
+
+    def _gather(self, indices: np.ndarray) -> Any:
+        if self.gather is not None and self.map is None:
+            return self.gather(indices)
+        return self._read_batch(indices)
+
+    def _augmented(self, batch: Any, positions: np.ndarray) -> Any:
+        if self.augment is None:
+            return batch
+        examples = [jax.tree.map(lambda x: x[i], batch) for i in range(len(positions))]
+        out = [self.augment(ex, np.random.default_rng([self.seed, int(p)]))
+               for ex, p in zip(examples, positions)]
+        return jax.tree.map(lambda *xs: np.stack(xs), *out)
 
     def _read_batch(self, indices: np.ndarray) -> Any:
         examples = [self._read(i) for i in indices]
@@ -125,12 +139,7 @@ class Dataset:
             rows = np.arange(start + self.process_index * local,
                              start + (self.process_index + 1) * local)
             mask = rows < n
-            rows = np.where(mask, rows, 0)
-            if self.gather is not None and self.map is None:
-                batch = self.gather(rows)
-            else:
-                batch = self._read_batch(rows)
-            yield batch, mask.astype(np.float32)
+            yield self._gather(np.where(mask, rows, 0)), mask.astype(np.float32)
 
 
 def from_arrays(arrays: Any, *, global_batch: int, seed: int = 0,

@@ -27,14 +27,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.errors import UsageError
-from jaxdist.train.step import TrainState, path_name
-
-BEST_METRIC = "test_accuracy"
+from jaxdist.core.step import TrainState, path_name
 
 
 class Checkpointer:
     """Saves every `every` steps (asynchronously), keeps the newest `keep` (and the `keep_best`
-    with the highest test accuracy), restores the latest good one.
+    best by `best_metric`: highest with `best_mode="max"`, lowest with "min"), restores the latest
+    good one.
 
     Example:
         >>> ckpt = Checkpointer(workdir / "checkpoints", every=500)
@@ -44,20 +43,27 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | Path, *, every: int = 1000, keep: int = 3,
-                 keep_best: int = 0, asynchronous: bool = True):
+                 keep_best: int = 0, best_metric: str | None = None, best_mode: str = "max",
+                 asynchronous: bool = True):
         if every < 1 or keep < 1 or keep_best < 0:
             raise UsageError(f"checkpoint interval and count must be >= 1 and keep_best >= 0 "
                              f"(got {every}, {keep}, {keep_best})")
+        if keep_best and not best_metric:
+            raise UsageError("keep_best needs best_metric: the evaluation metric to rank by")
+        if best_mode not in ("max", "min"):
+            raise UsageError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.best_metric = best_metric
         self.directory = Path(directory).absolute()
         self.every = every
         preserve = [policies.LatestN(n=keep)]
         if keep_best:
-            preserve.append(policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
+            preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], n=keep_best,
+                                           reverse=best_mode == "min",
                                            keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             # a best_fn makes orbax record metrics; saves between evaluations have none
-            best_fn=(lambda m: m[BEST_METRIC]) if keep_best else None, best_mode="max",
+            best_fn=(lambda m: m[best_metric]) if keep_best else None, best_mode=best_mode,
             enable_async_checkpointing=asynchronous, create=True,
             cleanup_tmp_directories=True)
         logging.getLogger("absl").addFilter(_quiet_missing_metrics)
@@ -77,12 +83,12 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The kept step with the highest test accuracy (None before any save with metrics)."""
+        """The kept step with the best `best_metric` (None before any save with metrics)."""
         return self._manager.best_step()
 
     def save(self, step: int, canonical: TrainState, *, meta: dict | None = None,
              metrics: dict[str, float] | None = None) -> bool:
-        """Starts an (async) save of `step`; `metrics` with a test accuracy feed keep-best.
+        """Starts an (async) save of `step`; `metrics` holding `best_metric` feed keep-best.
 
         Returns False when `step` is already saved.
         """
@@ -90,8 +96,13 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(canonical),
                                   meta=ocp.args.JsonSave(dict(meta or {})))
-        metrics = {k: float(v) for k, v in (metrics or {}).items() if k == BEST_METRIC} or None
+        metrics = {k: float(v) for k, v in (metrics or {}).items()
+                   if k == self.best_metric} or None
         return self._manager.save(step, args=args, metrics=metrics, force=True)
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the job's processes agreed to stop after `step` (orbax's preemption check)."""
+        return self._manager.reached_preemption(step)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

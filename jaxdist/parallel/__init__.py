@@ -1,7 +1,7 @@
 """Meshes, sharding rules, and the data- and model-parallel trainers."""
 
 from jaxdist.parallel.backends import STRATEGIES, Backend, make_backend, pmean_floats
-from jaxdist.parallel.data_parallel import DataParallel
+from jaxdist.parallel.data_parallel import DataParallel, ShardedTrainer
 from jaxdist.parallel.mesh import (
     DATA_AXIS,
     MESH_AXES,
@@ -18,7 +18,13 @@ from jaxdist.parallel.rules import (
     Rules,
     rules_for,
 )
-from jaxdist.parallel.sharded import ShardedTrainer
+from jaxdist.parallel.strategies import (
+    DATA_PARALLEL_STRATEGIES,
+    STRATEGIES_TABLE,
+    STRATEGY_NAMES,
+    default_mesh,
+)
+from jaxdist.parallel.trainer import Trainer
 
 __all__ = [
     "DATA_AXIS",
@@ -27,6 +33,11 @@ __all__ = [
     "MODEL_PARALLEL_STRATEGIES",
     "STRATEGIES",
     "STRATEGY_RULES",
+    "STRATEGIES_TABLE",
+    "STRATEGY_NAMES",
+    "DATA_PARALLEL_STRATEGIES",
+    "Trainer",
+    "default_mesh",
     "Backend",
     "DataParallel",
     "Rules",

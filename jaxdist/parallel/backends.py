@@ -1,6 +1,7 @@
-"""Four ways to run one data-parallel train step; they differ only in layout and reduction.
+"""The mapped layouts of one data-parallel train step; they differ only in layout and reduction.
+(`jit`, the fourth data-parallel strategy, is the rules layout with replicated state: see
+`jaxdist.parallel.sharded`.)
 
-- `jit`: global arrays, batch sharded over the mesh, state replicated; XLA inserts the all-reduce.
 - `shard_map`: the same layout; each device runs the step on its shard and `lax.pmean`s gradients.
 - `pmap`: the classic per-device program; state carries a leading replica axis.
 - `local_sgd`: each replica steps alone on its shard (no gradient all-reduce) and every H steps
@@ -26,10 +27,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UsageError
+from jaxdist.core.step import TrainState
 from jaxdist.parallel.mesh import DATA_AXIS, batch_sharded, replicated
-from jaxdist.train.step import TrainState
+from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
 
-STRATEGIES = ("jit", "shard_map", "pmap", "local_sgd")
+STRATEGIES = DATA_PARALLEL_STRATEGIES  # jit, shard_map, pmap, local_sgd
+MAPPED_STRATEGIES = ("shard_map", "pmap", "local_sgd")
 
 
 def pmean_floats(tree: Any, axis_name: str = DATA_AXIS) -> Any:
@@ -72,21 +75,6 @@ class Backend:
     step: Callable[[Any, Any], tuple[Any, dict]]
     canonical: Callable[[Any], TrainState]
     stacked_batch: bool = False
-
-
-def _replicate_on(mesh: Mesh) -> Callable[[TrainState], TrainState]:
-    return lambda state: jax.device_put(state, replicated(mesh))
-
-
-def _jit_backend(mesh, train_step, **_) -> Backend:
-    rep = replicated(mesh)
-    step = jax.jit(
-        train_step,
-        in_shardings=(rep, batch_sharded(mesh)),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    return Backend("jit", mesh, _replicate_on(mesh), step, lambda s: s)
 
 
 def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
@@ -190,7 +178,6 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
 
 
 _BUILDERS = {
-    "jit": _jit_backend,
     "shard_map": _shard_map_backend,
     "pmap": _pmap_backend,
     "local_sgd": _local_sgd_backend,
@@ -206,21 +193,21 @@ def make_backend(
     average_opt_state: bool = False,
     outer_optimizer: optax.GradientTransformation | None = None,
 ) -> Backend:
-    """Builds the backend for `strategy`.
+    """Builds the mapped backend for `strategy` (shard_map, pmap or local_sgd).
 
     `train_step_with(reduce, replica_axis)` returns the shared pure train step with `reduce`
     averaging over replicas and `replica_axis` the mapped axis each replica runs on (None: the
-    step is one global program; see `jaxdist.train.step.make_train_step`). `outer_optimizer` (local SGD only)
+    step is one global program; see `jaxdist.core.step.make_train_step`). `outer_optimizer` (local SGD only)
     turns parameter averaging into DiLoCo's outer step; the state's `comm` must then hold
     `diloco_init(outer_optimizer)(params)`.
     """
     if outer_optimizer is not None and strategy != "local_sgd":
         raise UsageError(f"an outer optimizer is for strategy local_sgd, not {strategy}")
     if strategy not in _BUILDERS:
-        raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown mapped strategy {strategy!r}; choose one of "
+                         f"{', '.join(MAPPED_STRATEGIES)}")
     return _BUILDERS[strategy](
         mesh=mesh,
-        train_step=train_step_with(lambda tree: tree, None) if strategy == "jit" else None,
         train_step_with=train_step_with,
         local_steps=local_steps,
         average_opt_state=average_opt_state,

@@ -10,9 +10,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdist.core.axes import DATA_AXIS, MESH_AXES  # noqa: F401 - re-exported
 from jaxdist.errors import UsageError
-
-DATA_AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
@@ -38,7 +37,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 # The axes of model parallelism, outermost first: devices that differ only in "tensor" are
 # neighbours (tensor parallelism talks most), "pipeline" stages are farthest apart.
-MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
 
 
 def put_global_batch(local_batch: Any, sharding: NamedSharding, pieces: int, hint: str,
@@ -62,6 +60,27 @@ def put_global_batch(local_batch: Any, sharding: NamedSharding, pieces: int, hin
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, local_batch)
+
+
+def put_host_tree(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) -> global arrays laid out by `shardings`.
+
+    `jax.device_put` refuses shardings over other processes' devices; this builds each array from
+    the local copy instead, PRNG keys through their key data.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            data = put(np.asarray(jax.random.key_data(x)), NamedSharding(sharding.mesh, P()))
+            return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                           out_shardings=sharding)(data)
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:

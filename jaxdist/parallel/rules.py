@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdist.errors import UsageError
 from jaxdist.parallel.mesh import MESH_AXES
-from jaxdist.train.step import path_name
+from jaxdist.core.step import path_name
 
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "patch", "seq", "classes", "conv_in",
                 "conv_out", "features")

@@ -10,12 +10,13 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 
 from jaxdist.parallel.backends import host_metrics
-from jaxdist.parallel.data_parallel import DataParallel
+from jaxdist.parallel.trainer import Trainer
+from jaxdist.train.callbacks import Callback
 from jaxdist.progress import PLAIN_EVERY_SECONDS, Progress
 
 
@@ -30,7 +31,7 @@ class FitResult:
             in hand to its metrics on the host.
         train_seconds: wall time of all steps after the first, evaluation excluded.
         images_per_second: global examples per second over `train_seconds`.
-        stopped: `after_step` asked to stop before the last step.
+        stopped: a callback asked to stop before the last step.
     """
 
     state: Any
@@ -89,8 +90,8 @@ def epoch_end_steps(num_examples: int, global_batch: int, epochs: float) -> list
     return sorted({min(s, total) for s in ends})
 
 
-def fit(
-    dp: DataParallel,
+def train_loop(
+    dp: Trainer,
     state: Any,
     batches: Iterator[Any],
     *,
@@ -100,11 +101,11 @@ def fit(
     progress: bool = True,
     progress_every: float = PLAIN_EVERY_SECONDS,
     log: Callable[[str], None] = print,
-    after_step: Callable[[int, Any], bool] | None = None,
+    callbacks: Sequence[Callback] = (),
     guard: NonFiniteGuard | None = None,
     monitor: Any = None,
 ) -> FitResult:
-    """Trains until the last of `epoch_ends`, evaluating after each.
+    """Trains until the last of `epoch_ends`, evaluating after each (the inner loop of `fit`).
 
     Args:
         batches: this process's share of consecutive global batches, from step `start_step` on.
@@ -112,7 +113,7 @@ def fit(
         evaluate: state -> metrics dict, called at each epoch end.
         progress: show progress: a bar on a terminal, else a plain line at most every
             `progress_every` seconds (0: every step). Only process 0 prints anything.
-        after_step: (steps done, state) -> True to stop now (checkpointing, preemption).
+        callbacks: `Callback`s; `on_step_end` returning True stops after that step.
         guard: what to do about skipped non-finite steps (default: log them).
         monitor: a `jaxdist.observe.metrics.TrainMonitor`: per-step and per-epoch records,
             goodput, MFU, profiling, hang status (it sees each step's metrics when they are read
@@ -158,15 +159,15 @@ def fit(
                     epoch_images += images
                 monitor.dispatched(step, metrics)
                 if pending is not None:
-                    last_loss, state = _read(pending, step, state, guard, monitor)
+                    last_loss, state = _read(pending, step, state, guard, monitor, callbacks)
                 pending = (metrics, images)
                 step += 1
                 elapsed = time.perf_counter() - epoch_start
                 loss = f"{last_loss:.4f}" if step > start_step + 1 else "-"
                 speed = f"{epoch_images / elapsed:,.0f}" if epoch_images else "-"
                 bar.update(1, f"loss {loss} | {speed} img/s")
-                if after_step is not None and after_step(step, state):
-                    stopped = True
+                if any([bool(cb.on_step_end(step, state)) for cb in callbacks]):
+                    stopped = True  # every callback saw the step (a list, not a short circuit)
                     break
         with measure("step"):
             jax.block_until_ready(state)
@@ -176,7 +177,7 @@ def fit(
         trained_images += epoch_images
         if pending is not None:
             with measure("step"):
-                last_loss, state = _read(pending, step, state, guard, monitor)
+                last_loss, state = _read(pending, step, state, guard, monitor, callbacks)
             pending = None
         record = {"epoch": epoch, "step": step, "train_loss": last_loss,
                   "epoch_seconds": epoch_seconds,
@@ -184,7 +185,10 @@ def fit(
         if evaluate is not None and not stopped:
             monitor.phase("eval")
             with measure("eval"):
-                record.update(evaluate(state))
+                metrics = evaluate(state)
+            record.update(metrics)
+            for cb in callbacks:
+                cb.on_eval(step, metrics)
         history.append(record)
         monitor.epoch_end(record)
         if leader:
@@ -200,11 +204,13 @@ def fit(
 
 
 def _read(pending: tuple[dict, int], step: int, state: Any, guard: NonFiniteGuard,
-          monitor: Any) -> tuple[float, Any]:
+          monitor: Any, callbacks: Sequence[Callback] = ()) -> tuple[float, Any]:
     """The loss of `step` (read from the device now) and the state to go on with."""
     metrics, images = pending
     values = host_metrics(metrics)
     monitor.step_done(step, values, images)
+    for cb in callbacks:
+        cb.on_metrics(step, values)
     return values["loss"], guard.check(step, values, state)
 
 

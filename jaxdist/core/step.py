@@ -188,7 +188,9 @@ def _split_rows(x: jax.Array, parts: int) -> jax.Array:
     if x.shape[0] % parts:
         raise UsageError(f"a batch of {x.shape[0]} rows per replica does not split into {parts} "
                          f"microbatches")
-    return x.reshape(parts, x.shape[0] // parts, *x.shape[1:])
+    # strided: microbatch j takes rows j, j + parts, ...; a batch split over devices in blocks
+    # keeps every microbatch spread over all of them (no resharding under jit)
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
 
 
 def _all_finite(tree: Any) -> jax.Array:

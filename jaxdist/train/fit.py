@@ -1,0 +1,294 @@
+"""`fit(trainer, data, ...)`: the training loop with its services, for any model and any data.
+
+    result = jaxdist.fit(trainer, train_data, epochs=8, eval_data=test_data, workdir="runs/a")
+
+With a work dir, `fit` saves asynchronous orbax checkpoints every `checkpoint_every` steps and at
+every evaluation (keeping the newest `keep`, and `keep_best` by `best_metric`), resumes from the
+newest readable one when run again (bitwise: global batch k depends only on (seed, k), and the
+state holds the RNG streams), refuses a checkpoint whose data settings differ, saves and returns
+on SIGTERM/SIGINT (all processes at one step), rolls back after `nonfinite_limit` non-finite steps
+in a row, and writes metrics, TensorBoard events, goodput, MFU, profiles and hang-watchdog status
+to `<workdir>/logs`. Every hook a user needs is a `Callback`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from jaxdist.errors import UsageError
+from jaxdist.progress import PLAIN_EVERY_SECONDS
+from jaxdist.train.callbacks import Callback, Preemption
+from jaxdist.train.loop import (
+    FitResult,
+    NonFiniteGuard,
+    TrainingDiverged,
+    epoch_end_steps,
+    train_loop,
+)
+
+
+class Data(Protocol):
+    """What `fit` reads: a `jaxdist.data.Dataset` or anything with these."""
+
+    global_batch: int
+
+    def __len__(self) -> int: ...
+
+    @property
+    def meta(self) -> dict: ...
+
+    def batches(self, start_step: int = 0) -> Iterator[Any]: ...
+
+
+class EvalData(Protocol):
+    def eval_batches(self, global_batch: int | None = None, *, limit: int | None = None
+                     ) -> Iterator[tuple[Any, np.ndarray]]: ...
+
+
+@dataclasses.dataclass
+class Run(FitResult):
+    """`FitResult` plus where the run started and stopped, and its goodput."""
+
+    start_step: int = 0
+    stopped_at: int | None = None
+    total_steps: int = 0
+    goodput: dict | None = None
+    wall_seconds: float = 0.0
+
+
+def fit(
+    trainer: Any,
+    data: Data,
+    *,
+    epochs: float | None = None,
+    steps: int | None = None,
+    eval_data: EvalData | None = None,
+    eval_every: int | None = None,
+    eval_batch: int | None = None,
+    eval_examples: int | None = None,
+    eval_prefix: str = "test",
+    workdir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    keep: int = 3,
+    keep_best: int = 0,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    restore_step: int | None = None,
+    data_meta: dict | None = None,
+    nonfinite_limit: int = 20,
+    progress: bool = True,
+    progress_every: float = PLAIN_EVERY_SECONDS,
+    logdir: str | Path | None = None,
+    profile_steps: tuple[int, int] | None = None,
+    hang_timeout: float = 300.0,
+    peak_tflops: float = 0.0,
+    run_meta: dict | None = None,
+    callbacks: Sequence[Callback] = (),
+    log=print,
+) -> Run:
+    """Trains `trainer` on `data` for `epochs` (or `steps`; both: the fewer), with the services.
+
+    Args:
+        eval_data: evaluated with the trainer's `eval_fn` at every epoch end (or every
+            `eval_every` steps, and at the end). `eval_fn` returns sums over the batch's examples,
+            padding masked out (the batch comes with its mask last); with a "count" sum, the
+            others are reported as means, named `<eval_prefix>_<name>`.
+        workdir: checkpoints go to `<workdir>/checkpoints` and logs to `<workdir>/logs`; a
+            rerun resumes (at `restore_step`, default the latest readable step).
+        data_meta: more settings that define the data (augmentation, ...); a resume with other
+            values is refused, like one with another global batch or seed.
+        logdir: metrics.jsonl, TensorBoard events, status files, profiles (default
+            `<workdir>/logs`, or none without a work dir).
+        hang_timeout: seconds without progress before the watchdog reports which process is
+            behind (0: off).
+        callbacks: user hooks (see `Callback`).
+
+    Returns:
+        a `Run`: the final state, per-evaluation history, timings, and `stopped_at` when a
+        signal or a callback stopped it early.
+    """
+    start = time.perf_counter()
+    leader = jax.process_index() == 0
+    say = log if leader else (lambda _: None)
+    epoch_ends = _epoch_ends(data, epochs, steps, eval_every)
+    total_steps = epoch_ends[-1]
+    if logdir is None and workdir is not None:
+        logdir = Path(workdir) / "logs"
+    monitor = _monitor(logdir, start, profile_steps, hang_timeout, peak_tflops, trainer, data,
+                       total_steps, run_meta)
+    measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
+    meta_now = {**dict(data.meta), **dict(data_meta or {})}
+    state, start_step, checkpointer = trainer.init(), 0, None
+    if workdir is not None:
+        from jaxdist.io import Checkpointer
+
+        checkpointer = Checkpointer(Path(workdir) / "checkpoints", every=checkpoint_every,
+                                    keep=keep, keep_best=keep_best, best_metric=best_metric,
+                                    best_mode=best_mode)
+        start_step, restored, saved_meta = _resume(checkpointer, restore_step,
+                                                   trainer.canonical(state))
+        if restored is not None:
+            _check_same_data(saved_meta, meta_now, start_step)
+            state = trainer.place(restored)
+            say(f"resuming at step {start_step} from {checkpointer.directory}")
+    position = start_step  # global batches consumed: the key of the next checkpoint
+
+    def save(step, state, metrics=None):
+        if monitor is not None:
+            monitor.phase("checkpoint")
+        with measure("checkpoint"):
+            checkpointer.save(step, trainer.canonical(state),
+                              meta={**meta_now, "data_position": step}, metrics=metrics)
+
+    def evaluate(state):
+        sums = trainer.evaluate(state, _with_masks(eval_data.eval_batches(
+            eval_batch, limit=eval_examples)))
+        metrics = _means(sums, eval_prefix)
+        if checkpointer is not None:  # evaluation points are always saved, with their metrics
+            save(position, state, metrics)
+        return metrics
+
+    def rollback(first_bad_step):
+        if checkpointer is not None:
+            checkpointer.wait()
+            good = [s for s in checkpointer.all_steps() if s < first_bad_step]
+            if good:
+                restored, _ = checkpointer.restore(good[-1], like=trainer.canonical(trainer.init()))
+                say(f"rolled back to the checkpoint of step {good[-1]}; training goes on from "
+                    f"batch {position + 1}, skipping the batches in between")
+                return trainer.place(restored)
+        raise TrainingDiverged(
+            f"{nonfinite_limit} consecutive non-finite steps from step {first_bad_step} on and no "
+            f"checkpoint before them to roll back to; lower the learning rate or check the data")
+
+    guard = NonFiniteGuard(limit=nonfinite_limit, rollback=rollback, log=say)
+    preemption = Preemption(checkpointer.reached_preemption if checkpointer else None)
+
+    class Position(Callback):
+        """Global batches consumed, after each step: the key of the next checkpoint."""
+
+        def on_step_end(self, step, state):
+            nonlocal position
+            position = step
+            return False
+
+    hooks = [Position(), preemption, *callbacks]
+    for cb in hooks:
+        cb.on_fit_start(trainer, state, start_step)
+    result = None
+    with preemption:
+        try:
+            result = train_loop(
+                trainer, state, data.batches(start_step), epoch_ends=epoch_ends,
+                start_step=start_step, evaluate=evaluate if eval_data is not None else None,
+                progress=progress, progress_every=progress_every, log=log,
+                callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends)]
+                if checkpointer is not None else hooks,
+                guard=guard, monitor=monitor)
+            if checkpointer is not None:
+                with measure("checkpoint"):
+                    if result.stopped:
+                        save(position, result.state)
+                    checkpointer.close()
+        finally:
+            goodput = monitor.close(position) if monitor is not None else None
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(FitResult)}
+    run = Run(**fields, start_step=start_step,
+              stopped_at=position if result.stopped else None, total_steps=total_steps,
+              goodput=goodput, wall_seconds=time.perf_counter() - start)
+    for cb in hooks:
+        cb.on_fit_end(run)
+    return run
+
+
+class _Checkpointing(Callback):
+    """Saves every `checkpoint_every` steps (evaluation points save with their metrics)."""
+
+    def __init__(self, checkpointer, save, epoch_ends):
+        self.checkpointer, self.save, self.epoch_ends = checkpointer, save, set(epoch_ends)
+
+    def on_step_end(self, step, state):
+        if self.checkpointer.due(step) and step not in self.epoch_ends:
+            self.save(step, state)
+        return False
+
+
+def _epoch_ends(data: Data, epochs: float | None, steps: int | None,
+                eval_every: int | None) -> list[int]:
+    if epochs is None and steps is None:
+        raise UsageError("fit needs epochs= or steps=")
+    if epochs is not None and epochs <= 0:
+        raise UsageError(f"epochs must be positive, got {epochs}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+    if eval_every is not None and eval_every < 1:
+        raise UsageError(f"eval_every must be at least 1, got {eval_every}")
+    if epochs is None:
+        epochs = steps * data.global_batch / len(data)
+    ends = epoch_end_steps(len(data), data.global_batch, epochs)
+    if steps is not None:
+        ends = sorted({min(e, steps) for e in ends})
+    if eval_every is not None:
+        ends = sorted(set(range(eval_every, ends[-1], eval_every)) | {ends[-1]})
+    return ends
+
+
+def _with_masks(batches):
+    """(batch, mask) -> the batch with its mask last: (*batch, mask), or batch["mask"]."""
+    for batch, mask in batches:
+        if isinstance(batch, dict):
+            yield {**batch, "mask": mask}
+        elif isinstance(batch, tuple):
+            yield (*batch, mask)
+        else:
+            yield batch, mask
+
+
+def _means(sums: dict[str, float], prefix: str) -> dict[str, float]:
+    count = sums.get("count")
+    named = (lambda k: f"{prefix}_{k}") if prefix else (lambda k: k)
+    if not count:
+        return {named(k): v for k, v in sums.items()}
+    return {named(k): v / count for k, v in sums.items() if k != "count"}
+
+
+def _resume(checkpointer, restore_step: int | None, like) -> tuple[int, Any, dict]:
+    """(step, canonical state or None, meta): the chosen step, else the latest readable one."""
+    if restore_step is None or restore_step < 0:
+        return checkpointer.restore_latest(like)
+    if restore_step not in checkpointer.all_steps():
+        raise UsageError(f"no checkpoint of step {restore_step} in {checkpointer.directory}; "
+                         f"it has {checkpointer.all_steps()}")
+    return (restore_step, *checkpointer.restore(restore_step, like))
+
+
+def _check_same_data(saved: dict, now: dict, step: int) -> None:
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise UsageError(f"the checkpoint of step {step} was trained with {key} "
+                             f"{saved[key]}, this run has {value}; resume with the same {key} "
+                             f"or use another work dir")
+
+
+def _monitor(logdir, start, profile_steps, hang_timeout, peak_tflops, trainer, data,
+             total_steps, run_meta):
+    """The run's TrainMonitor, or None when there is neither a logdir nor a watchdog."""
+    if not logdir and not hang_timeout:
+        return None
+    from jaxdist.observe.metrics import TrainMonitor
+
+    meta = None
+    if logdir:
+        devices = trainer.devices
+        meta = {"devices": len(devices), "platform": devices[0].platform,
+                "strategy": trainer.strategy, "global_batch": data.global_batch,
+                "steps": total_steps, **dict(run_meta or {})}
+    return TrainMonitor(logdir, start=start, peak_tflops=peak_tflops,
+                        profile_steps=profile_steps, hang_timeout=hang_timeout, meta=meta)
