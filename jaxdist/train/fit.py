@@ -189,13 +189,17 @@ def fit(
                 trainer, state, data.batches(start_step), epoch_ends=epoch_ends,
                 start_step=start_step, evaluate=evaluate if eval_data is not None else None,
                 progress=progress, progress_every=progress_every, log=log,
-                callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends)]
+                callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends,
+                                                  evaluated=eval_data is not None)]
                 if checkpointer is not None else hooks,
                 guard=guard, monitor=monitor)
+            if not result.stopped and not result.history and eval_data is not None:
+                # resumed at the end: nothing left to train, still report where it ended
+                result.history.append({"epoch": len(epoch_ends), "step": position,
+                                       "train_loss": float("nan"), **evaluate(result.state)})
             if checkpointer is not None:
                 with measure("checkpoint"):
-                    if result.stopped:
-                        save(position, result.state)
+                    save(position, result.state)  # stopped early, or the end (a no-op if saved)
                     checkpointer.close()
         finally:
             goodput = monitor.close(position) if monitor is not None else None
@@ -209,13 +213,17 @@ def fit(
 
 
 class _Checkpointing(Callback):
-    """Saves every `checkpoint_every` steps (evaluation points save with their metrics)."""
+    """Saves every `checkpoint_every` steps and at epoch ends (which, with evaluation, save after
+    it, with its metrics)."""
 
-    def __init__(self, checkpointer, save, epoch_ends):
+    def __init__(self, checkpointer, save, epoch_ends, evaluated: bool):
         self.checkpointer, self.save, self.epoch_ends = checkpointer, save, set(epoch_ends)
+        self.evaluated = evaluated
 
     def on_step_end(self, step, state):
-        if self.checkpointer.due(step) and step not in self.epoch_ends:
+        at_epoch_end = step in self.epoch_ends
+        if (self.checkpointer.due(step) and not at_epoch_end) or (
+                at_epoch_end and not self.evaluated):
             self.save(step, state)
         return False
 
