@@ -12,7 +12,6 @@ ones (dp, zero1, fsdp, tp, fsdp_tp) lay it out over `--mesh` by sharding rules.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -24,7 +23,6 @@ from jaxdist.parallel.backends import STRATEGIES
 from jaxdist.train.loop import TrainingDiverged
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # where this repository's CI keeps prepared datasets, looked in after TFDS's own lookup
 DATA_FALLBACKS = (Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
                   "tensorflow_datasets",)
@@ -199,31 +197,9 @@ def make_trainer(cfg: MnistConfig, devices, tx):
                    grad_reducer=reducer, **local)
 
 
-def _normalize(images):
-    import jax.numpy as jnp
-
-    return (images.astype(jnp.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
-
-
-def loss_fn(model, batch):
-    """Mean negative log-likelihood and accuracy over the batch."""
-    import jax.numpy as jnp
-
-    images, labels = batch
-    log_probs = model(_normalize(images))
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
-    return nll.mean(), {"accuracy": (log_probs.argmax(-1) == labels).mean()}
-
-
-def eval_fn(model, batch):
-    """Sums over the batch, padding masked out (`fit` reports them as means over "count")."""
-    import jax.numpy as jnp
-
-    images, labels, mask = batch
-    log_probs = model(_normalize(images))
-    nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
-    correct = (log_probs.argmax(-1) == labels).astype(jnp.float32)
-    return {"count": mask.sum(), "accuracy": (correct * mask).sum(), "loss": (nll * mask).sum()}
+# the MNIST loss and evaluation sums (`jaxdist.models.classification`), by their usual names
+from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: E402
+from jaxdist.models.classification import mnist_loss as loss_fn  # noqa: E402
 
 
 def validate(cfg: MnistConfig, num_devices: int) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from jaxdist.cluster.devices import XLA_OWN_CPU_KERNELS
 from jaxdist.errors import UsageError
+from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
 
 GIB = 2**30
 MIB = 2**20
@@ -45,7 +46,7 @@ DEFAULT_GLOBAL_BATCH = 256
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                 **XLA_OWN_CPU_KERNELS}
 
-STRATEGIES = ("dp", "zero1", "fsdp", "tp", "fsdp_tp")
+STRATEGIES = MODEL_PARALLEL_STRATEGIES  # the model-parallel rows of the one strategy table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,17 +284,10 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
 
 
 def _loss_fn() -> Callable:
-    """The MNIST training loss (uint8 NHWC images, int32 labels)."""
-    try:
-        from experiments.mnist import loss_fn
-    except ImportError:  # jaxdist installed without the repository's experiments/
-        def loss_fn(model, batch):
-            import jax.numpy as jnp
+    """The MNIST training loss the planned models are compiled with."""
+    from jaxdist.models.classification import mnist_loss
 
-            images, labels = batch
-            log_probs = model((images.astype(jnp.float32) / 255.0 - 0.1307) / 0.3081)
-            return -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0].mean()
-    return loss_fn
+    return mnist_loss
 
 
 def make_tx(optimizer: str) -> Any:

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.mnist import loss_fn  # noqa: E402
+from jaxdist.models.classification import mnist_loss as loss_fn  # noqa: E402
 from jaxdist import DataParallel  # noqa: E402
 from jaxdist.data import load_split, train_batches  # noqa: E402
 from jaxdist.models import MnistCNN  # noqa: E402

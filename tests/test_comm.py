@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import DataParallel, UsageError
 from jaxdist.comm import (
     int8_reduce,

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import DataParallel
 from jaxdist.cluster import XLA_OWN_CPU_KERNELS, devices
 from jaxdist.models import MnistCNN

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from experiments.mnist import eval_fn, loss_fn
+from jaxdist.models.classification import mnist_eval as eval_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import STRATEGIES, DataParallel, UsageError
 from jaxdist.data import eval_batches, train_batches
 from jaxdist.models import MnistCNN
@@ -94,8 +95,8 @@ def test_evaluation_on_8_devices_equals_a_direct_pass_over_the_test_set(strategy
     sums = dp.evaluate(dp.init(), eval_batches(test, 800))  # 12 full batches + 400 padded rows
     direct = eval_fn(model, (test.images, test.labels, np.ones(len(test), np.float32)))
     assert sums["count"] == 10000
-    assert sums["correct"] == float(direct["correct"])
-    np.testing.assert_allclose(sums["nll"], float(direct["nll"]), rtol=1e-5)
+    assert sums["accuracy"] == float(direct["accuracy"])
+    np.testing.assert_allclose(sums["loss"], float(direct["loss"]), rtol=1e-5)
 
 
 @needs_devices(8)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import STRATEGIES, DataParallel, UsageError
 from jaxdist.io import Checkpointer
 from jaxdist.models import MnistCNN

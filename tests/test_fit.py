@@ -20,7 +20,7 @@ from runs import Run
 from task import MLP, arrays, eval_fn, leaves, loss_fn
 
 WORKER = str(REPO / "tests" / "fit_worker.py")
-STEPS = 200
+STEPS = 120
 ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 
 

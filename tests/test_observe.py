@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import needs_devices
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist.models import ViT, vit_config
 from jaxdist.observe import collective_ledger, memory_report, total_bytes
 from jaxdist.observe.ledger import group_size, shape_bytes, wire_factor

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import plan
 from jaxdist.models import ViT, vit_config
 from jaxdist.observe import collective_ledger

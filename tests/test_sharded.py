@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from experiments.mnist import loss_fn
+from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import DataParallel, UsageError
 from jaxdist.io import Checkpointer
 from jaxdist.models import ViT, WideCNN, vit_config

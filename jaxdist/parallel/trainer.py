@@ -30,7 +30,6 @@ from jaxdist.core.step import (
     init_state,
     make_eval_step,
     make_train_step,
-    split_model,
     with_batch_stats_over,
 )
 from jaxdist.errors import UsageError

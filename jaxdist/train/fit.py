@@ -201,7 +201,10 @@ def fit(
                 with measure("checkpoint"):
                     save(position, result.state)  # stopped early, or the end (a no-op if saved)
                     checkpointer.close()
+                checkpointer = None
         finally:
+            if checkpointer is not None:  # an error: still finish the saves in flight
+                checkpointer.close()
             goodput = monitor.close(position) if monitor is not None else None
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(FitResult)}
     run = Run(**fields, start_step=start_step,
