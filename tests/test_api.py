@@ -1,5 +1,6 @@
 """The public API: a user's own NNX model, optax optimizer and loss, data-parallel in a few lines."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -82,3 +83,29 @@ def test_evaluate_without_eval_fn_is_a_usage_error():
     dp = jaxdist.DataParallel(MLPWithBatchNorm(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     with pytest.raises(jaxdist.UsageError, match="eval_fn"):
         dp.evaluate(dp.init(), [])
+
+
+class TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(4, 64, rngs=rngs)
+        self.b = nnx.Linear(64, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(nnx.relu(self.a(x)))
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy", ["jit", "shard_map", "fsdp", "zero1"])
+def test_gradient_accumulation_equals_the_whole_batch_under_every_layout(strategy, rng):
+    batches = list(_separable_batches(rng, 3, batch=64))
+
+    def train(microbatches):
+        trainer = jaxdist.Trainer(TwoLayers(nnx.Rngs(0)), optax.adam(1e-2), loss_fn,
+                                  strategy=strategy, microbatches=microbatches)
+        state = trainer.init()
+        for batch in batches:
+            state, _ = trainer.step(state, batch)
+        return [np.asarray(x) for x in jax.tree.leaves(trainer.canonical(state).params)]
+
+    for got, want in zip(train(4), train(1)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
