@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 
 import pytest
 
@@ -173,11 +173,10 @@ def test_at_the_same_step_the_process_in_another_phase_is_named_and_silent_ones_
 def test_the_watchdog_of_a_single_process_reports_a_stall_and_writes_a_status_file(tmp_path):
     status = M.ProgressStatus(tmp_path)
     status.update("data", 12)
-    messages = []
-    dog = M.Watchdog(status, timeout=0.3, interval=0.05, log=messages.append).start()
-    deadline = time.monotonic() + 300  # a fail-safe: the wait ends at the first report
-    while not messages and time.monotonic() < deadline:
-        time.sleep(0.05)
+    messages, reported = [], threading.Event()
+    dog = M.Watchdog(status, timeout=0.3, interval=0.05,
+                     log=lambda m: (messages.append(m), reported.set())).start()
+    reported.wait(300)  # ends at the first report; the limit is only a fail-safe
     dog.stop()
     assert messages and re.fullmatch(r"no progress for \d+ s; process 0 at step 12 \(phase data\)",
                                      messages[0]), messages
@@ -192,7 +191,7 @@ def _free_port() -> int:
 
 def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_one_is_named():
     script = textwrap.dedent("""
-        import sys, time, jax
+        import sys, threading, jax
         from jaxdist.cluster import configure_cpu_devices
         configure_cpu_devices(1)
         pid = int(sys.argv[1])
@@ -204,10 +203,10 @@ def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_on
         client = _kv_client()
         client.blocking_key_value_get(KV_PREFIX + str(1 - pid), 30_000)
         if pid == 0:
-            dog = Watchdog(status, timeout=0.2, interval=0.05, log=print).start()
-            deadline = time.monotonic() + 300  # a fail-safe: the wait ends at the first report
-            while not dog.messages and time.monotonic() < deadline:
-                time.sleep(0.05)
+            reported = threading.Event()
+            dog = Watchdog(status, timeout=0.2, interval=0.05,
+                           log=lambda m: (print(m, flush=True), reported.set())).start()
+            reported.wait(300)  # ends at the first report; the limit is only a fail-safe
             dog.stop()
         client.key_value_set(f"done/{pid}", "1")
         client.blocking_key_value_get(f"done/{1 - pid}", 30_000)

@@ -117,7 +117,7 @@ def make_train_step(
         loss, metrics = _as_loss_and_metrics(loss_fn(model, batch))
         _, _, new_rest = split_model(model)
         if replica_axis is not None:
-            new_rest = jax.tree.map(lambda new, old: old if _is_key(old) else new, new_rest,
+            new_rest = jax.tree.map(lambda new, old: old if is_prng_key(old) else new, new_rest,
                                     shared_keys)
         return loss, (metrics, new_rest)
 
@@ -163,14 +163,15 @@ def make_train_step(
     return train_step
 
 
-def _is_key(x: Any) -> bool:
+def is_prng_key(x: Any) -> bool:
+    """Whether `x` is an array of typed PRNG keys (which `where`, numpy and `+` reject)."""
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def fold_in_keys(tree: Any, data: jax.Array) -> Any:
     """Every PRNG key in `tree` folded with `data` (other leaves as they are)."""
-    return jax.tree.map(lambda x: jax.random.fold_in(x, data) if _is_key(x) else x, tree)
+    return jax.tree.map(lambda x: jax.random.fold_in(x, data) if is_prng_key(x) else x, tree)
 
 
 def with_batch_stats_over(graphdef: nnx.GraphDef, state: TrainState,
@@ -202,9 +203,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
     """`new` where `ok`, else `old`, leaf by leaf (PRNG keys, which `where` rejects, move on)."""
     def pick(n, o):
-        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
-            return n
-        return jnp.where(ok, n, o)
+        return n if is_prng_key(n) else jnp.where(ok, n, o)
 
     return jax.tree.map(pick, new, old)
 

@@ -181,7 +181,7 @@ def from_tfds(name: str, split: str, *, global_batch: int, seed: int = 0,
     Raises:
         UsageError: not prepared, no such split, or a damaged file (named in the message).
     """
-    from jaxdist.data.tfds_source import open_builder, resolve_data_dir
+    from jaxdist.data.tfds_source import open_builder, resolve_data_dir, split_files
 
     data_dir = resolve_data_dir(data_dir, name, fallbacks)
     builder = open_builder(name, data_dir, fallbacks=fallbacks)
@@ -195,7 +195,7 @@ def from_tfds(name: str, split: str, *, global_batch: int, seed: int = 0,
         raise DataError(f"dataset {name}/{split} in {builder.data_dir} cannot be opened "
                         f"({first_line(e)}); prepare the dataset again") from None
     info = builder.info.splits[split]
-    files = [f"{builder.data_dir}/{f}" for f in info.filenames]
+    files = split_files(builder, split)
     ends = list(np.cumsum(info.shard_lengths))
 
     def describe(index: int, e: Exception) -> str:

@@ -124,17 +124,16 @@ def _decode(name: str, split: str, data_dir: str | None, num_examples: int, prog
             bar.update(len(idx))
         bar.close()
     except (RuntimeError, OSError, ValueError) as e:  # Riegeli/array_record, PNG decoding
-        files = split_files(name, split, data_dir)
+        import tensorflow_datasets as tfds
+
+        files = split_files(tfds.builder(name, data_dir=data_dir), split)
         raise DataError(f"dataset {name}/{split}: {', '.join(files)} cannot be read "
                         f"({first_line(e)}); prepare the dataset again") from None
     return images, labels
 
 
-def split_files(name: str, split: str, data_dir: str | None) -> list[str]:
-    """The record files of a prepared split."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
+def split_files(builder, split: str) -> list[str]:
+    """The record files of a prepared split, by a TFDS builder."""
     return [str(Path(builder.data_dir) / f) for f in builder.info.splits[split].filenames]
 
 

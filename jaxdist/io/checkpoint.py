@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.errors import UsageError
-from jaxdist.core.step import TrainState, path_name
+from jaxdist.core.step import TrainState, is_prng_key, path_name
 
 
 class Checkpointer:
@@ -181,7 +181,7 @@ class Checkpointer:
 
 def _stored_shape(x) -> tuple[int, ...]:
     """PRNG keys are stored as their key data (one more dimension)."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if is_prng_key(x):
         return tuple(jax.eval_shape(jax.random.key_data, x).shape)
     return tuple(x.shape)
 

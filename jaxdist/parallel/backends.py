@@ -29,10 +29,10 @@ from jax.sharding import PartitionSpec as P
 from jaxdist.errors import UsageError
 from jaxdist.core.step import TrainState
 from jaxdist.parallel.mesh import DATA_AXIS, batch_sharded, replicated
-from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
+from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES, STRATEGIES_TABLE
 
 STRATEGIES = DATA_PARALLEL_STRATEGIES  # jit, shard_map, pmap, local_sgd
-MAPPED_STRATEGIES = ("shard_map", "pmap", "local_sgd")
+MAPPED_STRATEGIES = tuple(name for name, row in STRATEGIES_TABLE.items() if row.layout == "mapped")
 
 
 def pmean_floats(tree: Any, axis_name: str = DATA_AXIS) -> Any:
@@ -80,7 +80,7 @@ class Backend:
 def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
     """State replicated, except `comm` (the gradient reducer's state): one slice per replica,
     stacked on a leading axis split over the data axis."""
-    train_step = train_step_with(pmean_floats, DATA_AXIS)
+    train_step = train_step_with(pmean_floats)
     add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
 
     def local_step(state: TrainState, batch):
@@ -112,7 +112,7 @@ def _stacked_placement(mesh: Mesh) -> Callable[[TrainState], TrainState]:
 
 def _pmap_backend(mesh, train_step_with, **_) -> Backend:
     step = jax.pmap(
-        train_step_with(pmean_floats, DATA_AXIS),
+        train_step_with(pmean_floats),
         axis_name=DATA_AXIS,
         devices=list(mesh.devices.flat),
         donate_argnums=0,
@@ -138,7 +138,7 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
                        outer_optimizer=None, **_) -> Backend:
     if local_steps < 1:
         raise UsageError(f"local SGD needs local_steps >= 1, got {local_steps}")
-    local_step = train_step_with(lambda tree: tree, DATA_AXIS)
+    local_step = train_step_with(lambda tree: tree)
 
     def outer_step(state: TrainState, mean_params) -> TrainState:
         """DiLoCo: the replicas' mean movement away from the anchor is the outer gradient."""
@@ -187,7 +187,7 @@ _BUILDERS = {
 def make_backend(
     strategy: str,
     mesh: Mesh,
-    train_step_with: Callable[[Callable, str | None], Callable],
+    train_step_with: Callable[[Callable], Callable],
     *,
     local_steps: int = 1,
     average_opt_state: bool = False,
@@ -195,9 +195,9 @@ def make_backend(
 ) -> Backend:
     """Builds the mapped backend for `strategy` (shard_map, pmap or local_sgd).
 
-    `train_step_with(reduce, replica_axis)` returns the shared pure train step with `reduce`
-    averaging over replicas and `replica_axis` the mapped axis each replica runs on (None: the
-    step is one global program; see `jaxdist.core.step.make_train_step`). `outer_optimizer` (local SGD only)
+    `train_step_with(reduce)` returns the shared pure train step, run by each replica over the
+    data axis, with `reduce` averaging over replicas (see `jaxdist.core.step.make_train_step`,
+    `replica_axis`). `outer_optimizer` (local SGD only)
     turns parameter averaging into DiLoCo's outer step; the state's `comm` must then hold
     `diloco_init(outer_optimizer)(params)`.
     """

@@ -11,6 +11,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.core.axes import DATA_AXIS, MESH_AXES  # noqa: F401 - re-exported
+from jaxdist.core.step import is_prng_key
 from jaxdist.errors import UsageError
 
 
@@ -72,7 +73,7 @@ def put_host_tree(tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)
 
     def put(x, sharding):
-        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        if is_prng_key(x):
             impl = jax.random.key_impl(x)
             data = put(np.asarray(jax.random.key_data(x)), NamedSharding(sharding.mesh, P()))
             return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),

@@ -115,7 +115,7 @@ class Trainer:
                                outer_optimizer=outer_optimizer, sync=sync_batch_stats)
         else:
             layout = rules_layout(
-                model if self.model is not None else self._model_fn, tx, loss_fn, self.mesh,
+                model, tx, loss_fn, self.mesh,
                 strategy if isinstance(strategy, Rules) else rules_for(
                     "dp" if row.name == "jit" else row.name),
                 self.strategy, eval_fn, step_options)
@@ -149,11 +149,11 @@ class Trainer:
         if sync and row.per_device_batch_stats:
             replica_graphdef = with_batch_stats_over(self.graphdef, initial, DATA_AXIS)
 
-        def train_step_with(reduce, replica_axis):
+        def train_step_with(reduce):
             return make_train_step(
-                self.graphdef if replica_axis is None else replica_graphdef, loss_fn, self._tx,
-                reduce, grad_reduce=grad_reducer.update if grad_reducer is not None else None,
-                replica_axis=replica_axis, **step_options)
+                replica_graphdef, loss_fn, self._tx, reduce,
+                grad_reduce=grad_reducer.update if grad_reducer is not None else None,
+                replica_axis=DATA_AXIS, **step_options)
 
         self.backend = make_backend(row.name, self.mesh, train_step_with, local_steps=local_steps,
                                     average_opt_state=average_opt_state,
