@@ -1,8 +1,19 @@
-"""The one exception type for bad user input.
+"""The one exception type for bad user input, and the exit-code convention.
 
 Entry points catch `UsageError` and print its message as a single line with exit code 2, so a
 typo in a flag never ends in a traceback or in half-written output.
+
+Exit codes, which `jaxdist.launch --max_restarts` and the cluster templates act on:
+- 0 (`EXIT_OK`): done, or stopped by SIGTERM/SIGINT with a checkpoint saved. Not restarted.
+- 1 (`EXIT_DIVERGED`): training diverged with nothing to roll back to. Not restarted (a rerun
+  would diverge the same way).
+- 2 (`EXIT_USAGE`): bad input. Not restarted.
+- 75 (`EXIT_HANG`, EX_TEMPFAIL): the hang watchdog ended a stuck process. Restarted.
+- anything else (a crash, a signal, a lost peer): restarted.
 """
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_HANG = 0, 1, 2, 75
+NOT_RESTARTED = (EXIT_OK, EXIT_DIVERGED, EXIT_USAGE)
 
 
 class UsageError(ValueError):

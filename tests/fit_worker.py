@@ -3,9 +3,15 @@
     python tests/fit_worker.py OUT.npz STRATEGY STEPS [WORKDIR]
 
 Run alone or under `python -m jaxdist.launch`; with WORKDIR it checkpoints every 10 steps and
-resumes when run again. Prints a progress line per step (a test's events).
+resumes when run again. Prints a progress line per step (a test's events). With
+FIT_SIGTERM_AT=compile|eval|save it sends itself SIGTERM at that event: while the first step is
+traced, after the first evaluation batch, or at step 10 just before that step's save is issued
+(which is then in flight when the next step stops the run). FIT_HANG_TIMEOUT sets fit's
+hang_timeout (default 300 s).
 """
 
+import os
+import signal
 import sys
 
 from jaxdist.cluster import configure_cpu_devices, initialize
@@ -22,14 +28,49 @@ import jaxdist  # noqa: E402
 from task import MLP, arrays, eval_fn, leaves, loss_fn  # noqa: E402
 
 
+SIGTERM_AT = os.environ.get("FIT_SIGTERM_AT", "")
+
+
+def sigterm_self() -> None:
+    print(f"sending SIGTERM to myself ({SIGTERM_AT})", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def traced_loss(model, batch):
+    if SIGTERM_AT == "compile":
+        sigterm_self()  # Python here runs while the step is traced for its first compile
+    return loss_fn(model, batch)
+
+
+class EvalData:
+    """The evaluation set, signalling after its first batch with FIT_SIGTERM_AT=eval."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def eval_batches(self, *args, **kwargs):
+        for k, batch in enumerate(self.data.eval_batches(*args, **kwargs)):
+            if k == 1 and SIGTERM_AT == "eval":
+                sigterm_self()
+            yield batch
+
+
+class SignalBeforeSave(jaxdist.Callback):
+    def on_step_end(self, step, state):
+        if step == 10 and SIGTERM_AT == "save":
+            sigterm_self()
+
+
 def main(out: str, strategy: str, steps: int, workdir: str | None = None) -> None:
-    trainer = jaxdist.Trainer(MLP(nnx.Rngs(0, dropout=1)), optax.adam(3e-3), loss_fn,
+    trainer = jaxdist.Trainer(MLP(nnx.Rngs(0, dropout=1)), optax.adam(3e-3), traced_loss,
                               strategy=strategy, eval_fn=eval_fn)
     x, y = arrays()
     run = jaxdist.fit(trainer, jaxdist.data.from_arrays((x, y), global_batch=64, seed=0),
-                      steps=steps, eval_data=jaxdist.data.from_arrays(arrays(256, 1),
-                                                                      global_batch=64),
-                      workdir=workdir, checkpoint_every=10, progress_every=0)
+                      steps=steps, eval_data=EvalData(jaxdist.data.from_arrays(arrays(256, 1),
+                                                                               global_batch=64)),
+                      workdir=workdir, checkpoint_every=10, progress_every=0,
+                      callbacks=[SignalBeforeSave()],
+                      hang_timeout=float(os.environ.get("FIT_HANG_TIMEOUT", "300")))
     state = leaves(trainer.canonical(run.state))
     if jax.process_index() == 0:
         if run.stopped:

@@ -175,3 +175,23 @@ def test_resuming_with_another_seed_is_refused(tmp_path):
     run(0)
     with pytest.raises(jaxdist.UsageError, match="trained with seed 0, this run has 1"):
         run(1)
+
+
+@pytest.mark.parametrize("moment, stop_step", [("compile", 1), ("eval", 32), ("save", 11)])
+def test_sigterm_during_the_first_compile_an_evaluation_or_a_save_in_flight_saves_and_exits_0(
+        uninterrupted, tmp_path, moment, stop_step):
+    """The worker signals itself at that moment: while its first step is traced, after the first
+    batch of the evaluation at step 32 (it stops there, not after the next step), or at step 10
+    just before that save is issued (the stop at step 11 saves while it may still be written)."""
+    code, log = _worker(tmp_path / "final.npz", workdir=tmp_path / "work",
+                        env={"FIT_SIGTERM_AT": moment}).finish()
+    assert code == 0, log[-2000:]
+    assert f"sending SIGTERM to myself ({moment})" in log
+    assert f"stopped at step {stop_step}" in log, log[-2000:]
+    ckpt = Checkpointer(tmp_path / "work" / "checkpoints")
+    assert stop_step in ckpt.all_steps()
+    ckpt.close()
+    code, log = _worker(tmp_path / "final.npz", workdir=tmp_path / "work").finish()
+    assert code == 0 and f"resuming at step {stop_step}" in log, log[-2000:]
+    for got, want in zip(_final(tmp_path / "final.npz"), uninterrupted):
+        np.testing.assert_array_equal(got, want)

@@ -202,6 +202,8 @@ def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_on
         status.publish()
         client = _kv_client()
         client.blocking_key_value_get(KV_PREFIX + str(1 - pid), 30_000)
+        if pid == 1:  # alive and beating, never reporting itself
+            beating = Watchdog(status, timeout=3600, interval=0.05).start()
         if pid == 0:
             reported = threading.Event()
             dog = Watchdog(status, timeout=0.2, interval=0.05,
@@ -230,3 +232,28 @@ def test_profile_steps_without_a_logdir_is_a_usage_error(capsys):
     assert experiment.main(["--profile_steps", "5,2", "--logdir", "x", "--progress", "false",
                             "--compile_cache", "off"]) == 2
     assert "1 <= A <= B" in capsys.readouterr().err
+
+
+def test_a_process_that_stopped_beating_is_named_as_not_responding_whatever_its_step():
+    now = 1000.0
+    statuses = {0: {"step": 41, "phase": "step", "beat": now - 1},
+                1: {"step": 41, "phase": "step", "beat": now - 25}}
+    assert M.diagnose_hang(statuses, 20, 2, now=now, silent_after=10) == (
+        "no progress for 20 s; process 1 is not responding (last heard 25 s ago, at step 41, "
+        "phase step)")
+
+
+def test_the_exit_action_writes_the_verdict_and_every_stack_then_exits_75(tmp_path, capsys):
+    status = M.ProgressStatus(tmp_path)
+    status.update("eval", 7)
+    exits, done = [], threading.Event()
+    dog = M.Watchdog(status, timeout=0.3, interval=0.05, action="exit",
+                     exit=lambda code: (exits.append(code), done.set())).start()
+    done.wait(300)  # ends at the action; the limit is only a fail-safe
+    dog.stop()
+    assert exits == [75]
+    text = (tmp_path / "status" / "hang_process_0.txt").read_text()
+    assert re.match(r"no progress for \d+ s; process 0 at step 7 \(phase eval\)", text)
+    assert "most recent call first" in text and "_run" in text  # the watchdog's own thread too
+    err = capsys.readouterr().err
+    assert "error: hang: no progress for" in err and "process 0 exits 75" in err

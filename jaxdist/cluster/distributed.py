@@ -29,6 +29,7 @@ ENV_PROCESS_ID = "JAXDIST_PROCESS_ID"
 ENV_BIND = "JAXDIST_COORDINATOR_BIND"
 ENV_INIT_TIMEOUT = "JAXDIST_INIT_TIMEOUT"
 ENV_HEARTBEAT_TIMEOUT = "JAXDIST_HEARTBEAT_TIMEOUT"
+ENV_JOINED_FILE = "JAXDIST_JOINED_FILE"  # touched once joined: the launcher's "it could start"
 SCHEDULER_MARKERS = {
     "slurm": ("SLURM_JOB_ID", "SLURM_NTASKS"),
     "mpi": ("OMPI_COMM_WORLD_SIZE",),
@@ -160,4 +161,8 @@ def initialize(spec: ClusterSpec | None = None) -> bool:
             f"this process expected {spec.num_processes} processes but the job has "
             f"{jax.process_count()}"
         )
+    if os.environ.get(ENV_JOINED_FILE):
+        from pathlib import Path
+
+        Path(os.environ[ENV_JOINED_FILE]).touch()
     return True

@@ -43,14 +43,16 @@ class TrainMonitor:
         start: `time.perf_counter()` at the start of the run (goodput's wall-clock origin).
         peak_tflops: peak TFLOP/s per device for MFU (0: `default_peak_tflops`).
         profile_steps: (A, B): trace steps A..B with `jax.profiler` into `<logdir>/profile`.
-        hang_timeout: seconds without progress before the watchdog reports (0: no watchdog).
+        hang_timeout: seconds without progress before the watchdog acts (0: no watchdog).
+        hang_action: "exit" (stacks to the status dir, exit `EXIT_HANG`) or "report".
         meta: the run-metadata record (devices, strategy, global batch, model, ...).
         log: where the leader's one-line notes go (the MFU assumption, the goodput summary).
     """
 
     def __init__(self, logdir: str | os.PathLike | None = None, *, start: float | None = None,
                  peak_tflops: float = 0.0, profile_steps: tuple[int, int] | None = None,
-                 hang_timeout: float = 0.0, meta: dict | None = None,
+                 hang_timeout: float = 0.0, hang_action: str = "exit",
+                 meta: dict | None = None,
                  log: Callable[[str], None] = print, writer: MetricsWriter | None = None):
         self.logdir = Path(logdir) if logdir else None
         self.leader = jax.process_index() == 0
@@ -69,7 +71,8 @@ class TrainMonitor:
         self.profile_dir = None
         self._profiling = False
         self.status = ProgressStatus(self.logdir)
-        self.watchdog = Watchdog(self.status, hang_timeout).start() if hang_timeout > 0 else None
+        self.watchdog = (Watchdog(self.status, hang_timeout, action=hang_action).start()
+                         if hang_timeout > 0 else None)
         self._first_step = None
         self._last_read = None
         self._started = False

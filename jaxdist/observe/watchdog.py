@@ -1,9 +1,14 @@
-"""Hang diagnosis: each process publishes its last completed step and phase (data / step / eval /
-checkpoint) to the JAX distributed key-value store (several processes) and to a status file;
-the watchdog names the process that is behind when nothing progressed for `timeout` seconds."""
+"""Hang diagnosis and action: each process publishes its last completed step and phase (data /
+step / eval / checkpoint) and a heartbeat to the JAX distributed key-value store (several
+processes) and to a status file; when nothing progressed for `timeout` seconds the watchdog names
+the process that is behind (a frozen one stops beating) and, with `action="exit"`, writes every
+thread's Python stack and the verdict to the status dir and ends the process with `EXIT_HANG`, so
+a launcher or scheduler restarts the job from its last checkpoint (jax-ml/jax#38503: a process
+stuck in a collective gets no timeout of its own)."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -14,21 +19,37 @@ from typing import Callable
 
 import jax
 
+from jaxdist.errors import EXIT_HANG
+
 PHASES = ("startup", "data", "step", "eval", "checkpoint", "done")
 KV_PREFIX = "jaxdist/status/"
 
 
 def diagnose_hang(statuses: dict[int, dict], stalled_seconds: float,
-                  expected: int | None = None) -> str:
-    """One line naming the process(es) behind: the lowest step, then the oldest update.
+                  expected: int | None = None, *, now: float | None = None,
+                  silent_after: float | None = None) -> str:
+    """One line naming the process(es) behind: a silent one, else the lowest step, then the
+    phase that differs.
 
     `statuses`: process index -> {"step": last completed step, "phase": ..., "time": unix time of
-    the last update}. `expected`: the process count (processes that never reported are named).
+    the last update, "beat": unix time of its watchdog's last publish}. `expected`: the process
+    count (processes that never reported are named). A process whose beat is older than
+    `silent_after` s at `now` is not responding (frozen, or dead with its heartbeat not yet
+    missed by the runtime): it is the one behind, whatever its step.
     """
     head = f"no progress for {stalled_seconds:.0f} s"
     missing = sorted(set(range(expected or 0)) - set(statuses))
     if not statuses:
         return f"{head}; no process reported a status"
+    if now is not None and silent_after is not None:
+        silent = sorted(p for p, s in statuses.items()
+                        if now - float(s.get("beat", now)) > silent_after)
+        if silent and len(silent) < len(statuses):
+            parts = [f"process {p} is not responding (last heard {now - statuses[p]['beat']:.0f} s "
+                     f"ago, at step {statuses[p].get('step', '?')}, phase "
+                     f"{statuses[p].get('phase', '?')})" for p in silent]
+            text = f"{head}; " + "; ".join(parts)
+            return text + (f"; process(es) {_names(missing)} never reported" if missing else "")
     steps = {p: int(s.get("step", -1)) for p, s in statuses.items()}
     low = min(steps.values())
     behind = sorted(p for p, s in steps.items() if s == low)
@@ -86,12 +107,14 @@ class ProgressStatus:
         self.step = 0
         self.phase = "startup"
         self.changed = time.time()  # last step completion or phase change
+        self.completed_a_step = False
         self.path = (Path(logdir) / "status" / f"process_{self.process}.json") if logdir else None
         self._client = _kv_client()
         self._published = None
 
     def update(self, phase: str | None = None, step: int | None = None) -> None:
         if step is not None:
+            self.completed_a_step = self.completed_a_step or step > self.step
             self.step = step
         if phase is not None:
             self.phase = phase
@@ -101,17 +124,20 @@ class ProgressStatus:
         return {"step": self.step, "phase": self.phase, "time": self.changed}
 
     def publish(self) -> None:
+        """To the KV store every call (the beat says this process is alive), to the file when
+        the status changed."""
         current = self.as_dict()
+        if self._client is not None:
+            try:
+                self._client.key_value_set(f"{KV_PREFIX}{self.process}",
+                                           json.dumps({**current, "beat": time.time()}),
+                                           allow_overwrite=True)
+            except Exception:  # the coordinator may be gone; the watchdog still reports locally
+                pass
         if current == self._published:
             return
         self._published = current
         text = json.dumps(current)
-        if self._client is not None:
-            try:
-                self._client.key_value_set(f"{KV_PREFIX}{self.process}", text,
-                                           allow_overwrite=True)
-            except Exception:  # the coordinator may be gone; the watchdog still reports locally
-                pass
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -127,22 +153,32 @@ class ProgressStatus:
                     statuses[int(key.rsplit("/", 1)[-1])] = json.loads(value)
             except Exception:
                 pass
-        statuses[self.process] = self.as_dict()
+        statuses[self.process] = {**self.as_dict(), "beat": time.time()}
         return statuses
 
 
 class Watchdog:
     """A daemon thread: publishes the status every `interval` s and, when it has not changed for
-    `timeout` s, prints `diagnose_hang` of every process's status (again every `timeout` s while
-    the stall lasts). XLA's own collective timeouts may abort a hung collective first."""
+    `timeout` s (3x that before the first step completed: compilation), diagnoses the stall with
+    `diagnose_hang` of every process's status.
+
+    `action="report"` logs the diagnosis (again every `timeout` s while the stall lasts);
+    `action="exit"` logs it once as an error, writes `hang_process_<i>.txt` (the verdict and
+    every thread's stack) to the status dir (to stderr without one) and exits with `EXIT_HANG`:
+    the process is stuck, so only a restart from the last checkpoint helps.
+    """
 
     def __init__(self, status: ProgressStatus, timeout: float, *, interval: float | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.status, self.timeout = status, timeout
+                 log: Callable[[str], None] | None = None, action: str = "report",
+                 exit: Callable[[int], None] = os._exit):
+        if action not in ("report", "exit"):
+            raise ValueError(f"watchdog action {action!r}: expected 'report' or 'exit'")
+        self.status, self.timeout, self.action = status, timeout, action
         self.interval = interval if interval is not None else max(0.05, min(5.0, timeout / 4))
         self.log = log or (lambda m: print(f"[process {status.process}] hang watchdog: {m}",
                                            file=sys.stderr, flush=True))
         self.messages: list[str] = []
+        self._exit = exit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jaxdist-watchdog", daemon=True)
 
@@ -150,15 +186,20 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def allowance(self) -> float:
+        """Seconds of no progress tolerated now: more before the first step (it compiles)."""
+        return self.timeout if self.status.completed_a_step else 3 * self.timeout
+
     def check(self, now: float | None = None) -> str | None:
-        """The diagnosis when stalled for `timeout` s since the last report, else None."""
+        """The diagnosis when stalled for `allowance()` s since the last report, else None."""
         now = time.time() if now is None else now
         stalled = now - self.status.changed
         last = getattr(self, "_reported", 0.0)
-        if stalled < self.timeout or now - last < self.timeout:
+        if stalled < self.allowance() or now - last < self.timeout:
             return None
         self._reported = now
-        return diagnose_hang(self.status.gather(), stalled, self.status.processes)
+        return diagnose_hang(self.status.gather(), stalled, self.status.processes, now=now,
+                             silent_after=max(3 * self.interval, min(self.timeout / 2, 10.0)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -167,9 +208,36 @@ class Watchdog:
                 message = self.check()
             except Exception as e:  # never take training down
                 message = f"watchdog error: {e!r}"
+                if self.action == "exit":
+                    self.log(message)
+                    continue
             if message:
                 self.messages.append(message)
+                if self.action == "exit":
+                    self.give_up(message)
+                    return
                 self.log(message)
+
+    def give_up(self, message: str) -> None:
+        """Writes the verdict and every thread's stack, says so in one line, exits."""
+        where = "stderr"
+        try:
+            if self.status.path is not None:
+                path = self.status.path.parent / f"hang_process_{self.status.process}.txt"
+                with open(path, "w") as f:
+                    f.write(f"{message}\n\n")
+                    f.flush()
+                    faulthandler.dump_traceback(f, all_threads=True)
+                where = str(path)
+            else:
+                faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        except Exception as e:
+            where = f"nowhere ({e!r})"
+        print(f"error: hang: {message}; process {self.status.process} exits {EXIT_HANG} so the "
+              f"job restarts from its last checkpoint (stacks: {where})", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        self._exit(EXIT_HANG)
 
     def stop(self) -> None:
         self._stop.set()

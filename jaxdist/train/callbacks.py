@@ -40,16 +40,25 @@ class Callback:
 class Preemption(Callback):
     """SIGTERM/SIGINT: finish the current step, then stop (`fit` saves and returns, exit 0).
 
+    Active for the whole of `fit`: a signal during set-up or restore, the first compile, or a
+    save in flight stops the run after the next step; one during evaluation stops it between
+    evaluation batches (one process; with several, after the evaluation, since all must run the
+    same collectives).
+
     With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
     catches SIGTERM on any process, and the processes agree on one step to stop at through
-    `reached_preemption(step)` (orbax's `CheckpointManager.reached_preemption` with a work dir),
-    so none saves or stops alone.
+    `reached(step)` (orbax's `CheckpointManager.reached_preemption` with a work dir), so none
+    saves or stops alone.
     """
 
-    def __init__(self, reached_preemption=None):
-        self._reached = reached_preemption
+    class Interrupted(Exception):
+        """Raised out of `interruptible` iteration when a signal arrived."""
+
+    def __init__(self, reached=None):
+        self.reached = reached
         self.requested = False
         self._previous: dict = {}
+        self._multi = False
 
     def __enter__(self) -> "Preemption":
         self._multi = jax.process_count() > 1
@@ -60,11 +69,18 @@ class Preemption(Callback):
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    def interruptible(self, items):
+        """`items`, ending with `Interrupted` at a signal (one process only: see the class)."""
+        for item in items:
+            if self.requested and not self._multi:
+                raise Preemption.Interrupted()
+            yield item
+
     def on_step_end(self, step: int, state: Any) -> bool:
         if not self._multi:
             return self.requested
-        if self._reached is not None:
-            return bool(self._reached(step)) or self.requested
+        if self.reached is not None:
+            return bool(self.reached(step)) or self.requested
         from jax.experimental import multihost_utils
 
         try:

@@ -88,6 +88,7 @@ def fit(
     logdir: str | Path | None = None,
     profile_steps: tuple[int, int] | None = None,
     hang_timeout: float = 300.0,
+    hang_action: str = "exit",
     peak_tflops: float = 0.0,
     run_meta: dict | None = None,
     callbacks: Sequence[Callback] = (),
@@ -106,8 +107,12 @@ def fit(
             values is refused, like one with another global batch or seed.
         logdir: metrics.jsonl, TensorBoard events, status files, profiles (default
             `<workdir>/logs`, or none without a work dir).
-        hang_timeout: seconds without progress before the watchdog reports which process is
-            behind (0: off).
+        hang_timeout: seconds without progress (3x before the first step completed) before the
+            watchdog acts (0: off).
+        hang_action: "exit": every live process writes its stacks and the verdict (which
+            process is behind, in which phase) to `<logdir>/status` and exits with
+            `jaxdist.errors.EXIT_HANG`, for the launcher or scheduler to restart the job;
+            "report": only print the verdict.
         callbacks: user hooks (see `Callback`).
 
     Returns:
@@ -121,10 +126,28 @@ def fit(
     total_steps = epoch_ends[-1]
     if logdir is None and workdir is not None:
         logdir = Path(workdir) / "logs"
-    monitor = _monitor(logdir, start, profile_steps, hang_timeout, peak_tflops, trainer, data,
-                       total_steps, run_meta)
+    monitor = _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops,
+                       trainer, data, total_steps, run_meta)
     measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
     meta_now = {**dict(data.meta), **dict(data_meta or {})}
+    # from here on SIGTERM/SIGINT stop the run with a checkpoint: during set-up and restore, the
+    # first compile, evaluation and saves in flight, not only between steps
+    preemption = Preemption()
+    with preemption:
+        return _fit(trainer, data, preemption=preemption, epoch_ends=epoch_ends,
+                    total_steps=total_steps, monitor=monitor, measure=measure, meta_now=meta_now,
+                    say=say, log=log, start=start, eval_data=eval_data, eval_batch=eval_batch,
+                    eval_examples=eval_examples, eval_prefix=eval_prefix, workdir=workdir,
+                    checkpoint_every=checkpoint_every, keep=keep, keep_best=keep_best,
+                    best_metric=best_metric, best_mode=best_mode, restore_step=restore_step,
+                    nonfinite_limit=nonfinite_limit, progress=progress,
+                    progress_every=progress_every, callbacks=callbacks)
+
+
+def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure, meta_now, say,
+         log, start, eval_data, eval_batch, eval_examples, eval_prefix, workdir,
+         checkpoint_every, keep, keep_best, best_metric, best_mode, restore_step,
+         nonfinite_limit, progress, progress_every, callbacks) -> "Run":
     state, start_step, checkpointer = trainer.init(), 0, None
     if workdir is not None:
         from jaxdist.io import Checkpointer
@@ -148,8 +171,12 @@ def fit(
                               meta={**meta_now, "data_position": step}, metrics=metrics)
 
     def evaluate(state):
-        sums = trainer.evaluate(state, _with_masks(eval_data.eval_batches(
-            eval_batch, limit=eval_examples)))
+        """The metrics, or None when a signal interrupted it (one process: between batches)."""
+        batches = _with_masks(eval_data.eval_batches(eval_batch, limit=eval_examples))
+        try:
+            sums = trainer.evaluate(state, preemption.interruptible(batches))
+        except Preemption.Interrupted:
+            return None
         metrics = _means(sums, eval_prefix)
         if checkpointer is not None:  # evaluation points are always saved, with their metrics
             save(position, state, metrics)
@@ -169,7 +196,8 @@ def fit(
             f"checkpoint before them to roll back to; lower the learning rate or check the data")
 
     guard = NonFiniteGuard(limit=nonfinite_limit, rollback=rollback, log=say)
-    preemption = Preemption(checkpointer.reached_preemption if checkpointer else None)
+    if checkpointer is not None:  # several processes agree on the stop step through orbax
+        preemption.reached = checkpointer.reached_preemption
 
     class Position(Callback):
         """Global batches consumed, after each step: the key of the next checkpoint."""
@@ -183,29 +211,32 @@ def fit(
     for cb in hooks:
         cb.on_fit_start(trainer, state, start_step)
     result = None
-    with preemption:
-        try:
-            result = train_loop(
-                trainer, state, data.batches(start_step), epoch_ends=epoch_ends,
-                start_step=start_step, evaluate=evaluate if eval_data is not None else None,
-                progress=progress, progress_every=progress_every, log=log,
-                callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends,
-                                                  evaluated=eval_data is not None)]
-                if checkpointer is not None else hooks,
-                guard=guard, monitor=monitor)
-            if not result.stopped and not result.history and eval_data is not None:
-                # resumed at the end: nothing left to train, still report where it ended
+    try:
+        result = train_loop(
+            trainer, state, data.batches(start_step), epoch_ends=epoch_ends,
+            start_step=start_step, evaluate=evaluate if eval_data is not None else None,
+            progress=progress, progress_every=progress_every, log=log,
+            callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends,
+                                              evaluated=eval_data is not None)]
+            if checkpointer is not None else hooks,
+            guard=guard, monitor=monitor)
+        if not result.stopped and not result.history and eval_data is not None:
+            # resumed at the end: nothing left to train, still report where it ended
+            metrics = evaluate(result.state)
+            if metrics is None:  # a signal during it
+                result.stopped = True
+            else:
                 result.history.append({"epoch": len(epoch_ends), "step": position,
-                                       "train_loss": float("nan"), **evaluate(result.state)})
-            if checkpointer is not None:
-                with measure("checkpoint"):
-                    save(position, result.state)  # stopped early, or the end (a no-op if saved)
-                    checkpointer.close()
-                checkpointer = None
-        finally:
-            if checkpointer is not None:  # an error: still finish the saves in flight
+                                       "train_loss": float("nan"), **metrics})
+        if checkpointer is not None:
+            with measure("checkpoint"):
+                save(position, result.state)  # stopped early, or the end (a no-op if saved)
                 checkpointer.close()
-            goodput = monitor.close(position) if monitor is not None else None
+            checkpointer = None
+    finally:
+        if checkpointer is not None:  # an error: still finish the saves in flight
+            checkpointer.close()
+        goodput = monitor.close(position) if monitor is not None else None
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(FitResult)}
     run = Run(**fields, start_step=start_step,
               stopped_at=position if result.stopped else None, total_steps=total_steps,
@@ -288,8 +319,8 @@ def _check_same_data(saved: dict, now: dict, step: int) -> None:
                              f"or use another work dir")
 
 
-def _monitor(logdir, start, profile_steps, hang_timeout, peak_tflops, trainer, data,
-             total_steps, run_meta):
+def _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops, trainer,
+             data, total_steps, run_meta):
     """The run's TrainMonitor, or None when there is neither a logdir nor a watchdog."""
     if not logdir and not hang_timeout:
         return None
@@ -302,4 +333,5 @@ def _monitor(logdir, start, profile_steps, hang_timeout, peak_tflops, trainer, d
                 "strategy": trainer.strategy, "global_batch": data.global_batch,
                 "steps": total_steps, **dict(run_meta or {})}
     return TrainMonitor(logdir, start=start, peak_tflops=peak_tflops,
-                        profile_steps=profile_steps, hang_timeout=hang_timeout, meta=meta)
+                        profile_steps=profile_steps, hang_timeout=hang_timeout,
+                        hang_action=hang_action, meta=meta)

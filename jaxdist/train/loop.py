@@ -110,7 +110,8 @@ def train_loop(
     Args:
         batches: this process's share of consecutive global batches, from step `start_step` on.
         epoch_ends: the step counts at which an epoch ends (see `epoch_end_steps`).
-        evaluate: state -> metrics dict, called at each epoch end.
+        evaluate: state -> metrics dict, called at each epoch end; None (interrupted by a
+            signal) stops the run there.
         progress: show progress: a bar on a terminal, else a plain line at most every
             `progress_every` seconds (0: every step). Only process 0 prints anything.
         callbacks: `Callback`s; `on_step_end` returning True stops after that step.
@@ -186,9 +187,12 @@ def train_loop(
             monitor.phase("eval")
             with measure("eval"):
                 metrics = evaluate(state)
-            record.update(metrics)
-            for cb in callbacks:
-                cb.on_eval(step, metrics)
+            if metrics is None:  # interrupted by a signal: stop with the state as it is
+                stopped = True
+            else:
+                record.update(metrics)
+                for cb in callbacks:
+                    cb.on_eval(step, metrics)
         history.append(record)
         monitor.epoch_end(record)
         if leader:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxdist.cluster import ClusterSpec, configure_cpu_devices, enable_compilation_cache, initialize
-from jaxdist.errors import UsageError
+from jaxdist.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES, STRATEGY_NAMES
 from jaxdist.train.loop import TrainingDiverged
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -57,6 +57,7 @@ class RunConfig:
     profile_steps: str = ""
     peak_tflops: float = 0.0
     hang_timeout: float = 300.0
+    hang_action: str = "exit"
     optimizer: OptimizerConfig = OptimizerConfig(
         name="adam", learning_rate=3e-3, schedule="onecycle", warmup_fraction=0.15
     )
@@ -107,8 +108,10 @@ RUN_HELP = {
               "<workdir>/logs with --workdir, else none)",
     "profile_steps": "A,B: capture a jax.profiler trace of steps A..B into <logdir>/profile",
     "peak_tflops": "peak TFLOP/s per device for the MFU estimate (0: a per-platform assumption)",
-    "hang_timeout": "seconds without progress before the watchdog prints which process is behind "
-                    "and where (0: off)",
+    "hang_timeout": "seconds without progress (3x before the first step) before the hang "
+                    "watchdog acts (0: off)",
+    "hang_action": "exit: write stacks and the verdict to <logdir>/status and exit 75 so the "
+                   "launcher or scheduler restarts the job; report: only print the verdict",
     "optimizer": "optax optimizer",
     "learning_rate": "peak learning rate",
     "schedule": "learning-rate schedule",
@@ -120,7 +123,7 @@ def run_choices() -> dict[str, tuple[str, ...]]:
 
     return {"strategy": STRATEGY_NAMES, "grad_reduce": REDUCERS,
             "outer_optimizer": ("none", "nesterov"), "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES}
+            "schedule": SCHEDULES, "hang_action": ("exit", "report")}
 
 
 def validate_run(cfg: RunConfig, num_devices: int) -> None:
@@ -215,7 +218,8 @@ def fit_options(cfg: RunConfig) -> dict[str, Any]:
                 restore_step=cfg.restore_step, nonfinite_limit=cfg.nonfinite_limit,
                 progress=cfg.progress, progress_every=cfg.progress_every, logdir=log_dir(cfg),
                 profile_steps=parse_step_range(cfg.profile_steps),
-                hang_timeout=cfg.hang_timeout, peak_tflops=cfg.peak_tflops)
+                hang_timeout=cfg.hang_timeout,
+                hang_action=cfg.hang_action, peak_tflops=cfg.peak_tflops)
 
 
 def with_staleness(cfg: RunConfig, tx):
@@ -245,7 +249,8 @@ def run_main(argv: list[str] | None, configs: Callable[[str], RunConfig], *, des
              choices: dict | None = None, help_text: dict | None = None) -> int:
     """Parses flags over `configs`, joins the job, trains; prints `summary(result)` on process 0.
 
-    Exit status: 0 done (or stopped by a signal, with a checkpoint), 1 diverged, 2 bad input.
+    Exit status (`jaxdist.errors`): 0 done (or stopped by a signal, with a checkpoint), 1
+    diverged, 2 bad input, 75 ended by the hang watchdog.
     """
     from jaxdist.config import parse_config
 
@@ -260,10 +265,10 @@ def run_main(argv: list[str] | None, configs: Callable[[str], RunConfig], *, des
         result = train(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
     import jax
 
     if jax.process_index() == 0:
