@@ -144,3 +144,21 @@ def test_sigterm_to_the_launcher_is_passed_on_and_the_job_saves_and_exits_0(tmp_
     assert code == 0, log[-3000:]
     assert "passing it on" in log and "restart" not in log
     assert "stopped at step" in log
+
+
+def test_the_cluster_templates_follow_the_exit_code_convention():
+    """Only what would recur is final: 1 (diverged) and 2 (bad input); the rest is retried."""
+    yaml = pytest.importorskip("yaml")
+    from jaxdist.errors import EXIT_DIVERGED, EXIT_HANG, EXIT_USAGE, NOT_RESTARTED
+
+    assert set(NOT_RESTARTED) == {0, EXIT_DIVERGED, EXIT_USAGE} and EXIT_HANG not in NOT_RESTARTED
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s-indexed-job.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]
+    rules = job["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]
+    assert fail["operator"] == "In" and sorted(fail["values"]) == [EXIT_DIVERGED, EXIT_USAGE]
+    assert any(r["action"] == "Ignore" for r in rules)  # disruptions are not failures
+    assert job["backoffLimit"] > 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    sbatch = (REPO / "deploy" / "slurm.sbatch").read_text()
+    assert "#SBATCH --requeue" in sbatch and 'scontrol requeue "${SLURM_JOB_ID}"' in sbatch
+    assert f"    {EXIT_DIVERGED}|{EXIT_USAGE})" in sbatch

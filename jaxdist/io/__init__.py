@@ -1,5 +1,5 @@
 """Checkpoints (orbax)."""
 
-from jaxdist.io.checkpoint import Checkpointer
+from jaxdist.io.checkpoint import Checkpointer, read_checkpoint_arrays
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "read_checkpoint_arrays"]

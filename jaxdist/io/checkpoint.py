@@ -179,6 +179,28 @@ class Checkpointer:
         self._manager.close()
 
 
+def read_checkpoint_arrays(directory: str | Path, step: int) -> dict[str, "np.ndarray"]:
+    """Every array of the state saved at `step` as numpy, by its path in the state: for comparing
+    two runs or inspecting a checkpoint without building the model (or its devices)."""
+    import numpy as np
+
+    path = Path(directory).absolute() / str(step) / "state"
+    if not path.is_dir():
+        raise UsageError(f"no checkpoint of step {step} in {directory}")
+    # the step's metadata file is one level up; orbax's warning about it says nothing useful
+    quiet = lambda record: "Metadata file does not exist" not in record.getMessage()  # noqa: E731
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        tree = ocp.StandardCheckpointer().metadata(path)
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(restored)}
+
+
 def _stored_shape(x) -> tuple[int, ...]:
     """PRNG keys are stored as their key data (one more dimension)."""
     if is_prng_key(x):

@@ -23,6 +23,7 @@ from jaxdist.errors import EXIT_HANG
 
 PHASES = ("startup", "data", "step", "eval", "checkpoint", "done")
 KV_PREFIX = "jaxdist/status/"
+KV_ANSWER_SECONDS = 5.0  # a key-value call that takes longer is given up (a frozen process 0)
 
 
 def diagnose_hang(statuses: dict[int, dict], stalled_seconds: float,
@@ -198,13 +199,17 @@ class Watchdog:
         if stalled < self.allowance() or now - last < self.timeout:
             return None
         self._reported = now
-        return diagnose_hang(self.status.gather(), stalled, self.status.processes, now=now,
+        statuses = _bounded(self.status.gather, KV_ANSWER_SECONDS)
+        if statuses is None:  # the store lives in process 0: frozen or gone
+            return (diagnose_hang({self.status.process: self.status.as_dict()}, stalled) +
+                    "; process 0, which holds the job's key-value store, is not responding")
+        return diagnose_hang(statuses, stalled, self.status.processes, now=now,
                              silent_after=max(3 * self.interval, min(self.timeout / 2, 10.0)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.status.publish()
+                _bounded(self.status.publish, KV_ANSWER_SECONDS)
                 message = self.check()
             except Exception as e:  # never take training down
                 message = f"watchdog error: {e!r}"
@@ -247,3 +252,14 @@ class Watchdog:
             self.status.publish()
         except Exception:
             pass
+
+
+def _bounded(fn: Callable[[], object], seconds: float):
+    """`fn()`, or None when it has not returned within `seconds` (it goes on in the background:
+    a call into a frozen coordinator must never stop the watchdog from acting)."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(fn()), daemon=True,
+                              name="jaxdist-watchdog-kv")
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None

@@ -1,0 +1,362 @@
+"""Chaos: MNIST on P processes x D devices under `jaxdist.launch --max_restarts`, with faults.
+
+    python -m experiments.chaos                      # 2 x 4: 3 SIGKILLs, 1 SIGSTOP, then elastic
+    python -m experiments.chaos --kills 5 --freezes 2 --seed 3 --json chaos.json
+
+1. A reference run, uninterrupted.
+2. The chaos run: a driver SIGKILLs a random process `--kills` times and freezes one with SIGSTOP
+   `--freezes` times, each at a random step event (a progress line read from the job, never a
+   delay). The job must finish on its own (the hang watchdog turns a freeze into exit 75; the
+   launcher restarts; the processes resume from the latest checkpoint) with final parameters
+   bitwise equal to the reference.
+3. Elastic (`--elastic`, the default): one process is killed for good mid-run (its command then
+   exits at once, as a dead host would). The launcher re-forms the job on the processes left;
+   they resume on the smaller mesh with the same global batches. The final parameters are
+   compared (rtol 1e-5) with a run that continued the reference's checkpoint of the same step on
+   that smaller job.
+
+Prints a table per fault (steps lost, seconds from the fault to training again) and a summary;
+exit 0 only when every check held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+STEP = re.compile(r"\| step (\d+)/(\d+)")
+RESUMED = re.compile(r"resuming at step (\d+)")
+FAIL_SAFE_SECONDS = 1800  # only turns a stuck job into a failure
+
+
+class Job:
+    """A `jaxdist.launch` job whose output lines are read as they come (and echoed to a log)."""
+
+    def __init__(self, launch_args: list[str], command: list[str], log: Path, env: dict):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxdist.launch", *launch_args, "--", *command],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[tuple[float, str]] = []
+        self._changed = threading.Condition()
+        self.ended = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            with self._changed:
+                self.lines.append((time.monotonic(), line))
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, predicate, after: int = 0) -> tuple[int, float, object]:
+        """(line index, time, value) of the first line from index `after` on where
+        `predicate(line)` is truthy; None when the job ended first."""
+        seen = after
+        deadline = time.monotonic() + FAIL_SAFE_SECONDS
+        with self._changed:
+            while True:
+                for i in range(seen, len(self.lines)):
+                    value = predicate(self.lines[i][1])
+                    if value:
+                        return i, self.lines[i][0], value
+                seen = len(self.lines)
+                if self.ended or time.monotonic() > deadline:
+                    return None
+                self._changed.wait(5)
+
+    def finish(self) -> int:
+        try:
+            code = self.proc.wait(timeout=FAIL_SAFE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        with self._changed:
+            while not self.ended:
+                self._changed.wait(5)
+        self.log.close()
+        return code
+
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+
+def step_at_least(step: int):
+    return lambda line: (lambda m: int(m.group(1)) if m and int(m.group(1)) >= step else None)(
+        STEP.search(line))
+
+
+def any_step(line: str):
+    m = STEP.search(line)
+    return int(m.group(1)) if m else None
+
+
+def slot_pid(run_dir: Path, slot: int) -> int:
+    return json.loads((run_dir / f"slot_{slot}.json").read_text())["pid"]
+
+
+def mnist_command(args, workdir: Path, dead_dir: Path | None = None) -> list[str]:
+    flags = ["--epochs", str(args.epochs), "--global_batch", str(args.global_batch),
+             "--checkpoint_every", str(args.checkpoint_every), "--keep_checkpoints", "1000",
+             "--keep_best", "0", "--progress", "true", "--progress_every", "0",
+             "--hang_timeout", str(args.hang_timeout), "--eval_examples", "2000",
+             "--workdir", str(workdir)]
+    python = [sys.executable, "-m", "experiments.mnist", *flags]
+    if dead_dir is None:
+        return python
+    # a dead host: once its marker exists, the slot's command exits at once
+    return ["sh", "-c", f'test -e {dead_dir}/dead_$JAXDIST_SLOT && exit 1; exec "$@"', "sh",
+            *python]
+
+
+def final_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    from jaxdist.io import read_checkpoint_arrays
+
+    return read_checkpoint_arrays(workdir / "checkpoints", step)
+
+
+def compare(a: dict, b: dict) -> tuple[bool, float]:
+    """(bitwise equal, largest relative difference) over every array of two states."""
+    assert a.keys() == b.keys(), "the two states hold different arrays"
+    equal, worst = True, 0.0
+    for k in a:
+        x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+        equal = equal and np.array_equal(a[k], b[k])
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(x - y) / (np.abs(y) + 1e-6))))
+    return equal, worst
+
+
+def run_reference(args, out: Path, env: dict) -> tuple[int, float]:
+    """(total steps, wall seconds) of the uninterrupted job."""
+    start = time.monotonic()
+    job = Job(["-n", str(args.processes), "--devices_per_process", str(args.devices_per_process)],
+              mnist_command(args, out / "reference"), out / "reference.log", env)
+    code = job.finish()
+    if code != 0:
+        raise SystemExit(f"error: the reference run failed ({code}); see {out / 'reference.log'}")
+    steps = max(any_step(line) or 0 for _, line in job.lines)
+    return steps, time.monotonic() - start
+
+
+def inject(job: Job, kind: str, slot: int, run_dir: Path, after: int) -> dict:
+    """Sends the fault; returns its record once the job trains again (or ended)."""
+    pid = slot_pid(run_dir, slot)
+    os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    t_fault = time.monotonic()
+    index = len(job.lines)
+    steps = [s for s in (any_step(line) for _, line in job.lines[after:index]) if s]
+    seen = (None, None, max(steps)) if steps else None  # the last step reported before it
+    restarted = job.wait_for(lambda line: "[launch] restart" in line, index)
+    resumed = job.wait_for(lambda line: RESUMED.search(line), index)
+    training = job.wait_for(any_step, resumed[0] if resumed else index)
+    record = {"fault": kind, "slot": slot, "at_step": seen[2] if seen else None,
+              "detected_seconds": restarted[1] - t_fault if restarted else None,
+              "resumed_at": int(resumed[2].group(1)) if resumed else None,
+              "seconds_lost": training[1] - t_fault if training else None,
+              "cause": restarted and job.lines[restarted[0]][1].split(": ", 1)[-1].strip()}
+    if record["at_step"] is not None and record["resumed_at"] is not None:
+        record["steps_lost"] = record["at_step"] - record["resumed_at"]
+    record["_next"] = training[0] if training else len(job.lines)
+    return record
+
+
+def run_chaos(args, out: Path, env: dict, total: int, rng: random.Random) -> tuple[list, int]:
+    run_dir = out / "chaos-run"
+    faults = ["kill"] * args.kills + ["freeze"] * args.freezes
+    rng.shuffle(faults)
+    lo, hi = int(0.1 * total), int(0.9 * total)
+    targets = sorted(rng.sample(range(lo, hi), len(faults))) if faults else []
+    job = Job(["-n", str(args.processes), "--devices_per_process", str(args.devices_per_process),
+               "--max_restarts", str(args.max_restarts), "--run_dir", str(run_dir)],
+              mnist_command(args, out / "chaos"), out / "chaos.log", env)
+    records, after = [], 0
+    for kind, target in zip(faults, targets):
+        hit = job.wait_for(step_at_least(target), after)
+        if hit is None:
+            break
+        slot = rng.randrange(args.processes)
+        record = inject(job, kind, slot, run_dir, hit[0])
+        print(f"  {kind:6s} process slot {slot} at step {record['at_step']}: resumed at "
+              f"{record['resumed_at']}, {record['seconds_lost'] or float('nan'):.1f} s lost",
+              flush=True)
+        after = record.pop("_next")
+        records.append(record)
+    code = job.finish()
+    return records, code
+
+
+def run_elastic(args, out: Path, env: dict, total: int, reference_dir: Path) -> dict:
+    run_dir, dead = out / "elastic-run", out / "elastic-dead"
+    dead.mkdir(parents=True, exist_ok=True)
+    job = Job(["-n", str(args.processes), "--devices_per_process", str(args.devices_per_process),
+               "--max_restarts", str(args.max_restarts), "--min_processes", "1",
+               "--run_dir", str(run_dir)], mnist_command(args, out / "elastic", dead),
+              out / "elastic.log", env)
+    hit = job.wait_for(step_at_least(total // 2))
+    lost_slot = args.processes - 1
+    (dead / f"dead_{lost_slot}").touch()
+    record = inject(job, "kill", lost_slot, run_dir, hit[0] if hit else 0)
+    record.pop("_next")
+    record["fault"] = "kill for good"
+    code = job.finish()
+    record["exit"] = code
+    text = job.text()
+    record["reformed"] = f"re-forming the job with {args.processes - 1} process(es)" in text
+    resumed = record["resumed_at"]
+    if code != 0 or resumed is None:
+        return record
+    # the reference for it: the uninterrupted run's checkpoint of that step, continued on the
+    # smaller job
+    continued = out / "elastic-reference"
+    (continued / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(reference_dir / "checkpoints" / str(resumed),
+                    continued / "checkpoints" / str(resumed))
+    ref = Job(["-n", str(args.processes - 1), "--devices_per_process",
+               str(args.devices_per_process)], mnist_command(args, continued),
+              out / "elastic-reference.log", env)
+    if ref.finish() != 0:
+        record["reference_failed"] = True
+        return record
+    equal, worst = compare(final_arrays(out / "elastic", total), final_arrays(continued, total))
+    record.update(bitwise=equal, max_relative_difference=worst)
+    return record
+
+
+def machine() -> str:
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    import jax
+
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, jax "
+            f"{jax.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.chaos",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=4)
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of a random process")
+    parser.add_argument("--freezes", type=int, default=1, help="SIGSTOPs of a random process")
+    parser.add_argument("--max_restarts", type=int, default=5)
+    parser.add_argument("--hang_timeout", type=float, default=20.0,
+                        help="the jobs' --hang_timeout: how long a freeze goes unnoticed")
+    parser.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=True,
+                        help="then kill one process for good and finish on fewer")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--global_batch", type=int, default=128)
+    parser.add_argument("--checkpoint_every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0, help="which faults, where and when")
+    parser.add_argument("--workdir", default="runs/chaos", help="emptied first")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.processes < 2 and args.elastic:
+        parser.error("--elastic needs at least 2 processes")
+    if min(args.kills, args.freezes, args.max_restarts) < 0 or args.hang_timeout <= 0:
+        parser.error("--kills, --freezes and --max_restarts must be >= 0, --hang_timeout > 0")
+    if args.kills + args.freezes > args.max_restarts:
+        parser.error("more faults than --max_restarts: the job could not survive them all")
+    out = Path(args.workdir)
+    if out.exists() and not out.is_dir():
+        print(f"error: --workdir {out} is not a directory", file=sys.stderr)
+        return 2
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    # the runtime's heartbeat check would end a frozen job too; leave that to the watchdog
+    env.setdefault("JAXDIST_HEARTBEAT_TIMEOUT", str(int(3 * args.hang_timeout) + 30))
+    rng = random.Random(args.seed)
+    print(f"chaos on {machine()}", flush=True)
+    print(f"reference: {args.processes} x {args.devices_per_process} devices, uninterrupted",
+          flush=True)
+    total, reference_seconds = run_reference(args, out, env)
+    print(f"  {total} steps in {reference_seconds:.1f} s", flush=True)
+    print(f"chaos: {args.kills} SIGKILL(s) and {args.freezes} SIGSTOP(s) at random step events, "
+          f"--max_restarts {args.max_restarts}, --hang_timeout {args.hang_timeout:g}", flush=True)
+    t0 = time.monotonic()
+    faults, code = run_chaos(args, out, env, total, rng)
+    chaos_seconds = time.monotonic() - t0
+    survived = code == 0 and (out / "chaos" / "checkpoints" / str(total)).is_dir()
+    bitwise = survived and compare(final_arrays(out / "chaos", total),
+                                   final_arrays(out / "reference", total))[0]
+    summary = {"machine": machine(), "total_steps": total,
+               "reference_seconds": reference_seconds, "chaos_seconds": chaos_seconds,
+               "faults_injected": len(faults), "survived": survived, "bitwise_equal": bitwise,
+               "faults": faults}
+    ok = survived and bitwise and len(faults) == args.kills + args.freezes
+    if args.elastic:
+        print("elastic: one process killed for good at mid-run", flush=True)
+        elastic = run_elastic(args, out, env, total, out / "reference")
+        summary["elastic"] = elastic
+        ok = ok and elastic.get("exit") == 0 and elastic.get("reformed") and \
+            elastic.get("max_relative_difference", 1.0) <= 1e-5
+    print(format_table(summary), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    print(("PASS" if ok else "FAIL") + f": see {out}/*.log", flush=True)
+    return 0 if ok else 1
+
+
+def format_table(s: dict) -> str:
+    rows = ["", "| fault | process slot | at step | resumed at | steps lost | ended by "
+                "| detected after (s) | seconds lost |", "|---|---|---|---|---|---|---|---|"]
+    every = s["faults"] + ([s["elastic"]] if "elastic" in s else [])
+    for f in every:
+        rows.append(f"| {f['fault']} | {f['slot']} | {f['at_step']} | {f['resumed_at']} | "
+                    f"{f.get('steps_lost', '-')} | {_ended_by(f.get('cause'))} | "
+                    f"{_num(f['detected_seconds'])} | {_num(f['seconds_lost'])} |")
+    lost = [f["seconds_lost"] for f in s["faults"] if f["seconds_lost"] is not None]
+    rows.append("")
+    rows.append(f"{s['faults_injected']} faults injected, "
+                f"{'all survived' if s['survived'] else 'the job did not finish'}; final "
+                f"parameters {'bitwise equal to' if s['bitwise_equal'] else 'DIFFER from'} the "
+                f"uninterrupted run; {s['chaos_seconds']:.0f} s vs {s['reference_seconds']:.0f} s "
+                f"uninterrupted" + (f"; {sum(lost) / len(lost):.1f} s lost per fault on average"
+                                    if lost else ""))
+    if "elastic" in s:
+        e = s["elastic"]
+        rows.append(f"elastic: exit {e.get('exit')}, re-formed {e.get('reformed')}, largest "
+                    f"relative difference to the continued reference "
+                    f"{e.get('max_relative_difference', float('nan')):.2e} (bitwise "
+                    f"{e.get('bitwise')})")
+    return "\n".join(rows)
+
+
+def _ended_by(cause: str | None) -> str:
+    """What ended the incarnation, from the launcher's restart line."""
+    if not cause:
+        return "-"
+    if "hang watchdog" in cause:
+        return "hang watchdog (75)"
+    signals = sorted(set(re.findall(r"signal (SIG\w+)", cause)))
+    return ", ".join(signals) or cause.split(";")[0]
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
