@@ -87,7 +87,7 @@ def test_the_launcher_prefixes_output_and_stops_everyone_when_one_process_fails(
     proc = _launch(["-n", "3"], [sys.executable, "-c", script], timeout=300)
     assert proc.returncode == 3
     assert "[p1] hello from 1 127.0.0.1:" in proc.stdout
-    assert "process 1 exited with status 3" in proc.stderr
+    assert "process 1 (slot 1) exited with status 3" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,7 @@ def test_bad_input_is_not_restarted_and_restarts_are_bounded(tmp_path, status, s
     assert len(counter.read_text()) == starts
 
 
+@pytest.mark.slow  # the same stop as SIGTERM to one of two processes (test_multihost), one level up
 def test_sigterm_to_the_launcher_is_passed_on_and_the_job_saves_and_exits_0(tmp_path):
     run = _launch(tmp_path / "run", tmp_path / "final.npz", tmp_path / "work",
                   "--max_restarts", "2")
