@@ -97,6 +97,16 @@ class Run:
         self._reader.join(timeout=30)
         return self.proc.returncode, self.output
 
+    def act_at_step(self, step: int, act) -> tuple[int, str]:
+        """Waits for step `step`, calls `act()` (a signal, a fault), then `finish()`; the run is
+        killed on the way out whatever happens."""
+        try:
+            self.wait_for_step(step)
+            act()
+            return self.finish()
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -43,6 +43,14 @@ def _final(out):
         return [f[k] for k in f.files]
 
 
+def _rerun_resumes_bitwise_equal(tmp_path, step, uninterrupted):
+    """The same command again resumes at `step` and ends bitwise equal to `uninterrupted`."""
+    code, log = _worker(tmp_path / "final.npz", workdir=tmp_path / "work").finish()
+    assert code == 0 and f"resuming at step {step}" in log, log[-2000:]
+    for got, want in zip(_final(tmp_path / "final.npz"), uninterrupted):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("trial", range(2))
 def test_a_run_killed_at_a_random_step_and_rerun_ends_bitwise_equal(uninterrupted, tmp_path,
                                                                      trial):
@@ -68,22 +76,14 @@ def test_a_run_killed_at_a_random_step_and_rerun_ends_bitwise_equal(uninterrupte
 def test_sigterm_saves_the_current_step_and_returns_then_the_rerun_ends_bitwise_equal(
         uninterrupted, tmp_path):
     run = _worker(tmp_path / "final.npz", workdir=tmp_path / "work")
-    try:
-        run.wait_for_step(40)
-        run.send(signal.SIGTERM)
-        code, log = run.finish()
-    finally:
-        run.kill()
+    code, log = run.act_at_step(40, lambda: run.send(signal.SIGTERM))
     assert code == 0, log[-2000:]
     stopped_at = int(log.split("stopped at step ")[1].split()[0])
     assert 40 <= stopped_at < STEPS
     ckpt = Checkpointer(tmp_path / "work" / "checkpoints")
     assert stopped_at in ckpt.all_steps()
     ckpt.close()
-    code, log = _worker(tmp_path / "final.npz", workdir=tmp_path / "work").finish()
-    assert code == 0 and f"resuming at step {stopped_at}" in log, log[-2000:]
-    for got, want in zip(_final(tmp_path / "final.npz"), uninterrupted):
-        np.testing.assert_array_equal(got, want)
+    _rerun_resumes_bitwise_equal(tmp_path, stopped_at, uninterrupted)
 
 
 def test_2_processes_x_4_devices_equal_1_process_x_8_through_fit(uninterrupted, tmp_path):
@@ -191,7 +191,4 @@ def test_sigterm_during_the_first_compile_an_evaluation_or_a_save_in_flight_save
     ckpt = Checkpointer(tmp_path / "work" / "checkpoints")
     assert stop_step in ckpt.all_steps()
     ckpt.close()
-    code, log = _worker(tmp_path / "final.npz", workdir=tmp_path / "work").finish()
-    assert code == 0 and f"resuming at step {stop_step}" in log, log[-2000:]
-    for got, want in zip(_final(tmp_path / "final.npz"), uninterrupted):
-        np.testing.assert_array_equal(got, want)
+    _rerun_resumes_bitwise_equal(tmp_path, stop_step, uninterrupted)

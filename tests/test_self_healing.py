@@ -81,12 +81,7 @@ def test_the_launcher_restarts_a_killed_job_which_ends_bitwise_equal_to_an_unint
         two_by_two, tmp_path):
     run = _launch(tmp_path / "run", tmp_path / "final.npz", tmp_path / "work",
                   "--max_restarts", "2")
-    try:
-        run.wait_for_step(45)
-        os.kill(_pid(tmp_path / "run", 1), signal.SIGKILL)
-        code, log = run.finish()
-    finally:
-        run.kill()
+    code, log = run.act_at_step(45, lambda: os.kill(_pid(tmp_path / "run", 1), signal.SIGKILL))
     assert code == 0, log[-3000:]
     assert "[launch] restart 1/2: process 1 (slot 1) exited with signal SIGKILL" in log
     assert "resuming at step" in log and "on 4 devices of 2 process(es)" in log
@@ -101,13 +96,11 @@ def test_a_process_that_cannot_start_again_leaves_the_job_on_fewer_with_the_same
                f'{sys.executable} {WORKER} {tmp_path}/final.npz jit {STEPS} {tmp_path}/work']
     run = _launch(tmp_path / "run", None, None, "--max_restarts", "3", "--min_processes", "1",
                   command=command)
-    try:
-        run.wait_for_step(45)
+    def lose_host():
         dead.touch()
         os.kill(_pid(tmp_path / "run", 1), signal.SIGKILL)
-        code, log = run.finish()
-    finally:
-        run.kill()
+
+    code, log = run.act_at_step(45, lose_host)
     assert code == 0, log[-3000:]
     assert "slot(s) 1 cannot start: re-forming the job with 1 process(es)" in log
     assert "on 2 devices of 1 process(es)" in log
@@ -136,12 +129,7 @@ def test_bad_input_is_not_restarted_and_restarts_are_bounded(tmp_path, status, s
 def test_sigterm_to_the_launcher_is_passed_on_and_the_job_saves_and_exits_0(tmp_path):
     run = _launch(tmp_path / "run", tmp_path / "final.npz", tmp_path / "work",
                   "--max_restarts", "2")
-    try:
-        run.wait_for_step(40)
-        run.send(signal.SIGTERM)
-        code, log = run.finish()
-    finally:
-        run.kill()
+    code, log = run.act_at_step(40, lambda: run.send(signal.SIGTERM))
     assert code == 0, log[-3000:]
     assert "passing it on" in log and "restart" not in log
     assert "stopped at step" in log
