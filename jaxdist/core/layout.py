@@ -1,0 +1,120 @@
+"""Where a model's activations and repeated layers go, without the model ever seeing a mesh.
+
+A model names the dimensions of its activations (`constrain(x, ("batch", "seq", "embed"))`) and
+runs its stack of identical layers through `run_layers` / `layers_then_loss`. Outside a trainer
+these are plain code: no constraint, a `lax.scan` over the layers. While a trainer traces its
+step it makes a `Layout` current, and the same calls become sharding constraints from the
+strategy's activation rules (sequence parallelism is such a rule: `seq` over `tensor`) and a
+pipeline over the mesh's `pipeline` axis (GPipe or 1F1B), all from the one model definition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+LayerFn = Callable[[Any, jax.Array], jax.Array]  # (one layer's parameters, h) -> h
+HeadLossFn = Callable[[Any, jax.Array, Any], jax.Array]  # (head params, h, targets) -> mean loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a trainer's strategy decides about activations and layer stacks.
+
+    Attributes:
+        mesh: the trainer's mesh.
+        activations: logical activation name -> mesh axes (a name or a tuple of names).
+        run_layers: `(layer_fn, stacked, h) -> h` over all layers (None: a scan).
+        layers_then_loss: `(layer_fn, head_loss_fn, stacked, head_params, h, targets) -> loss`
+            when the schedule must own the loss too (1F1B); None: `run_layers`, then the head.
+    """
+
+    mesh: Mesh
+    activations: Mapping[str, Any]
+    run_layers: Callable | None = None
+    layers_then_loss: Callable | None = None
+
+
+_CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxdist_layout",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def active_layout(layout: Layout | None) -> Iterator[None]:
+    """Makes `layout` current while a step is traced."""
+    token = _CURRENT.set(layout)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_layout() -> Layout | None:
+    return _CURRENT.get()
+
+
+def _axes(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def activation_spec(shape: Sequence[int], names: Sequence[str | None],
+                    table: Mapping[str, Any], mesh_shape: Mapping[str, int],
+                    manual: Sequence[str] = ()) -> P:
+    """Logical activation names -> a PartitionSpec: each mesh axis used once, axes of size 1,
+    manual axes and splits that do not divide the dimension left out."""
+    used: set[str] = set(manual)
+    spec = []
+    for dim, name in zip(shape, names):
+        axes = [a for a in _axes(table.get(name)) if name is not None
+                and mesh_shape.get(a, 1) > 1 and a not in used]
+        while axes and dim % math.prod(mesh_shape[a] for a in axes):
+            axes.pop()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` laid out by the current strategy's activation rules (unchanged outside a trainer)."""
+    layout = current_layout()
+    if layout is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = layout.mesh
+    manual = tuple(getattr(mesh, "manual_axes", ()))
+    spec = activation_spec(x.shape, names, layout.activations, dict(mesh.shape), manual)
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def scan_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array) -> jax.Array:
+    """The layers one after the other: `stacked`'s leaves have a leading axis of layers."""
+    return lax.scan(lambda carry, params: (layer_fn(params, carry), None), h, stacked)[0]
+
+
+def run_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array) -> jax.Array:
+    """All layers of a stack, as the current strategy runs them (pipelined or scanned)."""
+    layout = current_layout()
+    if layout is not None and layout.run_layers is not None:
+        return layout.run_layers(layer_fn, stacked, h)
+    return scan_layers(layer_fn, stacked, h)
+
+
+def layers_then_loss(layer_fn: LayerFn, head_loss_fn: HeadLossFn, stacked: Any,
+                     head_params: Any, h: jax.Array, targets: Any) -> jax.Array:
+    """`head_loss_fn(head_params, run_layers(...), targets)`: the mean loss of a layer stack and
+    its head, which a 1F1B pipeline computes microbatch by microbatch, interleaving backward."""
+    layout = current_layout()
+    if layout is not None and layout.layers_then_loss is not None:
+        return layout.layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets)
+    return head_loss_fn(head_params, run_layers(layer_fn, stacked, h), targets)
