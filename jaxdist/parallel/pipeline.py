@@ -1,29 +1,40 @@
-"""GPipe pipeline parallelism over the "pipeline" mesh axis, with `jax.shard_map` and `ppermute`.
+"""Pipeline parallelism over the "pipeline" mesh axis: GPipe and 1F1B, with `jax.shard_map`.
 
-S identical stages (e.g. transformer blocks) have their parameters stacked on a leading axis of
-size S that is split over the pipeline axis, so each device holds one stage. The batch is cut
-into M microbatches. At tick t stage 0 takes microbatch t, every stage applies itself to what it
-holds and passes the result to the next stage with `lax.ppermute`; after M + S - 1 ticks the last
-stage has produced every microbatch. The backward pass is pipelined too: it is the transpose of the
-same program (the transpose of a ppermute is the reverse ppermute).
+S stages have their parameters stacked on a leading axis of size S that is split over the
+pipeline axis, so each device holds one stage; a model's stack of L layers becomes S stages of
+L / S layers. The batch is cut into M microbatches. Only the pipeline axis is manual: inside a
+stage the data, fsdp and tensor axes stay with XLA's partitioner, so a pipeline combines with data
+parallelism, FSDP and tensor parallelism in one mesh (e.g. pipeline=2,data=2,tensor=2).
 
-Stages idle for (S - 1) of the M + S - 1 ticks (`bubble_fraction`), so M should be several times S.
-The batch may be split over data-parallel axes at the same time (e.g. mesh pipeline=4,data=2).
+- **GPipe** (`pipeline_call`): at tick t stage 0 takes microbatch t, every stage applies itself
+  and passes its result on with `lax.ppermute`; after M + S - 1 ticks the last stage has every
+  output. The backward pass is autodiff's transpose of the same program, so each stage keeps the
+  activations of all M microbatches until the backward starts.
+- **1F1B** (`pipeline_loss_1f1b`): the schedule owns the loss. A stage runs a backward as soon as
+  one is possible and starts a new forward only while fewer than S - s microbatches are in flight,
+  so at most S microbatches' inputs are alive per stage; the backward recomputes the stage's
+  forward from its saved input (`jax.vjp`). Same bubble (S - 1) / (M + S - 1), memory bounded by S
+  instead of M. The schedule is computed once in Python (`schedule_1f1b`) and run as a scan.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdist.core.layout import activation_spec, scan_layers
 from jaxdist.errors import UsageError
 
 PIPELINE_AXIS = "pipeline"
+SCHEDULES = ("gpipe", "1f1b")
+IDLE, FORWARD, BACKWARD, LAST = 0, 1, 2, 3  # LAST: the last stage's forward, loss and backward
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
@@ -68,10 +79,24 @@ def _varying(tree: Any, axis: str) -> Any:
     return jax.tree.map(lambda x: lax.pvary(x, (axis,)), tree)  # jax < 0.8
 
 
+def _split_microbatches(h: jax.Array, m: int, batch_axes: tuple[str, ...]) -> jax.Array:
+    """(B, ...) -> (M, B / M, ...), microbatch k = rows k, k + M, ...: each microbatch keeps its
+    share of every data-parallel group's rows, so no rows move between devices."""
+    micro = h.reshape(h.shape[0] // m, m, *h.shape[1:]).swapaxes(0, 1)
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = activation_spec(micro.shape, (None, "batch"), {"batch": batch_axes},
+                           dict(mesh.shape), tuple(mesh.manual_axes))
+    return lax.with_sharding_constraint(micro, NamedSharding(mesh, spec))
+
+
+def _join_microbatches(micro: jax.Array) -> jax.Array:
+    return micro.swapaxes(0, 1).reshape(-1, *micro.shape[2:])
+
+
 def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_params: Any,
                   x: jax.Array, *, mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
                   batch_axes: Sequence[str] = ("data",)) -> jax.Array:
-    """Applies S stages in sequence, `stage_fn(params_s, h) -> h` (shape-preserving), pipelined.
+    """GPipe: S stages in sequence, `stage_fn(params_s, h) -> h` (shape-preserving), pipelined.
 
     Equal to `for s in range(S): x = stage_fn(params[s], x)`, and differentiable.
 
@@ -79,24 +104,23 @@ def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_param
         stage_fn: one stage; all stages share it and differ in their parameters.
         stacked_params: the stages' parameters stacked on a leading axis of size S (the pipeline
             axis size); laid out `P(axis)` on the mesh, or let the call reshard them.
-        x: the global batch, leading dimension split over `batch_axes`.
+        x: the global batch; its other mesh axes stay as XLA lays them out.
         num_microbatches: M; each data-parallel group's batch splits into M equal microbatches.
+        batch_axes: the mesh axes that split the batch (kept split inside every microbatch).
     """
     batch_axes = tuple(a for a in batch_axes if a != axis)
     _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
-    stages = mesh.shape[axis]
-    batch_spec = P(batch_axes if batch_axes else None)
+    stages, m = mesh.shape[axis], num_microbatches
 
     def local(params, h):
         params = jax.tree.map(lambda p: p[0], params)  # this device's stage
         stage = lax.axis_index(axis)
-        micro = h.reshape(num_microbatches, h.shape[0] // num_microbatches, *h.shape[1:])
+        micro = _split_microbatches(h, m, batch_axes)
         forward = [(i, i + 1) for i in range(stages - 1)]
 
         def tick(carry, t):
             held, outputs = carry
-            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, num_microbatches - 1),
-                                             keepdims=False)
+            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
             out = stage_fn(params, jnp.where(stage == 0, fresh, held))
             done = t - (stages - 1)  # the microbatch the last stage finishes at this tick
             store = (stage == stages - 1) & (done >= 0)
@@ -105,10 +129,209 @@ def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_param
             return (lax.ppermute(out, axis, forward), outputs), None
 
         init = _varying((jnp.zeros_like(micro[0]), jnp.zeros_like(micro)), axis)
-        (_, outputs), _ = lax.scan(tick, init, jnp.arange(num_microbatches + stages - 1))
+        (_, outputs), _ = lax.scan(tick, init, jnp.arange(m + stages - 1))
         # only the last stage holds the results: share them with every stage
         outputs = lax.psum(jnp.where(stage == stages - 1, outputs, 0), axis)
-        return outputs.reshape(h.shape)
+        return _join_microbatches(outputs)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), batch_spec),
-                         out_specs=batch_spec)(stacked_params, x)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(),
+                         axis_names={axis})(stacked_params, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1F1B
+
+
+def schedule_1f1b(stages: int, microbatches: int) -> np.ndarray:
+    """The 1F1B schedule as a table (units, stages, 2) of (operation, microbatch).
+
+    At each unit every stage does one operation; what it uses must have been produced at an
+    earlier unit (a ppermute takes one unit). A stage prefers a backward; it starts a forward
+    only while fewer than `stages - s` microbatches are in flight on it. The last stage does its
+    forward, the loss and its backward in one operation (LAST).
+    """
+    s_count, m = stages, microbatches
+    f_done: dict[tuple[int, int], int] = {}
+    b_done: dict[tuple[int, int], int] = {}
+    next_f, next_b = [0] * s_count, [0] * s_count
+    rows = []
+    unit = 0
+    while min(next_b) < m:
+        row = []
+        for s in range(s_count):
+            i, j = next_b[s], next_f[s]
+            arrived = lambda k: s == 0 or f_done.get((k, s - 1), unit) < unit  # noqa: E731
+            if s == s_count - 1:
+                row.append((LAST, i) if i < m and arrived(i) else (IDLE, 0))
+            elif i < j and b_done.get((i, s + 1), unit) < unit:
+                row.append((BACKWARD, i))
+            elif j < m and arrived(j) and j - i < s_count - s:
+                row.append((FORWARD, j))
+            else:
+                row.append((IDLE, 0))
+        for s, (op, k) in enumerate(row):
+            if op in (FORWARD, LAST):
+                f_done[(k, s)] = unit
+                next_f[s] += 1
+            if op in (BACKWARD, LAST):
+                b_done[(k, s)] = unit
+                next_b[s] += 1
+        rows.append(row)
+        unit += 1
+        if unit > 4 * (m + s_count) + 8:
+            raise AssertionError("the 1F1B schedule does not finish")  # a bug, not bad input
+    return np.asarray(rows, dtype=np.int32)
+
+
+def _receipts(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each unit and stage, the microbatch whose activation arrives from the stage before
+    and whose gradient arrives from the stage after (-1: nothing)."""
+    units, stages, _ = table.shape
+    from_before = np.full((units, stages), -1, np.int32)
+    from_after = np.full((units, stages), -1, np.int32)
+    for u in range(units):
+        for s in range(stages):
+            op, k = table[u, s]
+            if op == FORWARD and s + 1 < stages:
+                from_before[u, s + 1] = k
+            if op in (BACKWARD, LAST) and s > 0:
+                from_after[u, s - 1] = k
+    return from_before, from_after
+
+
+def peak_in_flight(table: np.ndarray) -> list[int]:
+    """Per stage, the most microbatches whose input it holds at once (forward done, backward not)."""
+    stages = table.shape[1]
+    peaks = []
+    for s in range(stages):
+        live = peak = 0
+        for op, _ in table[:, s]:
+            live += op == FORWARD
+            live -= op == BACKWARD
+            peak = max(peak, live + (op == LAST))
+        peaks.append(int(peak))
+    return peaks
+
+
+def pipeline_loss_1f1b(stage_fn: Callable[[Any, jax.Array], jax.Array],
+                       head_loss_fn: Callable[[Any, jax.Array, Any], jax.Array],
+                       stacked_params: Any, head_params: Any, x: jax.Array, targets: Any, *,
+                       mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
+                       batch_axes: Sequence[str] = ("data",)) -> jax.Array:
+    """The mean over microbatches of `head_loss_fn(head_params, stages(x_k), targets_k)`, run as a
+    1F1B pipeline; differentiable in `stacked_params`, `head_params` and `x` (the schedule
+    computes the gradients while it runs; the backward pass only scales them)."""
+    batch_axes = tuple(a for a in batch_axes if a != axis)
+    _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
+    stages, m = mesh.shape[axis], num_microbatches
+    table = schedule_1f1b(stages, m)
+    from_before, from_after = _receipts(table)
+    xs = tuple(jnp.asarray(a) for a in (table[..., 0], table[..., 1], from_before, from_after))
+
+    def local(params, head, h, tgt):
+        params = jax.tree.map(lambda p: p[0], params)
+        stage = lax.axis_index(axis)
+        micro_x = _split_microbatches(h, m, batch_axes)
+        micro_t = jax.tree.map(lambda t: _split_microbatches(t, m, batch_axes), tgt)
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        slots = jnp.zeros((stages, *micro_x.shape[1:]), micro_x.dtype)
+
+        def unit(carry, row):
+            inbox_f, inbox_b, g_params, g_head, loss, dx_out = carry
+            op, k, before, after = (r[stage] for r in row)
+            h_in = jnp.where(stage == 0, micro_x[k], inbox_f[k % stages])
+            cotangent = inbox_b[k % stages]
+            t_k = jax.tree.map(lambda t: t[k], micro_t)
+            nothing = (jnp.zeros_like(h_in), jnp.zeros_like(h_in), zeros(params), zeros(head),
+                       jnp.zeros((), jnp.float32))
+
+            def forward():
+                return (stage_fn(params, h_in), *nothing[1:])
+
+            def backward():
+                _, vjp = jax.vjp(stage_fn, params, h_in)
+                d_params, d_h = vjp(cotangent)
+                return nothing[0], d_h, d_params, nothing[3], nothing[4]
+
+            def last():
+                mean = lambda p, hp, x_: head_loss_fn(hp, stage_fn(p, x_), t_k) / m  # noqa: E731
+                value, (d_params, d_head, d_h) = jax.value_and_grad(mean, argnums=(0, 1, 2))(
+                    params, head, h_in)
+                return nothing[0], d_h, d_params, d_head, value.astype(jnp.float32)
+
+            y, d_h, d_params, d_head, value = lax.switch(
+                op, [lambda: nothing, forward, backward, last])
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+            g_params, g_head, loss = add(g_params, d_params), add(g_head, d_head), loss + value
+            first_backward = (stage == 0) & ((op == BACKWARD) | (op == LAST))
+            dx_out = jnp.where(first_backward,
+                               lax.dynamic_update_index_in_dim(dx_out, d_h, k, 0), dx_out)
+            sent_f = lax.ppermute(y, axis, [(s, s + 1) for s in range(stages - 1)])
+            sent_b = lax.ppermute(d_h, axis, [(s, s - 1) for s in range(1, stages)])
+            inbox_f = jnp.where(before >= 0, lax.dynamic_update_index_in_dim(
+                inbox_f, sent_f, jnp.maximum(before, 0) % stages, 0), inbox_f)
+            inbox_b = jnp.where(after >= 0, lax.dynamic_update_index_in_dim(
+                inbox_b, sent_b, jnp.maximum(after, 0) % stages, 0), inbox_b)
+            return (inbox_f, inbox_b, g_params, g_head, loss, dx_out), None
+
+        init = (slots, slots, zeros(params), zeros(head), jnp.zeros((), jnp.float32),
+                jnp.zeros_like(micro_x))
+        (_, _, g_params, g_head, loss, dx), _ = lax.scan(unit, init, xs)
+        return (lax.psum(loss, axis), jax.tree.map(lambda g: g[None], g_params),
+                lax.psum(g_head, axis), _join_microbatches(lax.psum(dx, axis)))
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
+                        out_specs=(P(), P(axis), P(), P()), axis_names={axis}, check_vma=False)
+
+    @jax.custom_vjp
+    def loss_of(params, head, h, tgt):
+        return run(params, head, h, tgt)[0]
+
+    def forward(params, head, h, tgt):
+        loss, g_params, g_head, d_h = run(params, head, h, tgt)
+        return loss, (g_params, g_head, d_h, tgt)
+
+    def backward(saved, g):
+        g_params, g_head, d_h, tgt = saved
+        scale = lambda tree: jax.tree.map(lambda a: a * g.astype(a.dtype), tree)  # noqa: E731
+        no_grad = jax.tree.map(lambda t: np.zeros(t.shape, jax.dtypes.float0), tgt)
+        return scale(g_params), scale(g_head), scale(d_h), no_grad
+
+    loss_of.defvjp(forward, backward)
+    return loss_of(stacked_params, head_params, x, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's layer stack as pipeline stages (what a trainer puts into `jaxdist.core.layout`)
+
+
+def as_stages(stacked: Any, stages: int) -> Any:
+    """A stack of L layers (leading axis L) -> S stages of L / S consecutive layers."""
+    layers = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+    (count,) = layers
+    if count % stages:
+        raise UsageError(f"the model's {count} layers do not split into {stages} pipeline "
+                         f"stages; choose a pipeline size that divides {count}")
+    return jax.tree.map(lambda x: x.reshape(stages, count // stages, *x.shape[1:]), stacked)
+
+
+def stack_runners(mesh: Mesh, *, microbatches: int, schedule: str = "gpipe",
+                  batch_axes: Sequence[str] = ("data", "fsdp"), axis: str = PIPELINE_AXIS
+                  ) -> tuple[Callable, Callable | None]:
+    """(run_layers, layers_then_loss) for `jaxdist.core.layout.Layout` on a pipelined mesh."""
+    if schedule not in SCHEDULES:
+        raise UsageError(f"unknown pipeline schedule {schedule!r}; choose one of "
+                         f"{', '.join(SCHEDULES)}")
+    stages = mesh.shape[axis]
+    options = dict(mesh=mesh, num_microbatches=microbatches, axis=axis, batch_axes=batch_axes)
+
+    def run_layers(layer_fn, stacked, h):
+        stage_fn = functools.partial(scan_layers, layer_fn)
+        return pipeline_call(stage_fn, as_stages(stacked, stages), h, **options)
+
+    def layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets):
+        stage_fn = functools.partial(scan_layers, layer_fn)
+        return pipeline_loss_1f1b(stage_fn, head_loss_fn, as_stages(stacked, stages),
+                                  head_params, h, targets, **options)
+
+    return run_layers, (layers_then_loss if schedule == "1f1b" else None)

@@ -10,7 +10,12 @@ for parameters and for optimizer state, and which mesh axes split the batch:
 | `zero1`   | replicated                       | split over data, fsdp  | data, fsdp      |
 | `fsdp`    | split over fsdp (ZeRO-3)         | like the parameters    | data, fsdp      |
 | `tp`      | mlp, heads over tensor (Megatron)| like the parameters    | data, fsdp      |
+| `sp`      | like tp; activations between     | like the parameters    | data, fsdp      |
+|           | attention and MLP split on seq   |                        |                 |
 | `fsdp_tp` | both                             | like the parameters    | data, fsdp      |
+
+Every strategy splits a stack of layers (logical `layers`) over the `pipeline` axis, so a mesh with
+pipeline > 1 pipelines a model that runs its stack through `jaxdist.core.layout.run_layers`.
 
 Under `fsdp` with data > 1 the parameters are split within each data group and replicated across
 groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
@@ -39,8 +44,8 @@ from jaxdist.errors import UsageError
 from jaxdist.parallel.mesh import MESH_AXES
 from jaxdist.core.step import path_name
 
-LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "patch", "seq", "classes", "conv_in",
-                "conv_out", "features")
+LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv", "vocab", "layers", "patch", "seq",
+                "classes", "conv_in", "conv_out", "features")
 
 MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
@@ -65,6 +70,16 @@ class Rules:
     unannotated: MeshAxes = None
     unannotated_optimizer: MeshAxes = None
     min_split_size: int = 128
+    activations: Mapping[str, MeshAxes] | None = None
+
+    def for_activations(self) -> Mapping[str, MeshAxes]:
+        """Activation name -> mesh axes: the batch over the batch axes, heads / hidden units /
+        vocabulary where the parameters split them (tensor parallelism), plus `activations`."""
+        table: dict[str, MeshAxes] = {"batch": self.batch}
+        table.update({name: self.params[name] for name in ("heads", "mlp", "vocab")
+                      if name in self.params})
+        table.update(self.activations or {})
+        return table
 
     def for_optimizer(self) -> Mapping[str, MeshAxes]:
         return self.params if self.optimizer is None else self.optimizer
@@ -76,16 +91,23 @@ class Rules:
 # FSDP splits one dimension of every parameter it can: the first named one in the parameter's
 # spec that appears here (a mesh axis is used once per parameter, so fc1 ("embed", "mlp") is split
 # on embed, its bias ("mlp",) on mlp).
+# A stack of layers (a leading "layers" axis) is split over "pipeline" under every strategy: with
+# pipeline > 1 each stage holds its own layers.
+_STACK = {"layers": "pipeline"}
 _FSDP = {name: "fsdp" for name in ("embed", "features", "conv_out", "mlp", "heads")}
-_TP = {"mlp": "tensor", "heads": "tensor"}
+# Megatron: attention heads and MLP hidden units split (column then row), and the vocabulary
+_TP = {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"}
 
 STRATEGY_RULES: dict[str, Rules] = {
-    "dp": Rules(params={}),
-    "zero1": Rules(params={}, optimizer={name: BATCH_AXES for name in _FSDP},
+    "dp": Rules(params=_STACK),
+    "zero1": Rules(params=_STACK, optimizer={**_STACK, **{name: BATCH_AXES for name in _FSDP}},
                    unannotated_optimizer=BATCH_AXES),
-    "fsdp": Rules(params=_FSDP, unannotated="fsdp"),
-    "tp": Rules(params=_TP),
-    "fsdp_tp": Rules(params={**_FSDP, **_TP}, unannotated="fsdp"),
+    "fsdp": Rules(params={**_STACK, **_FSDP}, unannotated="fsdp"),
+    "tp": Rules(params={**_STACK, **_TP}),
+    # Megatron sequence parallelism: tp, and the residual stream between attention and MLP (norms,
+    # residual adds) split along the sequence over the same tensor axis
+    "sp": Rules(params={**_STACK, **_TP}, activations={"seq": "tensor"}),
+    "fsdp_tp": Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp"),
 }
 MODEL_PARALLEL_STRATEGIES = tuple(STRATEGY_RULES)
 
@@ -102,7 +124,7 @@ def rules_for(strategy: str | Rules) -> Rules:
 
 def validate_rules(rules: Rules) -> None:
     """Every logical name and mesh axis in `rules` exists."""
-    for table in (rules.params, rules.for_optimizer()):
+    for table in (rules.params, rules.for_optimizer(), rules.for_activations()):
         for name, axes in table.items():
             if name not in LOGICAL_AXES:
                 raise UsageError(f"unknown logical axis {name!r} in the sharding rules; "

@@ -8,6 +8,7 @@ any strategy, on any mesh: the checkpointer lays arrays out like the `like` tree
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdist.core.layout import Layout, active_layout
 from jaxdist.core.step import (
     EvalFn,
     LossFn,
@@ -26,6 +28,7 @@ from jaxdist.core.step import (
     split_model,
 )
 from jaxdist.parallel.mesh import put_host_tree
+from jaxdist.parallel.pipeline import PIPELINE_AXIS, stack_runners
 from jaxdist.parallel.rules import (
     Rules,
     as_axis_tuple,
@@ -58,9 +61,12 @@ class RulesLayout:
 
 def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
                  loss_fn: LossFn, mesh: Mesh, rules: Rules, name: str,
-                 eval_fn: EvalFn | None, step_options: dict) -> RulesLayout:
+                 eval_fn: EvalFn | None, step_options: dict, *,
+                 pipeline_microbatches: int | None = None,
+                 pipeline_schedule: str = "gpipe") -> RulesLayout:
     """The step, shardings and initial state of `model` (or a builder of it) under `rules`."""
     validate_rules(rules)
+    train_layout, eval_layout = layouts(mesh, rules, pipeline_microbatches, pipeline_schedule)
     if isinstance(model, nnx.Module):
         graphdef, params, rest = split_model(model)
         abstract_params, abstract_rest = jax.eval_shape(lambda: (params, rest))
@@ -89,12 +95,13 @@ def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.Gradien
         grads, rest, metrics = tree
         return jax.lax.with_sharding_constraint(grads, grads_sh), rest, metrics
 
-    train_step = make_train_step(graphdef, loss_fn, tx, constrain_grads, **step_options)
+    train_step = in_layout(make_train_step(graphdef, loss_fn, tx, constrain_grads,
+                                           **step_options), train_layout)
     step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
                    donate_argnums=0)
     eval_step = None
     if eval_fn is not None:
-        eval_step = jax.jit(make_eval_step(graphdef, eval_fn),
+        eval_step = jax.jit(in_layout(make_eval_step(graphdef, eval_fn), eval_layout),
                             in_shardings=(params_sh, state_sh.rest, batch_sh), out_shardings=rep)
 
     def initial_state() -> TrainState:
@@ -110,6 +117,33 @@ def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.Gradien
     return RulesLayout(graphdef, rules, params_sh, grads_sh, state_sh, batch_sh,
                        batch_ways(mesh, rules), step, eval_step, initial_state, abstract_state,
                        lambda state: jax.device_put(state, state_sh))
+
+
+def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str
+            ) -> tuple[Layout, Layout]:
+    """What the train and eval steps trace under: the rules' activation layout and, on a mesh
+    with pipeline > 1, the pipeline (evaluation runs GPipe's forward: there is no backward to
+    interleave)."""
+    stages = mesh.shape[PIPELINE_AXIS]
+    activations = rules.for_activations()
+    if stages == 1:
+        plain = Layout(mesh, activations)
+        return plain, plain
+    microbatches = 2 * stages if microbatches is None else microbatches
+    batch_axes = tuple(a for a in rules.batch if a != PIPELINE_AXIS)
+    run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule,
+                                   batch_axes=batch_axes)
+    return Layout(mesh, activations, run, then_loss), Layout(mesh, activations, run)
+
+
+def in_layout(fn: Callable, layout: Layout) -> Callable:
+    """`fn`, traced with `layout` current."""
+    @functools.wraps(fn)
+    def traced(*args):
+        with active_layout(layout):
+            return fn(*args)
+
+    return traced
 
 
 def _warn_if_mostly_replicated(rules, name, mesh, abstract_params, params_sh, grads_sh) -> None:

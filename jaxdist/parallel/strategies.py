@@ -50,6 +50,8 @@ STRATEGIES_TABLE: dict[str, Strategy] = {s.name: s for s in (
              default_axis="fsdp"),
     Strategy("tp", "rules", "Megatron tensor parallelism of the MLP and attention",
              default_axis="tensor"),
+    Strategy("sp", "rules", "sequence parallelism: tp, and activations between attention and MLP "
+             "split along seq", default_axis="tensor"),
     Strategy("fsdp_tp", "rules", "FSDP and tensor parallelism together", default_axis="tensor"),
 )}
 STRATEGY_NAMES = tuple(STRATEGIES_TABLE)

@@ -72,6 +72,9 @@ class Trainer:
             computes them). False: each device's own shard (shard_map and pmap only).
         skip_nonfinite: skip updates whose loss or gradients are not finite; the step reports
             `metrics["nonfinite"]`.
+        pipeline_microbatches, pipeline_schedule: on a mesh with pipeline=S > 1, a model that
+            runs its layer stack through `jaxdist.core.layout` is pipelined over S stages with
+            this many microbatches (default 2 S), scheduled "gpipe" or "1f1b".
 
     Whatever the strategy, dropout and other RNG draws differ between replicas, never one mask
     repeated on every replica.
@@ -94,6 +97,8 @@ class Trainer:
         outer_optimizer: optax.GradientTransformation | None = None,
         sync_batch_stats: bool = True,
         skip_nonfinite: bool = True,
+        pipeline_microbatches: int | None = None,
+        pipeline_schedule: str = "gpipe",
     ):
         row = _strategy_row(strategy)
         self.strategy = row.name
@@ -118,7 +123,8 @@ class Trainer:
                 model, tx, loss_fn, self.mesh,
                 strategy if isinstance(strategy, Rules) else rules_for(
                     "dp" if row.name == "jit" else row.name),
-                self.strategy, eval_fn, step_options)
+                self.strategy, eval_fn, step_options,
+                pipeline_microbatches=pipeline_microbatches, pipeline_schedule=pipeline_schedule)
             self.graphdef = layout.graphdef
             self.rules = layout.rules
             self.param_shardings, self.grad_shardings = layout.param_shardings, layout.grad_shardings
