@@ -90,9 +90,9 @@ def test_a_config_over_the_budget_is_rejected_with_the_bytes_that_do_not_fit(pla
 def test_a_mesh_whose_rules_reject_the_model_is_skipped_with_the_reason():
     kw = dict(memory_gib=1, tx=plan.make_tx("adam"), assumptions=plan.Assumptions())
     # ViT-tiny's 64-wide embedding does not split 3 ways; a batch of 4 does not split 8 ways
-    row = plan.plan_config("vit", "tiny", 3, "fsdp", "fsdp=3", global_batch=6, **kw)
+    row = plan.plan_config("vit", "tiny", 6, "tp", "data=2,tensor=3", global_batch=6, **kw)
     assert row.skipped and row.reason.startswith("skipped: parameter ")
-    assert "does not divide over mesh axes fsdp (3 ways)" in row.reason
+    assert "does not divide over mesh axes tensor (3 ways)" in row.reason
     row = plan.plan_config("vit", "tiny", 8, "dp", "data=8", global_batch=4, **kw)
     assert row.skipped and row.reason == "skipped: global batch 4 does not split into 8 pieces"
 

@@ -143,11 +143,24 @@ def test_a_bad_mesh_is_a_clear_error(text, message):
 
 
 @needs_devices(8)
-def test_a_dimension_that_does_not_divide_over_its_axis_names_the_parameter():
+def test_a_dimension_that_does_not_divide_over_the_tensor_axis_names_the_parameter():
+    odd = lambda: ViT(vit_config("tiny", embed=36, heads=3, mlp=60, depth=1, patch=7),  # noqa: E731
+                      rngs=nnx.Rngs(0))
+    with pytest.raises(UsageError, match=r"parameter .* of shape .* does not divide over"):
+        ShardedTrainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("tensor=8"),
+                       strategy="tp")
+
+
+@needs_devices(8)
+def test_fsdp_splits_the_next_named_dimension_when_one_does_not_divide():
     odd = lambda: ViT(vit_config("tiny", embed=36, heads=4, mlp=64, depth=1, patch=7),  # noqa: E731
                       rngs=nnx.Rngs(0))
-    with pytest.raises(UsageError, match=r"parameter .*kernel of shape .* does not divide over"):
-        ShardedTrainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("fsdp=8"), strategy="fsdp")
+    trainer = ShardedTrainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("fsdp=8"),
+                             strategy="fsdp")
+    specs = {jax.tree_util.keystr(path): s.spec for path, s in
+             jax.tree_util.tree_flatten_with_path(trainer.param_shardings)[0]}
+    fc1 = next(spec for path, spec in specs.items() if "fc1" in path and "kernel" in path)
+    assert tuple(fc1) == (None, "fsdp")  # embed 36 does not split 8 ways; mlp 64 does
 
 
 def test_unknown_strategies_axes_and_logical_names_in_rules_are_clear_errors():

@@ -325,14 +325,30 @@ class _Sink:
 
 def _install(tmp: Path, directory: Path) -> None:
     """Renames the complete temp dir to the keyed dir; another process that got there first
-    wins (same key, same content) and this copy is dropped."""
-    try:
-        os.replace(tmp, directory)
-    except OSError as e:
-        if not (directory / "manifest.json").exists():
-            raise DataError(f"{directory} exists but is not a prepared corpus "
-                            f"({first_line(e)}); delete it to prepare it again") from None
-        shutil.rmtree(tmp, ignore_errors=True)
+    wins (same key, same content) and this copy is dropped. A keyed dir without a manifest (left
+    half-written by something other than `_prepare`) is not a prepared corpus: it is renamed
+    aside, deleted and replaced (`os.replace` cannot replace a non-empty dir)."""
+    for attempt in range(2):
+        try:
+            os.replace(tmp, directory)
+            return
+        except OSError as e:
+            if (directory / "manifest.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if attempt:
+                raise DataError(f"{directory} exists but is not a prepared corpus "
+                                f"({first_line(e)}); delete it to prepare it again") from None
+        stale = directory.with_name(f".tmp-{directory.name}-stale-{os.getpid()}-"
+                                    f"{os.urandom(4).hex()}")
+        try:
+            os.replace(directory, stale)  # atomic: nothing reads a half-deleted keyed dir
+        except OSError:  # gone meanwhile (the retry may well work), or cannot be moved (it fails)
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _open(directory: Path, manifest: dict, name: str) -> TokenCorpus:

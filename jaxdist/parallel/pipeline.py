@@ -145,37 +145,49 @@ def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_param
 def schedule_1f1b(stages: int, microbatches: int) -> np.ndarray:
     """The 1F1B schedule as a table (units, stages, 2) of (operation, microbatch).
 
-    At each unit every stage does one operation; what it uses must have been produced at an
-    earlier unit (a ppermute takes one unit). A stage prefers a backward; it starts a forward
-    only while fewer than `stages - s` microbatches are in flight on it. The last stage does its
-    forward, the loss and its backward in one operation (LAST).
+    Each stage runs a fixed program: S - s - 1 warm-up forwards, then one forward and one
+    backward in turn, then the remaining backwards (PyTorch's `Schedule1F1B`, Narayanan et al.
+    2021); the last stage does its forward, the loss and its backward as one operation (LAST).
+    At each unit a stage does its next operation if what it needs was produced at an earlier unit
+    (a ppermute takes one unit), else waits. So stage s holds at most S - s microbatches' inputs,
+    and the schedule takes 2 (M + S - 1) - 2 units, GPipe's forward-then-backward 2 (M + S - 1).
     """
     s_count, m = stages, microbatches
+    programs = []
+    for s in range(s_count):
+        if s == s_count - 1:
+            programs.append([(LAST, k) for k in range(m)])
+            continue
+        warmup = min(s_count - s - 1, m)
+        program = [(FORWARD, k) for k in range(warmup)]
+        for k in range(m):
+            if warmup + k < m:
+                program.append((FORWARD, warmup + k))
+            program.append((BACKWARD, k))
+        programs.append(program)
+    position = [0] * s_count
     f_done: dict[tuple[int, int], int] = {}
     b_done: dict[tuple[int, int], int] = {}
-    next_f, next_b = [0] * s_count, [0] * s_count
     rows = []
     unit = 0
-    while min(next_b) < m:
+    while any(position[s] < len(programs[s]) for s in range(s_count)):
         row = []
         for s in range(s_count):
-            i, j = next_b[s], next_f[s]
-            arrived = lambda k: s == 0 or f_done.get((k, s - 1), unit) < unit  # noqa: E731
-            if s == s_count - 1:
-                row.append((LAST, i) if i < m and arrived(i) else (IDLE, 0))
-            elif i < j and b_done.get((i, s + 1), unit) < unit:
-                row.append((BACKWARD, i))
-            elif j < m and arrived(j) and j - i < s_count - s:
-                row.append((FORWARD, j))
-            else:
+            if position[s] == len(programs[s]):
                 row.append((IDLE, 0))
+                continue
+            op, k = programs[s][position[s]]
+            if op == BACKWARD:
+                ready = b_done.get((k, s + 1), unit) < unit
+            else:
+                ready = s == 0 or f_done.get((k, s - 1), unit) < unit
+            row.append((op, k) if ready else (IDLE, 0))
         for s, (op, k) in enumerate(row):
+            position[s] += op != IDLE
             if op in (FORWARD, LAST):
                 f_done[(k, s)] = unit
-                next_f[s] += 1
             if op in (BACKWARD, LAST):
                 b_done[(k, s)] = unit
-                next_b[s] += 1
         rows.append(row)
         unit += 1
         if unit > 4 * (m + s_count) + 8:

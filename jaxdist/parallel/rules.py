@@ -49,6 +49,7 @@ LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv", "vocab", "layers", "patc
 
 MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
+STORAGE_AXES = frozenset(BATCH_AXES)  # axes that only lay out storage (FSDP, ZeRO)
 
 
 class ReplicationWarning(UserWarning):
@@ -144,12 +145,20 @@ def as_axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh) -> P:
-    """A PartitionSpec of logical names -> one of mesh axes (axes of size 1 dropped)."""
+def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh,
+                    shape: tuple[int, ...] | None = None) -> P:
+    """A PartitionSpec of logical names -> one of mesh axes (axes of size 1 dropped).
+
+    With `shape`, storage-only axes (`STORAGE_AXES`: splitting there is a memory layout, not
+    the model's semantics) skip a dimension they do not divide and go to a later named one, so
+    FSDP of `wo` (layers, heads=12, kv, embed) over 8 devices splits `embed`; the tensor and
+    pipeline axes never move (a dimension they do not divide is an error)."""
     used: set[str] = set()
     out = []
-    for name in logical:
+    for dim, name in enumerate(logical):
         axes = tuple(a for a in as_axis_tuple(table.get(name)) if mesh.shape[a] > 1 and a not in used)
+        if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+            axes = tuple(a for a in axes if a not in STORAGE_AXES)
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
@@ -188,7 +197,7 @@ def param_shardings(abstract_params: Any, logical_specs: Any, table: Mapping[str
     on their largest dividing dimension over `unannotated` (None: replicated)."""
     def one(path, x, logical):
         if isinstance(logical, P) and len(logical) == len(x.shape):
-            spec = logical_to_mesh(logical, table, mesh)
+            spec = logical_to_mesh(logical, table, mesh, tuple(x.shape))
         else:
             spec = split_largest_dim(tuple(x.shape), unannotated, mesh, min_size)
         _check_divisible(path_name(path), tuple(x.shape), spec, mesh)
