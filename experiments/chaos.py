@@ -240,15 +240,9 @@ def run_elastic(args, out: Path, env: dict, total: int, reference_dir: Path) -> 
 
 
 def machine() -> str:
-    import platform
+    from jaxdist.observe.machine import describe_machine
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    import jax
-
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, jax "
-            f"{jax.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return describe_machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
@@ -77,6 +78,7 @@ class StepAnalysis:
     ledger: Any  # jaxdist.observe.Ledger
     flops: float
     compile_s: float
+    hlo: str = ""  # the compiled step's partitioned HLO (`compiled.as_text()`)
 
 
 def flops_per_device(compiled: Any, lowered: Any = None) -> float:
@@ -112,9 +114,103 @@ def analyze_step(trainer: Any, batch: Any, compiler_options: dict | None = None
     lowered = trainer.lower(state, abstract_batch(trainer, batch))
     compiled = lowered.compile(compiler_options)
     seconds = time.perf_counter() - start
+    hlo = compiled.as_text()
     return StepAnalysis(memory=memory_report(compiled, state, trainer.grad_shardings),
-                        ledger=collective_ledger(compiled.as_text(), trainer.num_devices),
-                        flops=flops_per_device(compiled, lowered), compile_s=seconds)
+                        ledger=collective_ledger(hlo, trainer.num_devices),
+                        flops=flops_per_device(compiled, lowered), compile_s=seconds, hlo=hlo)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1F1B: the ledger of the busiest stage, not of every branch of the schedule's switch
+
+_HEADER = re.compile(r"^(\s*)(ENTRY\s+)?(%?[\w.\-]+\s*\(.*\)\s*->.*\{\s*)$")
+_CONDITIONAL = re.compile(r"\bconditional\(.*?\bbranch_computations=\{([^}]*)\}")
+_WHILE_BODY = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _runs_of(hlo: str, computation: str, num_devices: int) -> Any:
+    """The ledger of one run of `computation` of `hlo`: `collective_ledger` of the program with a
+    new entry that loops once over it, minus the same with zero trips (the ledger counts what no
+    entry reaches once, the same in both)."""
+    from jaxdist.observe import collective_ledger
+
+    body = []
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        body.append(header.group(1) + header.group(3) if header else line)  # no ENTRY left
+
+    def looped(trips: int) -> Any:
+        entry = ["ENTRY %jaxdist_plan_entry () -> () {",
+                 f"  %jaxdist_plan_loop = () while(), condition=%jaxdist_plan_none, "
+                 f"body=%{computation}, backend_config={{\"known_trip_count\":{{\"n\":"
+                 f"\"{trips}\"}}}}", "}"]
+        return collective_ledger("\n".join(body + entry), num_devices)
+
+    return _combine([(1.0, looped(1)), (-1.0, looped(0))])
+
+
+def _combine(parts: Sequence[tuple[float, Any]]) -> Any:
+    """sum(weight * ledger) over (weight, ledger) pairs, entry by entry (kind, group size)."""
+    from jaxdist.observe.ledger import KINDS, Collective, Ledger
+
+    table: dict[tuple[str, int], list[float]] = {}
+    for weight, ledger in parts:
+        for c in ledger.collectives:
+            entry = table.setdefault((c.kind, c.group_size), [0.0, 0.0])
+            entry[0] += weight * c.count
+            entry[1] += weight * c.payload_bytes
+    order = {k: i for i, k in enumerate(KINDS)}
+    rows = [Collective(kind, g, count=max(0, round(count)), payload_bytes=max(0, round(payload)))
+            for (kind, g), (count, payload) in table.items()]
+    return Ledger(sorted([r for r in rows if r.count], key=lambda c: (order[c.kind],
+                                                                      c.group_size)),
+                  parts[0][1].unknown_trip_counts if parts else 0)
+
+
+def schedule_ledger(hlo: str, num_devices: int, table: Any) -> Any | None:
+    """The collectives per step of the busiest stage of a 1F1B step, or None when `hlo` does not
+    have the expected shape (one `lax.switch` over the schedule's operations, in the body of a
+    loop over its units).
+
+    `collective_ledger` counts every branch of a conditional as run each time the conditional
+    runs; the 1F1B schedule (`schedule_1f1b(S, M)`, `table`) runs one operation per unit: idle,
+    forward, backward or the last stage's forward + loss + backward. Each stage's ledger is the
+    program's, with each branch's collectives counted as often as that stage runs that
+    operation instead of once per unit; the busiest stage's (most wire bytes) is returned."""
+    import numpy as np
+
+    from jaxdist.observe import collective_ledger
+
+    ops = table.shape[0] and int(table[..., 0].max()) + 1
+    units = table.shape[0]
+    current, found = None, []
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(3).lstrip("%").split("(")[0].strip()
+            continue
+        cond = _CONDITIONAL.search(line)
+        if cond:
+            branches = [b.strip().lstrip("%") for b in cond.group(1).split(",") if b.strip()]
+            found.append((current, branches))
+    switches = [(where, branches) for where, branches in found if len(branches) == ops]
+    if len(switches) != 1:
+        return None
+    where, branches = switches[0]
+    trips = [int(t.group(1)) for line in hlo.splitlines()
+             if (body := _WHILE_BODY.search(line)) and body.group(1) == where
+             and (t := _TRIP_COUNT.search(line))]
+    if trips != [units]:
+        return None
+    whole = collective_ledger(hlo, num_devices)
+    per_branch = [_runs_of(hlo, b, num_devices) for b in branches]
+    stages = []
+    for s in range(table.shape[1]):
+        runs = np.bincount(table[:, s, 0], minlength=len(branches))
+        stages.append(_combine([(1.0, whole)] + [(float(runs[k] - units), per_branch[k])
+                                                  for k in range(len(branches))]))
+    return max(stages, key=lambda ledger: ledger.total(wire=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +229,29 @@ class Assumptions:
     def bytes_per_second(self) -> float:
         return self.bandwidth_gbps * 1e9 / 8
 
-    def describe(self) -> list[str]:
-        return [
-            "Assumptions (a model, not a measurement):",
-            f"- compute = FLOPs per device (XLA cost analysis of the compiled step) / "
-            f"{self.peak_tflops:g} TFLOP/s (--peak_tflops: a stated peak, not measured; "
-            f"no utilisation discount)",
+    def describe(self, *, xla_flops: bool = True, model_flops: bool = False,
+                 pipelines: bool = False) -> list[str]:
+        """The printed assumptions: `xla_flops` / `model_flops` where the compute of some rows
+        comes from XLA's cost analysis (the ViT) / the model's own FLOPs (the LM); `pipelines`
+        where some rows are pipelined."""
+        peak = (f"{self.peak_tflops:g} TFLOP/s (--peak_tflops: a stated peak, not measured; "
+                f"no utilisation discount)")
+        lines = ["Assumptions (a model, not a measurement):"]
+        if xla_flops:
+            lines.append(f"- compute = FLOPs per device (XLA cost analysis of the compiled step) "
+                         f"/ {peak}")
+        if model_flops:
+            lines.append(
+                f"- compute{' (LM)' if xla_flops else ''} = the model's training FLOPs per step "
+                f"(6 N + 12 L T E per token, jaxdist.models.lm.flops_per_token, plus the forward "
+                f"that the remat policy and a 1F1B backward compute again) / n devices / {peak}; "
+                f"not XLA's cost analysis, which counts the layer scan's body once")
+        if pipelines:
+            lines.append("- pipeline rows (pipeline=S, M microbatches, schedule gpipe or 1f1b): "
+                         "compute / (1 - bubble), bubble = (S-1)/(M+S-1), and the compute "
+                         "column includes it; memory is per device, i.e. per stage, from the "
+                         "compile of that schedule")
+        return lines + [
             f"- communication = per collective in the step's HLO, alpha-beta over a ring: "
             f"{self.latency_us:g} us (--latency_us) x ring steps (all-reduce 2(g-1), all-gather/"
             f"reduce-scatter/all-to-all g-1, permute 1, g = group size) + ring wire bytes / "
@@ -229,18 +342,21 @@ def lm_step_flops(cfg: Any, tokens: int, schedule: str | None = None) -> float:
 
     `jaxdist.models.lm.flops_per_token` (6 N for the matmuls with the parameters, 12 L T E for
     attention's scores and mixing: forward and backward), plus the forward the backward pass
-    computes again: the remat policy's (full: the blocks' whole forward, 2 N_layers + 4 L T E per
-    token; dots_no_batch: attention's scores and mixing, 4 L T E; dots and none: only elementwise
-    work, not counted), and 1F1B's (its backward recomputes each stage's forward from the saved
-    stage input: one more forward of the blocks, on top of the remat policy's). XLA's own cost
-    analysis is not used for the LM: it counts the body of a `lax.scan` (the layer stack, the
-    pipeline's ticks) once."""
+    computes again: the remat policy's (full: the blocks' forward but for the last matmul, whose
+    output no gradient needs, 2 (N_layers - L E F) + 4 L T E per token; dots_no_batch:
+    attention's scores and mixing, 4 L T E; dots and none: only elementwise work, not counted),
+    and 1F1B's (its backward recomputes each stage's forward from the saved stage input: one
+    more forward of the blocks, 2 N_layers + 4 L T E, on top of the remat policy's). Matmuls
+    only: XLA's count of one layer (where its cost analysis is right) is 3-4% higher, from
+    elementwise work. XLA's own cost analysis is not used for the LM: it counts the body of a
+    `lax.scan` (the layer stack, the pipeline's ticks) once."""
     from jaxdist.models.lm import flops_per_token, param_count
 
     layer_params = param_count(cfg) - param_count(dataclasses.replace(cfg, depth=0))
     attention = 4 * cfg.depth * cfg.seq_len * cfg.embed  # scores and mixing, forward
     block_forward = 2 * layer_params + attention
-    again = {"none": 0, "dots": 0, "dots_no_batch": attention, "full": block_forward}[cfg.remat]
+    again = {"none": 0, "dots": 0, "dots_no_batch": attention,
+             "full": block_forward - 2 * cfg.depth * cfg.mlp * cfg.embed}[cfg.remat]
     if schedule == "1f1b":
         again += block_forward
     return float(tokens) * (flops_per_token(cfg) + again)
@@ -253,6 +369,16 @@ def model_spec(model: str, size: str, overrides: dict | None = None) -> ModelSpe
 
     overrides = dict(overrides or {})
     label = f"{model}-{size}" + "".join(f",{k}={v}" for k, v in overrides.items())
+    fields = {"vit": "ViTConfig", "lm": "LMConfig"}
+    if model in fields:
+        import jaxdist.models.lm as lm
+        import jaxdist.models.vit as vit
+
+        known = {f.name for f in dataclasses.fields(
+            vit.ViTConfig if model == "vit" else lm.LMConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UsageError(f"{fields[model]} has no field {unknown[0]!r}")
     if model == "vit":
         from jaxdist.models import ViT, vit_config
         from jaxdist.models.classification import mnist_loss
@@ -331,6 +457,8 @@ class PlanRow:
     microbatches: int = 0  # pipeline rows: M
     bubble: float = 0.0  # pipeline rows: (S - 1) / (M + S - 1)
     inputs: str = ""  # what one example is (ModelSpec.inputs)
+    flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
+    note: str = ""  # a caveat the table prints after "yes" / "NO"
 
     @property
     def skipped(self) -> bool:
@@ -370,7 +498,8 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     from jaxdist.parallel.rules import batch_ways, rules_for
 
     spec = model_spec(model, size, overrides)
-    row = PlanRow(spec.label, n, strategy, mesh_shape, inputs=spec.inputs)
+    row = PlanRow(spec.label, n, strategy, mesh_shape, inputs=spec.inputs,
+                  flops_from="xla" if spec.layers is None else "model")
     if devices is None:
         devices = jax.devices("cpu")
     try:
@@ -408,11 +537,19 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     budget = memory_gib * GIB
     model_flops = spec.step_flops(global_batch, row.schedule or None)
     flops = analysis.flops if model_flops is None else model_flops / n
+    ledger = analysis.ledger
+    if row.schedule == "1f1b":
+        from jaxdist.parallel.pipeline import schedule_1f1b
+
+        ledger = schedule_ledger(analysis.hlo, n, schedule_1f1b(stages, row.microbatches))
+        if ledger is None:  # not the HLO shape expected: every branch counted at every unit
+            ledger = analysis.ledger
+            row.note = "comm counts every branch of the 1F1B switch"
     row.memory = analysis.memory
-    row.wire_bytes = analysis.ledger.total(wire=True)
-    row.collectives = analysis.ledger.count()
+    row.wire_bytes = ledger.total(wire=True)
+    row.collectives = ledger.count()
     row.compute_s = compute_seconds(flops, assumptions)
-    row.comm_s = comm_seconds(analysis.ledger, assumptions)
+    row.comm_s = comm_seconds(ledger, assumptions)
     row.compile_s = analysis.compile_s
     row.fits = analysis.memory.peak_estimate <= budget
     if not row.fits:
@@ -420,7 +557,6 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     return row
 
 
-'''
 def make_tx(optimizer: str) -> Any:
     from jaxdist.train import OptimizerConfig, make_optimizer
 
@@ -538,8 +674,10 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
                           devices=devices, overrides=overrides, schedule=schedule or "gpipe",
                           microbatches=pipeline_microbatches)
         rows.append(row)
+        peak = 0 if row.skipped else row.memory.peak_estimate
         done = ("skipped" if row.skipped else
-                f"peak {row.memory.peak_estimate / GIB:.2f} GiB, step {row.step_s * 1e3:.1f} ms")
+                f"peak {peak / GIB:.2f} GiB" if peak >= GIB / 10 else f"peak {peak / MIB:.1f} MiB")
+        done += "" if row.skipped else f", step {row.step_s * 1e3:.1f} ms"
         print(f" {time.perf_counter() - start:.1f} s ({done})", file=progress, flush=True)
     print(f"plan: {len(todo)} configs in {time.perf_counter() - began:.0f} s", file=progress,
           flush=True)
@@ -582,10 +720,9 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
     Pipeline rows add three columns: the schedule, the microbatches M and the bubble fraction;
     their `compute` includes the bubble (compute / (1 - bubble)), so compute + comm = step."""
     pipelines = any(r.schedule for r in rows)
-    lines = assumptions.describe(xla_flops=any(not r.inputs.startswith("sequences")
-                                               for r in rows) or not rows,
-                                 model_flops=any(r.inputs.startswith("sequences") for r in rows),
-                                 pipelines=pipelines)
+    lines = assumptions.describe(
+        xla_flops=not rows or any(r.flops_from == "xla" for r in rows),
+        model_flops=any(r.flops_from == "model" for r in rows), pipelines=pipelines)
     lines.append(f"- budget {memory_gib:g} GiB per device; global batch {global_batch} "
                  f"({_inputs_line(rows)}); optimizer {optimizer}; fp32 parameters")
     lines.append("")
@@ -613,7 +750,8 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
             f"{prefix} {m.params / MIB:>8.1f} {m.optimizer / MIB:>8.1f} {m.grads / MIB:>8.1f} "
             f"{m.temp / MIB:>8.1f} {m.peak_estimate / MIB:>8.1f} {r.wire_bytes / MIB:>9.1f} "
             f"{r.busy_s * 1e3:>8.2f} {r.comm_s * 1e3:>8.2f} {r.step_s * 1e3:>8.2f}  "
-            + ("yes" if r.fits else f"NO: {r.reason.removeprefix('rejected: ')}"))
+            + ("yes" if r.fits else f"NO: {r.reason.removeprefix('rejected: ')}")
+            + (f" ({r.note})" if r.note else ""))
     lines += ["", "Recommended (fastest that fits):"]
     for (model, n), row in recommend(rows).items():
         if row is None:

@@ -1,6 +1,7 @@
 """The pre-flight planner (`python -m jaxdist.plan`): its memory per device is what the real step
-allocates, configs over the budget are rejected with the reason, bad input is one line and exit 2,
-and the CLI prints the assumptions, the table and a recommended mesh."""
+allocates (ViT and LM, pipelined or not), configs over the budget are rejected with the reason,
+bad input is one line and exit 2, and the CLI prints the assumptions, the table and a recommended
+mesh."""
 
 import io
 import math
@@ -15,8 +16,10 @@ from conftest import needs_devices
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import plan
 from jaxdist.models import ViT, vit_config
+from jaxdist.models.lm import GPT, lm_config, lm_loss, param_count
 from jaxdist.observe import collective_ledger
 from jaxdist.parallel import ShardedTrainer, make_mesh
+from jaxdist.parallel.pipeline import schedule_1f1b
 from jaxdist.core.step import init_state
 
 MESHES = [("fsdp", "fsdp=8"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")]
@@ -132,6 +135,15 @@ def test_flops_are_read_from_a_dict_or_a_list_of_dicts():
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "gpt"], "unknown model 'gpt'"),
+    (["--model", "lm", "--lm_size", "huge"], "unknown LM size 'huge'"),
+    (["--model", "lm", "--lm_size", "test", "--pipeline_stages", "3"],
+     "lm-test's 4 layers do not split into 3 pipeline stages"),
+    (["--model", "lm", "--pipeline_stages", "two"], "--pipeline_stages takes comma-separated"),
+    (["--model", "lm", "--remat", "most"], "unknown remat policy 'most'"),
+    (["--model", "lm", "--schedules", "gpipe,zb"], "unknown pipeline schedule 'zb'"),
+    (["--model", "lm", "--pipeline_microbatches", "0"], "--pipeline_microbatches must be at least 1"),
+    (["--model", "lm", "--seq_len", "0"], "LM sizes must be positive"),
+    (["--remat", "full"], "--remat: options of --model lm, not --model vit"),
     (["--vit_size", "small,huge"], "unknown ViT size 'huge'"),
     (["--strategies", "dp,zero3"], "unknown strategy 'zero3'"),
     (["--devices", "8,0"], "device counts must be at least 1, got 0"),
@@ -161,3 +173,168 @@ def test_the_cli_prints_the_assumptions_a_table_and_a_recommended_mesh(capsys):
     recommended = lines[lines.index("Recommended (fastest that fits):") + 1]
     assert recommended.split()[:2] == ["vit-tiny", "n=2"] and "ms/step" in recommended
     assert "plan: [1/1] vit-tiny n=2 dp data=2" in capsys.readouterr().err  # progress on stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM: (inputs, targets) token batches, remat, pipeline meshes under GPipe and 1F1B
+
+LM_SIZE, LM_BATCH, LM_M = "tiny", 32, 8  # 0.82M parameters, 128 tokens; M = 2 S on pipeline=4
+LM_MESHES = [("fsdp", "data=2,fsdp=4", ""), ("dp", "data=2,pipeline=4", "gpipe"),
+             ("dp", "data=2,pipeline=4", "1f1b")]
+
+
+@pytest.fixture(scope="module")
+def lm_planned():
+    """The planner's rows for the tiny LM (remat full, the LM default) on 8 devices."""
+    return {(strategy, mesh, schedule): plan.plan_config(
+        "lm", LM_SIZE, 8, strategy, mesh, memory_gib=TINY_BUDGET_GIB, global_batch=LM_BATCH,
+        tx=plan.make_tx("adam"), assumptions=plan.Assumptions(), schedule=schedule or "gpipe")
+        for strategy, mesh, schedule in LM_MESHES}
+
+
+def test_lm_rows_compile_and_report_memory_and_the_pipeline_bubble(lm_planned):
+    for (strategy, mesh, schedule), row in lm_planned.items():
+        assert not row.skipped, row.reason
+        m = row.memory
+        assert m.params > 0 and m.optimizer > 0 and m.temp > 0 and m.peak_estimate > m.temp
+        assert row.model == "lm-tiny" and "remat full" in row.inputs
+        assert row.schedule == schedule and row.compute_s > 0 and row.comm_s > 0
+        if schedule:
+            assert row.microbatches == LM_M and row.bubble == pytest.approx(3 / 11)  # (S-1)/(M+S-1)
+            assert row.step_s == pytest.approx(row.compute_s / (1 - 3 / 11) + row.comm_s)
+        else:
+            assert row.microbatches == 0 and row.step_s == pytest.approx(row.compute_s + row.comm_s)
+    # memory is per device, i.e. per stage: a stage holds a quarter of the layers (and the
+    # embedding, which is not part of the stack)
+    cfg = lm_config(LM_SIZE)
+    whole, embedding = 4 * param_count(cfg), 4 * (cfg.vocab * cfg.embed + cfg.embed)
+    stage = lm_planned["dp", "data=2,pipeline=4", "gpipe"].memory.params
+    assert stage == embedding + (whole - embedding) // 4
+
+
+def test_1f1b_holds_fewer_activations_per_stage_than_gpipe_at_the_same_microbatches(lm_planned):
+    gpipe = lm_planned["dp", "data=2,pipeline=4", "gpipe"].memory
+    one_f_one_b = lm_planned["dp", "data=2,pipeline=4", "1f1b"].memory
+    assert one_f_one_b.params == gpipe.params and one_f_one_b.optimizer == gpipe.optimizer
+    assert one_f_one_b.temp <= gpipe.temp, (one_f_one_b.temp, gpipe.temp)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy,mesh,schedule", LM_MESHES)
+def test_planned_lm_memory_matches_the_real_step_compiled_on_8_devices_within_10_percent(
+        lm_planned, strategy, mesh, schedule):
+    row = lm_planned[strategy, mesh, schedule]
+    assert not row.skipped, row.reason
+    cfg = lm_config(LM_SIZE, remat=plan.DEFAULT_LM_REMAT)
+    model_fn = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    options = dict(pipeline_microbatches=LM_M, pipeline_schedule=schedule) if schedule else {}
+    trainer = ShardedTrainer(model_fn, optax.adam(1e-3), lm_loss, mesh=make_mesh(mesh),
+                             strategy=strategy, **options)
+    state = trainer.place(init_state(model_fn(), optax.adam(1e-3))[1])
+    real_params, real_opt = _shard_bytes(state.params), _shard_bytes(state.opt_state)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, (LM_BATCH, cfg.seq_len + 1))
+    batch = trainer.shard_batch((tokens[:, :-1].astype(np.int32),
+                                 tokens[:, 1:].astype(np.int32)))
+    state, metrics = trainer.step(state, batch)
+    assert math.isfinite(float(metrics["loss"]))
+    compiled = trainer.lower(state, batch).compile()
+    real = compiled.memory_analysis()
+    real_peak = (real.argument_size_in_bytes + real.temp_size_in_bytes
+                 + real.output_size_in_bytes - real.alias_size_in_bytes)
+    if schedule == "1f1b":
+        ledger = plan.schedule_ledger(compiled.as_text(), 8, schedule_1f1b(4, LM_M))
+        assert ledger is not None, "the 1F1B step no longer has the shape schedule_ledger reads"
+    else:
+        ledger = collective_ledger(compiled.as_text(), 8)
+
+    m = row.memory
+    assert m.params == pytest.approx(real_params, rel=0.10)
+    assert m.optimizer == pytest.approx(real_opt, rel=0.10)
+    assert m.temp == pytest.approx(real.temp_size_in_bytes, rel=0.10)
+    assert m.peak_estimate == pytest.approx(real_peak, rel=0.10)
+    assert row.wire_bytes == pytest.approx(ledger.total(wire=True), rel=0.10)
+
+
+def test_the_1f1b_ledger_counts_each_branch_of_the_schedule_as_often_as_a_stage_runs_it():
+    """The 1F1B step is a loop over units around a switch (idle, forward, backward, last);
+    `collective_ledger` counts every branch at every unit, `schedule_ledger` as often as the
+    busiest stage runs it: never more, and the ppermutes (outside the switch) unchanged."""
+    row_args = dict(memory_gib=1, global_batch=16, tx=plan.make_tx("adam"),
+                    assumptions=plan.Assumptions())
+    trainer = ShardedTrainer(lambda: GPT(lm_config("test"), rngs=nnx.Rngs(0)), plan.make_tx("adam"),
+                             lm_loss, mesh=make_mesh("data=4,pipeline=2"), strategy="dp",
+                             pipeline_schedule="1f1b")
+    analysis = plan.analyze_step(trainer, plan.model_spec("lm", "test").batch(16))
+    table = schedule_1f1b(2, 4)
+    ledger = plan.schedule_ledger(analysis.hlo, 8, table)
+    assert ledger is not None
+    naive = analysis.ledger
+    assert ledger.count() < naive.count() and ledger.total() < naive.total()
+    assert ledger.count("collective-permute") == naive.count("collective-permute")
+    # each stage runs M = 4 of its backward (or last) operations, not one per unit
+    assert table.shape[0] > 4
+    row = plan.plan_config("lm", "test", 8, "dp", "data=4,pipeline=2", schedule="1f1b", **row_args)
+    assert row.wire_bytes == pytest.approx(ledger.total(wire=True)) and not row.note
+
+
+def test_lm_model_flops_agree_with_xla_where_its_cost_analysis_counts_right():
+    """XLA's cost analysis counts a scan's body once (the layer stack): with one layer it is
+    right, and the planner's model FLOPs (matmuls only) are within 10% of it."""
+    for remat in ("none", "full"):
+        spec = plan.model_spec("lm", "tiny", {"depth": 1, "remat": remat})
+        trainer = ShardedTrainer(spec.model_fn, plan.make_tx("adam"), spec.loss_fn,
+                                 mesh=make_mesh("data=8"), strategy="dp")
+        xla = plan.analyze_step(trainer, spec.batch(LM_BATCH)).flops
+        assert spec.step_flops(LM_BATCH) / 8 == pytest.approx(xla, rel=0.10), remat
+    # a deeper stack: more FLOPs in the model, the same count from XLA's scan body
+    cfg = lm_config("tiny", remat="full")
+    assert plan.lm_step_flops(cfg, 1000) > plan.lm_step_flops(lm_config("tiny", depth=1,
+                                                                        remat="full"), 1000)
+    assert plan.lm_step_flops(cfg, 1000, "1f1b") > plan.lm_step_flops(cfg, 1000, "gpipe")
+
+
+def test_the_lm_meshes_add_pipelines_where_they_divide_the_devices_and_the_depth():
+    assert plan.candidate_meshes("dp", 8, layers=4) == [
+        "data=8", "data=4,pipeline=2", "data=2,pipeline=4"]
+    assert plan.candidate_meshes("fsdp", 8, layers=6) == [  # 6 layers: no pipeline=4
+        "fsdp=8", "data=2,fsdp=4", "fsdp=4,pipeline=2"]
+    assert plan.candidate_meshes("sp", 8) == ["data=4,tensor=2"]
+    assert plan.candidate_meshes("tp", 16, layers=24) == [
+        "data=8,tensor=2", "data=4,tensor=2,pipeline=2", "data=2,tensor=2,pipeline=4"]
+    assert plan.candidate_meshes("fsdp_tp", 8, layers=4) == [
+        "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=2,pipeline=2"]
+    assert plan.candidate_meshes("zero1", 6, layers=4) == ["data=6", "data=3,pipeline=2"]
+    assert plan.candidate_meshes("dp", 8, layers=4, stages=[4]) == ["data=8", "data=2,pipeline=4"]
+
+
+def test_lm_configs_the_pipeline_cannot_run_are_skipped_with_the_reason():
+    kw = dict(memory_gib=1, tx=plan.make_tx("adam"), assumptions=plan.Assumptions())
+    row = plan.plan_config("lm", "small", 8, "dp", "data=2,pipeline=4", global_batch=16, **kw)
+    assert row.skipped and row.reason == (
+        "skipped: lm-small's 6 layers do not split into 4 pipeline stages")
+    row = plan.plan_config("lm", "test", 8, "dp", "data=2,pipeline=4", global_batch=8, **kw)
+    assert row.skipped and row.reason == ("skipped: global batch 8 does not split into 8 "
+                                          "microbatches on each of 2 data-parallel groups")
+    row = plan.plan_config("lm", "test", 8, "fsdp_tp", "fsdp=2,tensor=2,pipeline=2",
+                           global_batch=16, schedule="1f1b", **kw)
+    assert row.skipped and "not planned yet" in row.reason and row.schedule == "1f1b"
+
+
+@needs_devices(4)
+def test_the_cli_plans_the_lm_with_pipeline_columns(capsys):
+    out = io.StringIO()
+    assert plan.main(["--model", "lm", "--lm_size", "test", "--devices", "4", "--strategies",
+                      "dp", "--pipeline_stages", "2", "--schedules", "1f1b", "--memory_gib", "1",
+                      "--global_batch", "16"], out=out) == 0
+    text = out.getvalue()
+    assert "model's training FLOPs" in text and "bubble = (S-1)/(M+S-1)" in text
+    assert "sequences of 32 int32 tokens" in text and "remat full" in text
+    lines = text.splitlines()
+    assert any(line.split()[:7] == ["model", "n", "strategy", "mesh", "sched", "M", "bubble"]
+               for line in lines)
+    piped = [line for line in lines if line.startswith("lm-test") and "pipeline=2" in line]
+    assert len(piped) == 1 and piped[0].split()[4:7] == ["1f1b", "4", "0.20"]
+    assert any(line.startswith("lm-test") and " data=4 " in line for line in lines)
+    recommended = lines[lines.index("Recommended (fastest that fits):") + 1]
+    assert recommended.split()[:2] == ["lm-test", "n=4"] and "ms/step" in recommended
+    assert "plan: [2/2] lm-test n=4 dp data=2,pipeline=2 1f1b" in capsys.readouterr().err

@@ -222,18 +222,20 @@ class GPT(nnx.Module):
 
 
 def lm_loss(model: GPT, batch: Any) -> tuple[jax.Array, dict]:
-    """The Trainer's loss: `batch` is (inputs, targets), each (batch, seq) integer tokens."""
+    """The Trainer's loss: `batch` is (inputs, targets), each (batch, seq) integer tokens; the
+    mean next-token loss in nats, and in bits per token (bits per byte for byte tokens)."""
     inputs, targets = batch
     loss = model.loss(inputs, targets)
-    return loss, {"loss": loss}
+    return loss, {"loss": loss, "bits_per_byte": loss / math.log(2)}
 
 
 def lm_eval(model: GPT, batch: Any) -> dict[str, jax.Array]:
-    """Summed next-token loss (nats) and token count over ((inputs, targets), mask) batches."""
-    (inputs, targets), mask = batch
-    losses = token_losses(model(inputs), targets)
-    return {"loss_sum": (losses.sum(axis=1) * mask).sum(),
-            "tokens": mask.sum() * inputs.shape[1]}
+    """Sums over an evaluation batch (inputs, targets, mask) of each sequence's mean next-token
+    loss, in nats and in bits per byte, with their count (`fit` reports the means)."""
+    inputs, targets, mask = batch
+    per_sequence = token_losses(model(inputs), targets).mean(axis=1) * mask
+    return {"loss": per_sequence.sum(), "bits_per_byte": per_sequence.sum() / math.log(2),
+            "count": mask.sum()}
 
 
 def generate(model: GPT, prompt: jax.Array, steps: int, key: jax.Array,

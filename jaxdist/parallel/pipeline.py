@@ -252,34 +252,30 @@ def pipeline_loss_1f1b(stage_fn: Callable[[Any, jax.Array], jax.Array],
             inbox_f, inbox_b, g_params, g_head, loss, dx_out = carry
             op, k, before, after = (r[stage] for r in row)
             h_in = jnp.where(stage == 0, micro_x[k], inbox_f[k % stages])
-            cotangent = inbox_b[k % stages]
             t_k = jax.tree.map(lambda t: t[k], micro_t)
-            nothing = (jnp.zeros_like(h_in), jnp.zeros_like(h_in), zeros(params), zeros(head),
-                       jnp.zeros((), jnp.float32))
-
-            def forward():
-                return (stage_fn(params, h_in), *nothing[1:])
-
-            def backward():
-                _, vjp = jax.vjp(stage_fn, params, h_in)
-                d_params, d_h = vjp(cotangent)
-                return nothing[0], d_h, d_params, nothing[3], nothing[4]
-
-            def last():
-                mean = lambda p, hp, x_: head_loss_fn(hp, stage_fn(p, x_), t_k) / m  # noqa: E731
-                value, (d_params, d_head, d_h) = jax.value_and_grad(mean, argnums=(0, 1, 2))(
-                    params, head, h_in)
-                return nothing[0], d_h, d_params, d_head, value.astype(jnp.float32)
-
-            y, d_h, d_params, d_head, value = lax.switch(
-                op, [lambda: nothing, forward, backward, last])
-            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
-            g_params, g_head, loss = add(g_params, d_params), add(g_head, d_head), loss + value
-            first_backward = (stage == 0) & ((op == BACKWARD) | (op == LAST))
+            # One program for every stage and operation, masked, rather than a `lax.switch` on
+            # the operation: the stage's collectives (FSDP gathers, tensor-parallel reductions)
+            # must run in the same order on every device of a stage, and XLA:CPU runs the
+            # collectives of a conditional's branch in no fixed order (it deadlocked 1 run in 4).
+            # The price: a forward unit also pays for a backward.
+            y, stage_vjp = jax.vjp(stage_fn, params, h_in)
+            mean = lambda hp, y_: head_loss_fn(hp, y_, t_k) / m  # noqa: E731
+            value, (d_head, d_y) = jax.value_and_grad(mean, argnums=(0, 1))(head, y)
+            last, backward = op == LAST, op == BACKWARD
+            cotangent = jnp.where(last, d_y, jnp.where(backward, inbox_b[k % stages], 0))
+            d_params, d_h = stage_vjp(cotangent.astype(y.dtype))
+            keep = lambda on, tree: jax.tree.map(  # noqa: E731
+                lambda a: jnp.where(on, a, jnp.zeros_like(a)), tree)
+            g_params = jax.tree.map(jnp.add, g_params, keep(last | backward, d_params))
+            g_head = jax.tree.map(jnp.add, g_head, keep(last, d_head))
+            loss = loss + jnp.where(last, value, 0.0).astype(jnp.float32)
+            first_backward = (stage == 0) & (last | backward)
             dx_out = jnp.where(first_backward,
                                lax.dynamic_update_index_in_dim(dx_out, d_h, k, 0), dx_out)
-            sent_f = lax.ppermute(y, axis, [(s, s + 1) for s in range(stages - 1)])
-            sent_b = lax.ppermute(d_h, axis, [(s, s - 1) for s in range(1, stages)])
+            sent_f = lax.ppermute(keep(op == FORWARD, y), axis,
+                                  [(s, s + 1) for s in range(stages - 1)])
+            sent_b = lax.ppermute(keep(last | backward, d_h), axis,
+                                  [(s, s - 1) for s in range(1, stages)])
             inbox_f = jnp.where(before >= 0, lax.dynamic_update_index_in_dim(
                 inbox_f, sent_f, jnp.maximum(before, 0) % stages, 0), inbox_f)
             inbox_b = jnp.where(after >= 0, lax.dynamic_update_index_in_dim(

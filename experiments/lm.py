@@ -1,0 +1,239 @@
+"""Train a GPT-style language model on bytes of real text, under any strategy and mesh.
+
+    python -m experiments.lm                                   # the tiny LM on the stdlib's source
+    python -m experiments.lm --strategy fsdp_tp --mesh fsdp=4,tensor=2
+    python -m experiments.lm --mesh data=2,pipeline=4 --pipeline_schedule 1f1b
+    python -m experiments.lm --text 'books/*.txt' --lm_size small
+    python -m experiments.lm --config smoke                    # a few steps, for CI
+
+The default corpus is the Python standard library's source of the interpreter running the job
+(every machine has it; validation files chosen by a hash of their path); `--text` takes your own
+files. Text is read as bytes (vocabulary 256), prepared once into a keyed cache. Loss is reported
+in bits per byte; the run ends with a sample of generated text. Every flag of `experiments.mnist`
+for checkpoints, resume, preemption and multi-process jobs applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+from jaxdist.errors import UsageError
+from jaxdist.models.lm import LM_SIZES, REMAT_POLICIES
+from jaxdist.parallel.pipeline import SCHEDULES
+from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
+from jaxdist.train.optim import OptimizerConfig
+from jaxdist.train.run_config import (
+    RunConfig,
+    check_directory,
+    fit_options,
+    log_dir,
+    run_main,
+    trainer_options,
+    validate_run,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LmConfig(RunConfig):
+    """The shared run flags and the LM's model, text and sampling."""
+
+    strategy: str = "dp"
+    lm_size: str = "tiny"
+    seq_len: int = 0
+    remat: str = "none"
+    text: str = ""
+    validation_fraction: float = 0.05
+    cache_dir: str | None = None
+    pipeline_microbatches: int = 0
+    pipeline_schedule: str = "gpipe"
+    global_batch: int = 32
+    epochs: float = 0.12
+    eval_every: int = 0
+    eval_examples: int = 512
+    eval_batch: int = 64
+    sample_bytes: int = 200
+    prompt: str = "def "
+    temperature: float = 0.8
+    keep_best: int = 0
+    best_metric: str = "val_loss"
+    checkpoint_every: int = 200
+    optimizer: OptimizerConfig = OptimizerConfig(
+        name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_fraction=0.05,
+        weight_decay=0.1)
+
+
+HELP = {
+    "lm_size": "model size: " + ", ".join(f"{k}" for k in LM_SIZES) + " (125m and up are "
+               "for the planner; they do not fit this kind of machine)",
+    "seq_len": "tokens (bytes) per sequence (0: the size's own)",
+    "remat": "activation checkpointing policy of each block: " + ", ".join(REMAT_POLICIES),
+    "text": "your text instead of the stdlib's source: files, directories or globs, "
+            "comma-separated",
+    "validation_fraction": "share of files (by a hash of the path) held out for validation",
+    "cache_dir": "where prepared token files go (default $JAXDIST_CACHE_DIR/text)",
+    "pipeline_microbatches": "microbatches per step on a mesh with pipeline > 1 (0: 2 x stages)",
+    "pipeline_schedule": "gpipe, or 1f1b (at most S microbatches' activations per stage)",
+    "eval_every": "evaluate every N steps (0: four times per run)",
+    "eval_examples": "sequences of the validation split per evaluation (0: all)",
+    "eval_batch": "sequences per evaluation batch",
+    "sample_bytes": "bytes of text to generate at the end (0: none)",
+    "prompt": "what the generated sample continues",
+    "temperature": "sampling temperature of the sample",
+}
+
+
+def with_variant(cfg: LmConfig, variant: str) -> LmConfig:
+    if variant in ("", "default"):
+        return cfg
+    if variant == "smoke":
+        return dataclasses.replace(cfg, lm_size="test", max_steps=6, eval_examples=64,
+                                   sample_bytes=16, eval_every=3)
+    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
+def get_config(variant: str = "") -> LmConfig:
+    return with_variant(LmConfig(), variant)
+
+
+def lm_cfg(cfg: LmConfig):
+    from jaxdist.models.lm import lm_config
+
+    overrides = dict(remat=cfg.remat, **({"seq_len": cfg.seq_len} if cfg.seq_len else {}))
+    return lm_config(cfg.lm_size, **overrides)
+
+
+def validate(cfg: LmConfig, num_devices: int) -> None:
+    """The shared flags' checks, then the LM's own, before any text is read."""
+    if cfg.strategy in DATA_PARALLEL_STRATEGIES:
+        raise UsageError(f"the LM trains under the sharding strategies (dp, zero1, fsdp, tp, sp, "
+                         f"fsdp_tp), not {cfg.strategy}")
+    validate_run(cfg, num_devices)
+    if cfg.eval_batch < 1 or cfg.eval_batch % num_devices:
+        raise UsageError(f"eval batch {cfg.eval_batch} does not divide over {num_devices} devices")
+    if cfg.seq_len < 0 or cfg.sample_bytes < 0 or cfg.eval_every < 0 or cfg.eval_examples < 0:
+        raise UsageError("seq_len, sample_bytes, eval_every and eval_examples must be >= 0")
+    if cfg.pipeline_microbatches < 0:
+        raise UsageError("pipeline_microbatches must be >= 0")
+    if cfg.temperature <= 0:
+        raise UsageError(f"temperature must be positive, got {cfg.temperature}")
+    if not cfg.prompt:
+        raise UsageError("--prompt must not be empty")
+    check_directory("cache_dir", cfg.cache_dir)
+    lm_cfg(cfg)  # a size or shape that does not exist fails here
+
+
+def make_trainer(cfg: LmConfig, devices, tx):
+    from flax import nnx
+
+    from jaxdist import Trainer
+    from jaxdist.models.lm import GPT, lm_eval, lm_loss
+
+    model_cfg = lm_cfg(cfg)
+    return Trainer(lambda: GPT(model_cfg, rngs=nnx.Rngs(cfg.seed)), tx, lm_loss,
+                   devices=devices, eval_fn=lm_eval,
+                   pipeline_microbatches=cfg.pipeline_microbatches or None,
+                   pipeline_schedule=cfg.pipeline_schedule, **trainer_options(cfg))
+
+
+def train(cfg: LmConfig) -> dict:
+    """Runs the experiment and returns its summary (also printed by `main`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdist import data, fit
+    from jaxdist.cluster import select_devices
+    from jaxdist.models.lm import flops_per_token, generate, param_count
+    from jaxdist.observe.flops import default_peak_tflops
+    from jaxdist.parallel import default_mesh, make_mesh
+    from jaxdist.train import epoch_end_steps, make_optimizer
+
+    start = time.perf_counter()
+    devices = select_devices(cfg.devices or None)
+    validate(cfg, len(devices))
+    mesh = cfg.mesh or default_mesh(cfg.strategy, len(devices))
+    make_mesh(mesh, devices)  # a bad mesh fails before any text is read
+    model_cfg = lm_cfg(cfg)
+    leader = jax.process_index() == 0
+    corpus = data.load_text([p for p in cfg.text.split(",") if p] if cfg.text else None,
+                            cfg.cache_dir, validation_fraction=cfg.validation_fraction,
+                            progress=cfg.progress and leader)
+    seq = model_cfg.seq_len
+    train_data = corpus.dataset("train", seq_len=seq, global_batch=cfg.global_batch,
+                                seed=cfg.seed)
+    val_data = corpus.dataset("validation", seq_len=seq, global_batch=cfg.eval_batch)
+    ends = epoch_end_steps(len(train_data), cfg.global_batch, cfg.epochs)
+    total_steps = min(ends[-1], cfg.max_steps) if cfg.max_steps else ends[-1]
+    tx = make_optimizer(cfg.optimizer, total_steps)
+    trainer = make_trainer(cfg, devices, tx)
+    name = f"LM-{cfg.lm_size} ({param_count(model_cfg) / 1e6:.2f}M params, seq {seq})"
+    if leader:
+        pipeline = (f", {cfg.pipeline_schedule} pipeline" if trainer.mesh.shape["pipeline"] > 1
+                    else "")
+        print(f"training the {name} on {len(devices)} {devices[0].platform} device(s), strategy "
+              f"{cfg.strategy} over mesh {mesh}{pipeline}, global batch {cfg.global_batch} x "
+              f"{seq} tokens, {total_steps} steps, {cfg.optimizer.name} lr "
+              f"{cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})", flush=True)
+    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    run = fit(trainer, train_data, eval_data=val_data, eval_prefix="val",
+              eval_every=eval_every, eval_examples=cfg.eval_examples or None,
+              data_meta={"seq_len": seq}, **{**fit_options(cfg), "epochs": cfg.epochs},
+              run_meta={"model": f"lm-{cfg.lm_size}", "model_name": name, "mesh": mesh,
+                        "pipeline_schedule": cfg.pipeline_schedule,
+                        "optimizer": cfg.optimizer.name,
+                        "learning_rate": cfg.optimizer.learning_rate})
+    summary = {"wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir,
+               "logdir": log_dir(cfg)}
+    if run.stopped:
+        return {**summary, "stopped_at": run.stopped_at}
+    tokens_per_second = run.images_per_second * seq
+    peak, peak_note = ((cfg.peak_tflops, f"{cfg.peak_tflops:g} TFLOP/s per device "
+                        "(--peak_tflops)") if cfg.peak_tflops else default_peak_tflops())
+    mfu = tokens_per_second * flops_per_token(model_cfg) / (peak * 1e12 * len(devices))
+    sample = ""
+    if cfg.sample_bytes:
+        model = trainer.sync_model(run.state)
+        prompt = jnp.asarray(list(cfg.prompt.encode()), jnp.int32)
+        out = generate(model, prompt, cfg.sample_bytes, jax.random.key(cfg.seed),
+                       cfg.temperature)
+        sample = cfg.prompt + bytes(int(t) for t in out).decode("utf-8", errors="replace")
+    final = run.history[-1]
+    first = run.history[0]
+    return {**summary, "val_bits_per_byte": final["val_bits_per_byte"],
+            "first_val_bits_per_byte": first["val_bits_per_byte"],
+            "train_bits_per_byte": final.get("train_loss", math.nan) / math.log(2),
+            "tokens_per_second": tokens_per_second, "mfu": mfu, "peak_note": peak_note,
+            "first_step_seconds": run.first_step_seconds, "devices": len(devices),
+            "platform": devices[0].platform, "strategy": cfg.strategy, "mesh": mesh,
+            "steps": total_steps, "sample": sample, "history": run.history,
+            "state": run.state, "trainer": trainer}
+
+
+def format_summary(s: dict) -> str:
+    if "stopped_at" in s:
+        where = f"; checkpoint in {s['workdir']}" if s.get("workdir") else ""
+        return f"stopped at step {s['stopped_at']} after {s['wall_seconds']:.1f} s{where}"
+    lines = []
+    if s["sample"]:
+        lines += ["sample:", *("  | " + line for line in s["sample"].splitlines() or [""])]
+    lines.append(
+        f"done: val {s['val_bits_per_byte']:.3f} bits/byte (first eval "
+        f"{s['first_val_bits_per_byte']:.3f}), train {s['train_bits_per_byte']:.3f} | "
+        f"{s['tokens_per_second']:,.0f} tokens/s | MFU {100 * s['mfu']:.1f}% of "
+        f"{s['peak_note']} | wall {s['wall_seconds']:.1f} s (first step "
+        f"{s['first_step_seconds']:.1f} s) | {s['devices']} {s['platform']} device(s) | "
+        f"{s['strategy']} over {s['mesh']} | {s['steps']} steps")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(argv, get_config, description=__doc__.split("\n\n")[0], train=train,
+                    summary=format_summary, help_text=HELP, choices={
+                        "lm_size": tuple(LM_SIZES), "remat": REMAT_POLICIES,
+                        "pipeline_schedule": SCHEDULES})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
