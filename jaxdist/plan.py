@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
@@ -121,99 +120,6 @@ def analyze_step(trainer: Any, batch: Any, compiler_options: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# 1F1B: the ledger of the busiest stage, not of every branch of the schedule's switch
-
-_HEADER = re.compile(r"^(\s*)(ENTRY\s+)?(%?[\w.\-]+\s*\(.*\)\s*->.*\{\s*)$")
-_CONDITIONAL = re.compile(r"\bconditional\(.*?\bbranch_computations=\{([^}]*)\}")
-_WHILE_BODY = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _runs_of(hlo: str, computation: str, num_devices: int) -> Any:
-    """The ledger of one run of `computation` of `hlo`: `collective_ledger` of the program with a
-    new entry that loops once over it, minus the same with zero trips (the ledger counts what no
-    entry reaches once, the same in both)."""
-    from jaxdist.observe import collective_ledger
-
-    body = []
-    for line in hlo.splitlines():
-        header = _HEADER.match(line)
-        body.append(header.group(1) + header.group(3) if header else line)  # no ENTRY left
-
-    def looped(trips: int) -> Any:
-        entry = ["ENTRY %jaxdist_plan_entry () -> () {",
-                 f"  %jaxdist_plan_loop = () while(), condition=%jaxdist_plan_none, "
-                 f"body=%{computation}, backend_config={{\"known_trip_count\":{{\"n\":"
-                 f"\"{trips}\"}}}}", "}"]
-        return collective_ledger("\n".join(body + entry), num_devices)
-
-    return _combine([(1.0, looped(1)), (-1.0, looped(0))])
-
-
-def _combine(parts: Sequence[tuple[float, Any]]) -> Any:
-    """sum(weight * ledger) over (weight, ledger) pairs, entry by entry (kind, group size)."""
-    from jaxdist.observe.ledger import KINDS, Collective, Ledger
-
-    table: dict[tuple[str, int], list[float]] = {}
-    for weight, ledger in parts:
-        for c in ledger.collectives:
-            entry = table.setdefault((c.kind, c.group_size), [0.0, 0.0])
-            entry[0] += weight * c.count
-            entry[1] += weight * c.payload_bytes
-    order = {k: i for i, k in enumerate(KINDS)}
-    rows = [Collective(kind, g, count=max(0, round(count)), payload_bytes=max(0, round(payload)))
-            for (kind, g), (count, payload) in table.items()]
-    return Ledger(sorted([r for r in rows if r.count], key=lambda c: (order[c.kind],
-                                                                      c.group_size)),
-                  parts[0][1].unknown_trip_counts if parts else 0)
-
-
-def schedule_ledger(hlo: str, num_devices: int, table: Any) -> Any | None:
-    """The collectives per step of the busiest stage of a 1F1B step, or None when `hlo` does not
-    have the expected shape (one `lax.switch` over the schedule's operations, in the body of a
-    loop over its units).
-
-    `collective_ledger` counts every branch of a conditional as run each time the conditional
-    runs; the 1F1B schedule (`schedule_1f1b(S, M)`, `table`) runs one operation per unit: idle,
-    forward, backward or the last stage's forward + loss + backward. Each stage's ledger is the
-    program's, with each branch's collectives counted as often as that stage runs that
-    operation instead of once per unit; the busiest stage's (most wire bytes) is returned."""
-    import numpy as np
-
-    from jaxdist.observe import collective_ledger
-
-    ops = table.shape[0] and int(table[..., 0].max()) + 1
-    units = table.shape[0]
-    current, found = None, []
-    for line in hlo.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(3).lstrip("%").split("(")[0].strip()
-            continue
-        cond = _CONDITIONAL.search(line)
-        if cond:
-            branches = [b.strip().lstrip("%") for b in cond.group(1).split(",") if b.strip()]
-            found.append((current, branches))
-    switches = [(where, branches) for where, branches in found if len(branches) == ops]
-    if len(switches) != 1:
-        return None
-    where, branches = switches[0]
-    trips = [int(t.group(1)) for line in hlo.splitlines()
-             if (body := _WHILE_BODY.search(line)) and body.group(1) == where
-             and (t := _TRIP_COUNT.search(line))]
-    if trips != [units]:
-        return None
-    whole = collective_ledger(hlo, num_devices)
-    per_branch = [_runs_of(hlo, b, num_devices) for b in branches]
-    stages = []
-    for s in range(table.shape[1]):
-        runs = np.bincount(table[:, s, 0], minlength=len(branches))
-        stages.append(_combine([(1.0, whole)] + [(float(runs[k] - units), per_branch[k])
-                                                  for k in range(len(branches))]))
-    return max(stages, key=lambda ledger: ledger.total(wire=True))
-
-
-# ---------------------------------------------------------------------------------------------
 # The step-time model
 
 
@@ -244,12 +150,13 @@ class Assumptions:
             lines.append(
                 f"- compute{' (LM)' if xla_flops else ''} = the model's training FLOPs per step "
                 f"(6 N + 12 L T E per token, jaxdist.models.lm.flops_per_token, plus the forward "
-                f"that the remat policy and a 1F1B backward compute again) / n devices / {peak}; "
+                f"that the remat policy computes again) / n devices / {peak}; "
                 f"not XLA's cost analysis, which counts the layer scan's body once")
         if pipelines:
             lines.append("- pipeline rows (pipeline=S, M microbatches, schedule gpipe or 1f1b): "
-                         "compute / (1 - bubble), bubble = (S-1)/(M+S-1), and the compute "
-                         "column includes it; memory is per device, i.e. per stage, from the "
+                         "compute / (1 - bubble), bubble = (S-1)/(M+S-1) for gpipe, "
+                         "1 - M/units for 1f1b (each of its 2(M+S-1)-2 units computes a forward "
+                         "and a backward), and the compute column includes it; memory is per device, i.e. per stage, from the "
                          "compile of that schedule")
         return lines + [
             f"- communication = per collective in the step's HLO, alpha-beta over a ring: "
@@ -329,24 +236,23 @@ class ModelSpec:
         tokens = jax.ShapeDtypeStruct((global_batch, cfg.seq_len), np.int32)
         return tokens, tokens  # (inputs, targets)
 
-    def step_flops(self, global_batch: int, schedule: str | None = None) -> float | None:
+    def step_flops(self, global_batch: int) -> float | None:
         """Training FLOPs of one step summed over all devices, from the model's shapes (the
         LM); None: read XLA's cost analysis of the compiled step instead (the ViT)."""
         if self.layers is None:
             return None
-        return lm_step_flops(self.config, global_batch * self.config.seq_len, schedule)
+        return lm_step_flops(self.config, global_batch * self.config.seq_len)
 
 
-def lm_step_flops(cfg: Any, tokens: int, schedule: str | None = None) -> float:
+def lm_step_flops(cfg: Any, tokens: int) -> float:
     """Training FLOPs of `tokens` tokens through the LM `cfg`, all devices together.
 
     `jaxdist.models.lm.flops_per_token` (6 N for the matmuls with the parameters, 12 L T E for
     attention's scores and mixing: forward and backward), plus the forward the backward pass
     computes again: the remat policy's (full: the blocks' forward but for the last matmul, whose
     output no gradient needs, 2 (N_layers - L E F) + 4 L T E per token; dots_no_batch:
-    attention's scores and mixing, 4 L T E; dots and none: only elementwise work, not counted),
-    and 1F1B's (its backward recomputes each stage's forward from the saved stage input: one
-    more forward of the blocks, 2 N_layers + 4 L T E, on top of the remat policy's). Matmuls
+    attention's scores and mixing, 4 L T E; dots and none: only elementwise work, not counted).
+    A pipeline's extra work (GPipe's idle ticks, 1F1B's masked units) is its `bubble`. Matmuls
     only: XLA's count of one layer (where its cost analysis is right) is 3-4% higher, from
     elementwise work. XLA's own cost analysis is not used for the LM: it counts the body of a
     `lax.scan` (the layer stack, the pipeline's ticks) once."""
@@ -357,8 +263,6 @@ def lm_step_flops(cfg: Any, tokens: int, schedule: str | None = None) -> float:
     block_forward = 2 * layer_params + attention
     again = {"none": 0, "dots": 0, "dots_no_batch": attention,
              "full": block_forward - 2 * cfg.depth * cfg.mlp * cfg.embed}[cfg.remat]
-    if schedule == "1f1b":
-        again += block_forward
     return float(tokens) * (flops_per_token(cfg) + again)
 
 
@@ -455,7 +359,7 @@ class PlanRow:
     compile_s: float = 0.0
     schedule: str = ""  # pipeline rows: "gpipe" or "1f1b"; empty without a pipeline
     microbatches: int = 0  # pipeline rows: M
-    bubble: float = 0.0  # pipeline rows: (S - 1) / (M + S - 1)
+    bubble: float = 0.0  # pipeline rows: pipeline.bubble_fraction of the schedule
     inputs: str = ""  # what one example is (ModelSpec.inputs)
     flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
     note: str = ""  # a caveat the table prints after "yes" / "NO"
@@ -466,7 +370,7 @@ class PlanRow:
 
     @property
     def busy_s(self) -> float:
-        """Compute time including the pipeline's idle ticks: compute / (1 - bubble)."""
+        """Compute time including the pipeline's extra work: compute / (1 - bubble)."""
         return self.compute_s / (1 - self.bubble)
 
     @property
@@ -511,7 +415,8 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
         options: dict[str, Any] = {}
         if stages > 1:
             m = 2 * stages if microbatches is None else microbatches
-            row.schedule, row.microbatches, row.bubble = schedule, m, bubble_fraction(stages, m)
+            row.schedule, row.microbatches = schedule, m
+            row.bubble = bubble_fraction(stages, m, schedule)
             if (strategy, schedule) in NOT_PLANNED:
                 raise UsageError(NOT_PLANNED[strategy, schedule])
             if spec.layers is None:
@@ -535,16 +440,11 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
         row.reason = f"skipped: compile failed: {type(e).__name__}: {first}"
         return row
     budget = memory_gib * GIB
-    model_flops = spec.step_flops(global_batch, row.schedule or None)
+    model_flops = spec.step_flops(global_batch)
     flops = analysis.flops if model_flops is None else model_flops / n
+    # Every 1F1B unit runs one masked program (no conditional), so the HLO's ledger, with the
+    # loop's trip count, is what each stage sends.
     ledger = analysis.ledger
-    if row.schedule == "1f1b":
-        from jaxdist.parallel.pipeline import schedule_1f1b
-
-        ledger = schedule_ledger(analysis.hlo, n, schedule_1f1b(stages, row.microbatches))
-        if ledger is None:  # not the HLO shape expected: every branch counted at every unit
-            ledger = analysis.ledger
-            row.note = "comm counts every branch of the 1F1B switch"
     row.memory = analysis.memory
     row.wire_bytes = ledger.total(wire=True)
     row.collectives = ledger.count()

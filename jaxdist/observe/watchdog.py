@@ -207,6 +207,10 @@ class Watchdog:
                              silent_after=max(3 * self.interval, min(self.timeout / 2, 10.0)))
 
     def _run(self) -> None:
+        # Publish at once, then every interval: a process frozen before its first interval ended
+        # (a fast machine reaches step 30 in under a second) must be named as not responding,
+        # not as one that never reported.
+        _bounded(self.status.publish, KV_ANSWER_SECONDS)
         while not self._stop.wait(self.interval):
             try:
                 _bounded(self.status.publish, KV_ANSWER_SECONDS)

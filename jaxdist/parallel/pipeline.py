@@ -13,8 +13,10 @@ parallelism, FSDP and tensor parallelism in one mesh (e.g. pipeline=2,data=2,ten
 - **1F1B** (`pipeline_loss_1f1b`): the schedule owns the loss. A stage runs a backward as soon as
   one is possible and starts a new forward only while fewer than S - s microbatches are in flight,
   so at most S microbatches' inputs are alive per stage; the backward recomputes the stage's
-  forward from its saved input (`jax.vjp`). Same bubble (S - 1) / (M + S - 1), memory bounded by S
-  instead of M. The schedule is computed once in Python (`schedule_1f1b`) and run as a scan.
+  forward from its saved input (`jax.vjp`). Memory is bounded by S microbatches instead of M. The
+  schedule is computed once in Python (`schedule_1f1b`) and run as a scan of 2 (M + S - 1) - 2
+  units, each one masked program (a forward and a backward, see `pipeline_loss_1f1b`): it buys
+  the memory with compute, M useful units of those (`bubble_fraction(S, M, "1f1b")`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ SCHEDULES = ("gpipe", "1f1b")
 IDLE, FORWARD, BACKWARD, LAST = 0, 1, 2, 3  # LAST: the last stage's forward, loss and backward
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-    """The share of ticks a stage spends idle: (S - 1) / (M + S - 1)."""
+def bubble_fraction(num_stages: int, num_microbatches: int, schedule: str = "gpipe") -> float:
+    """The share of a stage's computed work that serves no microbatch. GPipe: its idle ticks,
+    (S - 1) / (M + S - 1). 1F1B: every one of its 2 (M + S - 1) - 2 units computes a forward and a
+    backward (one masked program, see `pipeline_loss_1f1b`) and M of them are a microbatch's
+    backward, so 1 - M / units."""
+    if schedule == "1f1b" and num_stages > 1:
+        return 1 - num_microbatches / len(schedule_1f1b(num_stages, num_microbatches))
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
 
 
