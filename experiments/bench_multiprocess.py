@@ -1,16 +1,15 @@
 """Images/s of the data-parallel CNN step as one process or several, on this machine.
 
     python -m experiments.bench_multiprocess                         # 1x2, 2x1, 1x8, 2x4
-    python -m experiments.bench_multiprocess --layouts 2x1 --rounds 5 --threads 0,1
+    python -m experiments.bench_multiprocess --layouts 2x1 --strategies jit,shard_map --rounds 5
 
 A layout PxD is P processes (`jaxdist.launch`, gloo over loopback) of D virtual CPU devices each,
-training the classic CNN with `DataParallel` (jit, SGD momentum) on random uint8 batches (each
+training the classic CNN with `DataParallel` (each of `--strategies`, SGD momentum) on random uint8 batches (each
 process makes only its rows of the global batch). Every layout runs in fresh processes, rounds
-alternate the layouts, and the medians are printed with the machine they ran on.
-
-`--threads` sets $JAXDIST_CPU_THREADS per run (0: jaxdist's default, which gives each of P
-processes on one host cores / P threads; see `jaxdist.cluster.devices.cpu_threads`), so the
-default can be compared with other choices.
+alternate the layouts, and the medians are printed with the machine they ran on. With a PyTorch
+(`--torch_python`, as for `experiments.bench_torch`), each round also runs PyTorch DDP with P gloo
+processes for each P of the layouts (`experiments/torch_reference.py`, the same CNN, batch and
+optimizer, cores / P threads per process), for the same comparison over the same transport.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import time
 RESULT = "bench_multiprocess result: "
 
 
-def worker(global_batch: int, steps: int, warmup: int) -> None:
+def worker(strategy: str, global_batch: int, steps: int, warmup: int) -> None:
     """One process of a layout: times `steps` steps and (process 0) prints the result line."""
     from jaxdist.cluster import configure_cpu_devices, initialize
 
@@ -46,7 +45,7 @@ def worker(global_batch: int, steps: int, warmup: int) -> None:
     batches = [(rng.integers(0, 256, (rows, 28, 28, 1), dtype=np.uint8),
                 rng.integers(0, 10, rows).astype(np.int32)) for _ in range(8)]
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01, momentum=0.9), mnist_loss,
-                      strategy="jit")
+                      strategy=strategy)
     state = dp.init()
     for k in range(warmup):
         state, metrics = dp.step(state, batches[k % len(batches)])
@@ -62,24 +61,34 @@ def worker(global_batch: int, steps: int, warmup: int) -> None:
                                    "processes": jax.process_count()}), flush=True)
 
 
-def run_layout(processes: int, devices: int, threads: int, args) -> float:
+def run_layout(processes: int, devices: int, strategy: str, args) -> float:
     """Images/s of one run of layout `processes` x `devices` in fresh processes."""
-    command = [sys.executable, "-m", "experiments.bench_multiprocess", "--worker",
+    command = [sys.executable, "-m", "experiments.bench_multiprocess", "--worker", strategy,
                "--global_batch", str(args.global_batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
     if processes > 1:
         command = [sys.executable, "-m", "jaxdist.launch", "-n", str(processes),
                    "--devices_per_process", str(devices), "--", *command]
     env = {**os.environ, "JAXDIST_CPU_DEVICES": str(devices)}
-    env.pop("JAXDIST_CPU_THREADS", None)
-    if threads:
-        env["JAXDIST_CPU_THREADS"] = str(threads)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     lines = [line.split(RESULT, 1)[1] for line in proc.stdout.splitlines() if RESULT in line]
     if proc.returncode or not lines:
-        raise RuntimeError(f"layout {processes}x{devices} failed (exit {proc.returncode}): "
+        raise RuntimeError(f"{strategy} on {processes}x{devices} failed (exit {proc.returncode}): "
                            f"{(proc.stdout + proc.stderr).strip()[-800:]}")
     return json.loads(lines[-1])["images_per_second"]
+
+
+def run_torch_ddp(python: str, processes: int, args) -> float:
+    """Images/s of PyTorch (DDP over gloo when `processes` > 1) on the same workload."""
+    from experiments.bench_torch import REFERENCE
+
+    proc = subprocess.run([python, str(REFERENCE), "--processes", str(processes),
+                           "--global_batch", str(args.global_batch), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup)], capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
 
 
 def _layouts(text: str) -> list[tuple[int, int]]:
@@ -100,46 +109,66 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default="1x2,2x1,1x8,2x4",
                         help="comma-separated PxD: P processes of D devices each")
-    parser.add_argument("--threads", default="0",
-                        help="comma-separated $JAXDIST_CPU_THREADS values to compare (0: default)")
+    parser.add_argument("--strategies", default="jit,shard_map",
+                        help="comma-separated data-parallel strategies")
     parser.add_argument("--global_batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median shown)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch_python", default=None,
+                        help="an interpreter with torch: adds PyTorch DDP rows (default: "
+                             "$JAXDIST_TORCH_PYTHON, else this one if it has torch; 'none': skip)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.global_batch, args.steps, args.warmup)
+        worker(args.worker, args.global_batch, args.steps, args.warmup)
         return 0
+    from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
+
     try:
         layouts = _layouts(args.layouts)
-        threads = [int(t) for t in args.threads.split(",")]
-    except (SystemExit, ValueError) as e:
-        print(e if isinstance(e, SystemExit) else f"error: --threads: {e}", file=sys.stderr)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    strategies = args.strategies.split(",")
+    unknown = [s for s in strategies if s not in DATA_PARALLEL_STRATEGIES]
+    if unknown:
+        print(f"error: unknown strategy {unknown[0]!r}; choose from "
+              f"{', '.join(DATA_PARALLEL_STRATEGIES)}", file=sys.stderr)
         return 2
     for p, d in layouts:
         if args.global_batch % (p * d):
             print(f"error: global batch {args.global_batch} does not split over {p}x{d} devices",
                   file=sys.stderr)
             return 2
+    from experiments.bench_torch import torch_python
     from jaxdist.observe.machine import describe_machine
 
-    print(f"# {describe_machine()}")
+    python = None if args.torch_python == "none" else torch_python(args.torch_python)
+    versions = {}
+    if python:
+        versions["torch"] = subprocess.run(
+            [python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+            text=True).stdout.strip() or "?"
+    print(f"# {describe_machine(**versions)}")
     print(f"# classic CNN, DataParallel jit, global batch {args.global_batch}, SGD momentum, "
           f"random uint8 batches, {args.steps} steps x {args.rounds} alternating rounds",
           flush=True)
-    results: dict[tuple[int, int, int], list[float]] = {}
+    results: dict[tuple[int, int, str], list[float]] = {}
     for r in range(args.rounds):
         for p, d in layouts:
-            for t in threads:
-                ips = run_layout(p, d, t, args)
-                results.setdefault((p, d, t), []).append(ips)
-                print(f"  round {r + 1}: {p}x{d} threads={t or 'default'}: {ips:,.0f} img/s",
-                      flush=True)
-    print(f"| processes x devices | threads per process | img/s (median) | rounds |")
+            for strategy in strategies:
+                ips = run_layout(p, d, strategy, args)
+                results.setdefault((p, d, strategy), []).append(ips)
+                print(f"  round {r + 1}: {strategy} {p}x{d}: {ips:,.0f} img/s", flush=True)
+        for p in sorted({p for p, _ in layouts}) if python else ():
+            ips = run_torch_ddp(python, p, args)
+            results.setdefault((p, 1, "torch DDP"), []).append(ips)
+            print(f"  round {r + 1}: torch DDP {p}x1: {ips:,.0f} img/s", flush=True)
+    print("| strategy | processes x devices | img/s (median) | rounds |")
     print("|---|---|---|---|")
-    for (p, d, t), values in results.items():
-        print(f"| {p} x {d} | {t or 'default'} | {statistics.median(values):,.0f} | "
+    for (p, d, strategy), values in results.items():
+        print(f"| {strategy} | {p} x {d} | {statistics.median(values):,.0f} | "
               f"{', '.join(f'{v:,.0f}' for v in values)} |")
     return 0
 
