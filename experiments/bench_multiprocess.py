@@ -4,9 +4,10 @@
     python -m experiments.bench_multiprocess --layouts 2x1 --strategies jit,shard_map --rounds 5
 
 A layout PxD is P processes (`jaxdist.launch`, gloo over loopback) of D virtual CPU devices each,
-training the classic CNN with `DataParallel` (each of `--strategies`, SGD momentum) on random uint8 batches (each
-process makes only its rows of the global batch). Every layout runs in fresh processes, rounds
-alternate the layouts, and the medians are printed with the machine they ran on. With a PyTorch
+training the classic CNN with `DataParallel` (each of `--strategies`, SGD momentum) on random
+uint8 batches (each process makes only its rows of the global batch). Every layout runs in fresh
+processes, rounds alternate the layouts, and the medians are printed with the machine they ran
+on. With a PyTorch
 (`--torch_python`, as for `experiments.bench_torch`), each round also runs PyTorch DDP with P gloo
 processes for each P of the layouts (`experiments/torch_reference.py`, the same CNN, batch and
 optimizer, cores / P threads per process), for the same comparison over the same transport.
@@ -82,11 +83,15 @@ def run_torch_ddp(python: str, processes: int, args) -> float:
     """Images/s of PyTorch (DDP over gloo when `processes` > 1) on the same workload."""
     from experiments.bench_torch import REFERENCE
 
-    proc = subprocess.run([python, str(REFERENCE), "--processes", str(processes),
-                           "--global_batch", str(args.global_batch), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup)], capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode:
+    command = [python, str(REFERENCE), "--processes", str(processes), "--global_batch",
+               str(args.global_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for attempt in (1, 2):  # gloo's rendezvous port can be taken between choosing and binding it
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0:
+            break
+        print(f"  (PyTorch DDP attempt {attempt} failed: "
+              f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})", flush=True)
+    else:
         raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
 
@@ -151,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             [python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
             text=True).stdout.strip() or "?"
     print(f"# {describe_machine(**versions)}")
-    print(f"# classic CNN, DataParallel jit, global batch {args.global_batch}, SGD momentum, "
-          f"random uint8 batches, {args.steps} steps x {args.rounds} alternating rounds",
-          flush=True)
+    print(f"# classic CNN, DataParallel ({', '.join(strategies)}), global batch "
+          f"{args.global_batch}, SGD momentum, random uint8 batches, {args.steps} steps x "
+          f"{args.rounds} alternating rounds", flush=True)
     results: dict[tuple[int, int, str], list[float]] = {}
     for r in range(args.rounds):
         for p, d in layouts:
