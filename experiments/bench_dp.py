@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     tx = optax.sgd(0.01, momentum=0.9)
     batches = _batches(args.global_batch, args.warmup + args.steps)
     images = args.global_batch * args.steps
+    from jaxdist.observe.machine import describe_machine
+
+    print(f"# {describe_machine()}")
     print(f"jax {jax.__version__}, {all_devices[0].platform}, global batch {args.global_batch}, "
           f"{args.steps} steps x {args.rounds} rounds", flush=True)
     header = f"{'strategy':<10} {'devices':>7} {'img/s':>9} {'jit loop img/s':>15} {'ratio':>6}"

@@ -86,8 +86,8 @@ def memory_rows(cfg, stages: int, microbatch_counts, global_batch: int):
             compiled = trainer.lower(trainer.abstract_state(), trainer.shard_batch(batch)).compile()
             temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
         in_flight = max(peak_in_flight(schedule_1f1b(stages, m)))
-        yield (m, bubble_fraction(stages, m), temps["gpipe"], temps["gpipe_remat"], temps["1f1b"],
-               in_flight)
+        yield (m, bubble_fraction(stages, m), bubble_fraction(stages, m, "1f1b"), temps["gpipe"],
+               temps["gpipe_remat"], temps["1f1b"], in_flight)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.table in ("memory", "both"):
             print(f"\npipeline={args.stages}, global batch {args.memory_batch}: per-stage "
                   f"temporary bytes of the compiled step (activations kept + scratch)\n")
-            print("| M | bubble | GPipe MiB | GPipe + remat full MiB | 1F1B MiB | 1F1B / GPipe | "
-                  "1F1B / GPipe+remat | S/M | 1F1B in flight |\n|---|---|---|---|---|---|---|---|---|")
-            for m, bubble, gpipe, gpipe_remat, one, in_flight in memory_rows(
+            print("| M | GPipe bubble | 1F1B bubble | GPipe MiB | GPipe + remat full MiB | 1F1B MiB "
+                  "| 1F1B / GPipe | 1F1B / GPipe+remat | S/M | 1F1B in flight |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|")
+            for m, bubble, bubble_1f1b, gpipe, gpipe_remat, one, in_flight in memory_rows(
                     cfg, args.stages, counts, args.memory_batch):
-                print(f"| {m} | {bubble:.1%} | {gpipe / MIB:.2f} | {gpipe_remat / MIB:.2f} | "
+                print(f"| {m} | {bubble:.1%} | {bubble_1f1b:.1%} | {gpipe / MIB:.2f} | "
+                      f"{gpipe_remat / MIB:.2f} | "
                       f"{one / MIB:.2f} | {one / gpipe:.2f} | {one / gpipe_remat:.2f} | "
                       f"{args.stages / m:.2f} | {in_flight} |", flush=True)
     except UsageError as e:

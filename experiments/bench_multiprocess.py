@@ -146,16 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: global batch {args.global_batch} does not split over {p}x{d} devices",
                   file=sys.stderr)
             return 2
-    from experiments.bench_torch import torch_python
+    from experiments.bench_torch import torch_python, torch_version
     from jaxdist.observe.machine import describe_machine
 
     python = None if args.torch_python == "none" else torch_python(args.torch_python)
-    versions = {}
-    if python:
-        versions["torch"] = subprocess.run(
-            [python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-            text=True).stdout.strip() or "?"
-    print(f"# {describe_machine(**versions)}")
+    print(f"# {describe_machine(**torch_version(python))}")
     print(f"# classic CNN, DataParallel ({', '.join(strategies)}), global batch "
           f"{args.global_batch}, SGD momentum, random uint8 batches, {args.steps} steps x "
           f"{args.rounds} alternating rounds", flush=True)

@@ -1,4 +1,4 @@
-"""jaxdist vs PyTorch DDP on the same machine: the classic CNN, same global batch and optimizer.
+"""jaxdist vs PyTorch on the same machine: the classic CNN, same global batch and optimizer.
 
     python -m experiments.bench_torch --torch_python /path/to/python-with-torch
     python -m experiments.bench_torch --rounds 3 --steps 60 --processes 2
@@ -10,7 +10,9 @@ Rounds alternate the frameworks and medians are printed. Two workloads:
 - end-to-end: real MNIST through each framework's usual input path (jaxdist: grain batches from
   the TFDS data source, sharded onto the devices; PyTorch: a DataLoader with a
   DistributedSampler over the same decoded arrays).
-Both use SGD with momentum 0.9, lr 0.01, and `--processes` DDP processes sharing the cores.
+Both use SGD with momentum 0.9, lr 0.01. PyTorch runs three ways: eager in 1 process, DDP with
+`--processes` gloo processes sharing the cores, and `torch.compile` (Inductor) in 1 process; the
+last column divides jaxdist by the best of them.
 """
 
 from __future__ import annotations
@@ -39,14 +41,31 @@ def torch_python(explicit: str | None) -> str | None:
         return None
 
 
-def run_torch(python: str, args, data: str) -> float:
-    proc = subprocess.run(
-        [python, str(REFERENCE), "--processes", str(args.processes), "--global_batch",
-         str(args.global_batch), "--steps", str(args.steps), "--data", data],
-        capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
+def torch_version(python: str | None) -> dict[str, str]:
+    """{"torch": version} of the interpreter `python` (empty without one), for the header line
+    every benchmark prints with its table (`jaxdist.observe.machine.describe_machine`)."""
+    if not python:
+        return {}
+    out = subprocess.run([python, "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True)
+    return {"torch": out.stdout.strip() or "?"}
+
+
+# the PyTorch variants compared: (name, processes (None: --processes), torch.compile)
+TORCH_VARIANTS = (("eager, 1 proc", 1, False), ("DDP", None, False),
+                  ("torch.compile, 1 proc", 1, True))
+
+
+def run_torch(python: str, args, data: str, processes: int | None = None,
+              compile: bool = False) -> float:
+    command = [python, str(REFERENCE), "--processes", str(processes or args.processes),
+               "--global_batch", str(args.global_batch), "--steps", str(args.steps),
+               "--data", data] + (["--compile"] if compile else [])
+    for attempt in (1, 2):  # gloo's rendezvous port can be taken between choosing and binding it
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
+    raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
 
 
 def jax_runner(args, end_to_end: bool, train_split):
@@ -123,19 +142,34 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         np.savez(cache, images=train.images, labels=train.labels)
+    variants = [(f"DDP, {args.processes} procs" if p is None else name, p, c)
+                for name, p, c in TORCH_VARIANTS]
     rows = []
     for name, end_to_end in (("step", False), ("end-to-end", True)):
         run_jax = jax_runner(args, end_to_end, train)
-        jax_ips, torch_ips = [], []
+        data = str(cache) if end_to_end else "random"
+        jax_ips, torch_ips = [], {v[0]: [] for v in variants}
         for _ in range(args.rounds):
-            torch_ips.append(run_torch(python, args, str(cache) if end_to_end else "random"))
+            for label, processes, compile in variants:
+                torch_ips[label].append(run_torch(python, args, data, processes, compile))
             jax_ips.append(run_jax())
-        rows.append((name, statistics.median(jax_ips), statistics.median(torch_ips)))
-        print(f"  {name}: jaxdist {[round(x) for x in jax_ips]}, "
-              f"torch {[round(x) for x in torch_ips]}", flush=True)
-    print(f"{'workload':<11} | {'jaxdist img/s':>13} | {'torch DDP img/s':>15} | ratio")
+        rows.append((name, statistics.median(jax_ips),
+                     {k: statistics.median(v) for k, v in torch_ips.items()}))
+        print(f"  {name}: jaxdist {[round(x) for x in jax_ips]}, " + ", ".join(
+            f"torch {k} {[round(x) for x in v]}" for k, v in torch_ips.items()), flush=True)
+    from jaxdist.observe.machine import describe_machine
+
+    print(f"# {describe_machine(**torch_version(python))}")
+    print(f"# jaxdist {args.strategy} on {args.devices or 'all'} devices; global batch "
+          f"{args.global_batch}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
+    labels = [v[0] for v in variants]
+    print("| workload | jaxdist | " + " | ".join(f"torch {k}" for k in labels)
+          + " | jaxdist / best torch |")
+    print("|---" * (len(labels) + 3) + "|")
     for name, jax_ips, torch_ips in rows:
-        print(f"{name:<11} | {jax_ips:>13,.0f} | {torch_ips:>15,.0f} | {jax_ips / torch_ips:.2f}")
+        best = max(torch_ips.values())
+        print(f"| {name} | {jax_ips:,.0f} | "
+              + " | ".join(f"{torch_ips[k]:,.0f}" for k in labels) + f" | {jax_ips / best:.2f} |")
     return 0
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.bench_torch import REFERENCE, torch_python
+from experiments.bench_torch import REFERENCE, torch_python, torch_version
 
 
 def time_to_target(history: list[dict], target: float) -> tuple[int | None, float | None]:
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr, flush=True)
             runs.append(run_jaxdist(args))
             print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr, flush=True)
+    from jaxdist.observe.machine import describe_machine
+
+    print(f"# {describe_machine(**torch_version(python))}")
     print(f"target {100 * args.target:.1f}%, global batch {args.global_batch}, {args.epochs} epochs "
           f"of Adam {args.learning_rate:g} one-cycle")
     print(f"{'run':<34} | {'epochs':>6} | {'seconds':>9} | {'img/s':>7} | {'compile':>9} | "

@@ -140,6 +140,8 @@ def _worker(rank: int, world: int, args, port: int, results):
     model = _net()
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:  # Inductor's C++ kernels; the warm-up steps pay for the compilation
+        model = torch.compile(model)
     batches = _batches(args, rank, world)
     if args.train_epochs:
         _train_to_accuracy(rank, world, args, model, batches)
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="intra-op threads in all, split between processes")
     parser.add_argument("--data", default="random", help="'random' or an MNIST .npz")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--train_epochs", type=int, default=0,
                         help="train to accuracy for this many epochs (needs --data and --test)")
     parser.add_argument("--test", default=None, help="MNIST test split .npz (with --train_epochs)")

@@ -132,3 +132,24 @@ def test_asking_for_more_devices_than_exist_is_a_usage_error():
 def test_an_unknown_strategy_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown strategy"):
         DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="ddp", devices=1)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("strategy", ["shard_map", "pmap"])
+def test_a_mapped_step_all_reduces_its_gradients_as_one_buffer_like_a_ddp_bucket(strategy):
+    """One flat all-reduce per dtype, not one per array: across processes XLA:CPU runs each
+    operand of an all-reduce as its own gloo all-reduce, which made a 2-process step 1.7x slower
+    (docs/performance.md, #14-15)."""
+    import re
+
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05), loss_fn, strategy=strategy)
+    state = dp.init()
+    rng = np.random.default_rng(0)
+    batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+                            rng.integers(0, 10, 64).astype(np.int32)))
+    hlo = dp.lower(state, batch).compile().as_text()
+    reduces = [line for line in hlo.splitlines() if re.search(r"\ball-reduce(-start)?\(", line)]
+    params = sum(x.size for x in jax.tree.leaves(dp.canonical(state).params))  # one replica's
+    assert len(reduces) == 1, reduces
+    shapes = re.findall(r"f32\[(\d*)\]", reduces[0].split("all-reduce")[0])
+    assert len(shapes) == 1 and int(shapes[0]) > params, reduces[0][:300]
