@@ -156,15 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, statistics.median(jax_ips),
                      {k: statistics.median(v) for k, v in torch_ips.items()}))
         print(f"  {name}: jaxdist {[round(x) for x in jax_ips]}, " + ", ".join(
-            f"torch {k} {[round(x) for x in v]}" for k, v in torch_ips.items()), flush=True)
+            f"PyTorch {k} {[round(x) for x in v]}" for k, v in torch_ips.items()), flush=True)
     from jaxdist.observe.machine import describe_machine
 
     print(f"# {describe_machine(**torch_version(python))}")
     print(f"# jaxdist {args.strategy} on {args.devices or 'all'} devices; global batch "
           f"{args.global_batch}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
     labels = [v[0] for v in variants]
-    print("| workload | jaxdist | " + " | ".join(f"torch {k}" for k in labels)
-          + " | jaxdist / best torch |")
+    print("| workload | jaxdist | " + " | ".join(f"PyTorch {k}" for k in labels)
+          + " | jaxdist / best PyTorch |")
     print("|---" * (len(labels) + 3) + "|")
     for name, jax_ips, torch_ips in rows:
         best = max(torch_ips.values())

@@ -24,6 +24,7 @@ from jaxdist.errors import UsageError
 from jaxdist.models.lm import LM_SIZES, REMAT_POLICIES
 from jaxdist.parallel.pipeline import SCHEDULES
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
+from jaxdist.train import run_config
 from jaxdist.train.optim import OptimizerConfig
 from jaxdist.train.run_config import (
     RunConfig,
@@ -86,12 +87,9 @@ HELP = {
 
 
 def with_variant(cfg: LmConfig, variant: str) -> LmConfig:
-    if variant in ("", "default"):
-        return cfg
-    if variant == "smoke":
-        return dataclasses.replace(cfg, lm_size="test", max_steps=6, eval_examples=64,
-                                   sample_bytes=16, eval_every=3)
-    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+    """`cfg` itself, or its 'smoke' variant: the test-size LM for a few steps."""
+    return run_config.with_variant(cfg, variant, dict(
+        lm_size="test", max_steps=6, eval_examples=64, sample_bytes=16, eval_every=3))
 
 
 def get_config(variant: str = "") -> LmConfig:

@@ -21,6 +21,7 @@ from jaxdist.errors import UsageError
 from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: F401 - usual names
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES as STRATEGIES
+from jaxdist.train import run_config
 from jaxdist.train.run_config import (
     RunConfig,
     check_directory,
@@ -67,11 +68,8 @@ HELP = {
 
 def with_variant(cfg: MnistConfig, variant: str) -> MnistConfig:
     """`cfg` itself, or its 'smoke' variant: a few steps on a slice of the test set."""
-    if variant in ("", "default"):
-        return cfg
-    if variant == "smoke":
-        return dataclasses.replace(cfg, epochs=1, max_steps=8, eval_examples=2000)
-    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+    return run_config.with_variant(cfg, variant, dict(epochs=1, max_steps=8,
+                                                      eval_examples=2000))
 
 
 def get_config(variant: str = "") -> MnistConfig:

@@ -44,6 +44,24 @@ def _shard_bytes(tree):
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
+def _assert_the_row_is_the_real_step_within_10_percent(row, trainer, state, batch):
+    """Runs one real step, compiles it, and holds the planned row's bytes against it."""
+    real_params, real_opt = _shard_bytes(state.params), _shard_bytes(state.opt_state)
+    state, metrics = trainer.step(state, batch)
+    assert math.isfinite(float(metrics["loss"]))
+    compiled = trainer.lower(state, batch).compile()
+    real = compiled.memory_analysis()
+    real_peak = (real.argument_size_in_bytes + real.temp_size_in_bytes
+                 + real.output_size_in_bytes - real.alias_size_in_bytes)
+    ledger = collective_ledger(compiled.as_text(), 8)
+    m = row.memory
+    assert m.params == pytest.approx(real_params, rel=0.10)
+    assert m.optimizer == pytest.approx(real_opt, rel=0.10)
+    assert m.temp == pytest.approx(real.temp_size_in_bytes, rel=0.10)
+    assert m.peak_estimate == pytest.approx(real_peak, rel=0.10)
+    assert row.wire_bytes == pytest.approx(ledger.total(wire=True), rel=0.10)
+
+
 @needs_devices(8)
 @pytest.mark.parametrize("strategy,mesh", MESHES)
 def test_planned_memory_matches_the_real_step_compiled_on_8_devices_within_10_percent(
@@ -56,24 +74,10 @@ def test_planned_memory_matches_the_real_step_compiled_on_8_devices_within_10_pe
     trainer = ShardedTrainer(model_fn, optax.adam(1e-3), loss_fn, mesh=make_mesh(mesh),
                              strategy=strategy)
     state = trainer.place(init_state(model_fn(), optax.adam(1e-3))[1])  # eager: no init compile
-    real_params, real_opt = _shard_bytes(state.params), _shard_bytes(state.opt_state)
     rng = np.random.default_rng(0)
     batch = trainer.shard_batch((rng.integers(0, 255, (BATCH, 28, 28, 1), dtype=np.uint8),
                                  rng.integers(0, 10, BATCH).astype(np.int32)))
-    state, metrics = trainer.step(state, batch)
-    assert math.isfinite(float(metrics["loss"]))
-    compiled = trainer.lower(state, batch).compile()
-    real = compiled.memory_analysis()
-    real_peak = (real.argument_size_in_bytes + real.temp_size_in_bytes
-                 + real.output_size_in_bytes - real.alias_size_in_bytes)
-    ledger = collective_ledger(compiled.as_text(), 8)
-
-    m = row.memory
-    assert m.params == pytest.approx(real_params, rel=0.10)
-    assert m.optimizer == pytest.approx(real_opt, rel=0.10)
-    assert m.temp == pytest.approx(real.temp_size_in_bytes, rel=0.10)
-    assert m.peak_estimate == pytest.approx(real_peak, rel=0.10)
-    assert row.wire_bytes == pytest.approx(ledger.total(wire=True), rel=0.10)
+    _assert_the_row_is_the_real_step_within_10_percent(row, trainer, state, batch)
     assert row.compute_s > 0 and row.comm_s > 0
 
 
@@ -233,24 +237,10 @@ def test_planned_lm_memory_matches_the_real_step_compiled_on_8_devices_within_10
     trainer = ShardedTrainer(model_fn, optax.adam(1e-3), lm_loss, mesh=make_mesh(mesh),
                              strategy=strategy, **options)
     state = trainer.place(init_state(model_fn(), optax.adam(1e-3))[1])
-    real_params, real_opt = _shard_bytes(state.params), _shard_bytes(state.opt_state)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (LM_BATCH, cfg.seq_len + 1))
     batch = trainer.shard_batch((tokens[:, :-1].astype(np.int32),
                                  tokens[:, 1:].astype(np.int32)))
-    state, metrics = trainer.step(state, batch)
-    assert math.isfinite(float(metrics["loss"]))
-    compiled = trainer.lower(state, batch).compile()
-    real = compiled.memory_analysis()
-    real_peak = (real.argument_size_in_bytes + real.temp_size_in_bytes
-                 + real.output_size_in_bytes - real.alias_size_in_bytes)
-    ledger = collective_ledger(compiled.as_text(), 8)
-
-    m = row.memory
-    assert m.params == pytest.approx(real_params, rel=0.10)
-    assert m.optimizer == pytest.approx(real_opt, rel=0.10)
-    assert m.temp == pytest.approx(real.temp_size_in_bytes, rel=0.10)
-    assert m.peak_estimate == pytest.approx(real_peak, rel=0.10)
-    assert row.wire_bytes == pytest.approx(ledger.total(wire=True), rel=0.10)
+    _assert_the_row_is_the_real_step_within_10_percent(row, trainer, state, batch)
 
 
 def test_the_1f1b_step_has_no_conditional_so_its_ledger_is_what_every_stage_sends():

@@ -118,6 +118,16 @@ RUN_HELP = {
 }
 
 
+def with_variant(cfg: RunConfig, variant: str, smoke: dict[str, Any]) -> RunConfig:
+    """`cfg` itself (variant "" or "default"), or with the `smoke` fields replaced (variant
+    "smoke": a few steps, for CI); another name is a ValueError."""
+    if variant in ("", "default"):
+        return cfg
+    if variant == "smoke":
+        return dataclasses.replace(cfg, **smoke)
+    raise ValueError(f"unknown config variant {variant!r}; choose 'default' or 'smoke'")
+
+
 def run_choices() -> dict[str, tuple[str, ...]]:
     from jaxdist.comm import REDUCERS
 
