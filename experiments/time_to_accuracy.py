@@ -33,26 +33,27 @@ def time_to_target(history: list[dict], target: float) -> tuple[int | None, floa
     return None, None
 
 
-def run_jaxdist(args) -> dict:
+def run_jaxdist(args, seed: int, compute_dtype: str = "float32") -> dict:
     from experiments.mnist import get_config, train
 
     cfg = get_config()
     cfg = dataclasses.replace(
         cfg, epochs=args.epochs, global_batch=args.global_batch, data_dir=args.data_dir,
-        progress=False, seed=args.seed,
+        progress=False, seed=seed, compute_dtype=compute_dtype,
         optimizer=dataclasses.replace(cfg.optimizer, learning_rate=args.learning_rate))
     s = train(cfg)
     return {"history": [{k: r[k] for k in ("epoch", "epoch_seconds", "test_accuracy")}
                         for r in s["history"]],
             "first_step_seconds": s["first_step_seconds"],
-            "label": f"jaxdist jit, {s['devices']} {s['platform']} device(s)"}
+            "label": f"jaxdist jit, {s['devices']} {s['platform']} dev, "
+                     f"{'bf16' if compute_dtype == 'bfloat16' else 'fp32'}, seed {seed}"}
 
 
-def run_torch(python: str, args, train_npz: str, test_npz: str) -> dict:
+def run_torch(python: str, args, train_npz: str, test_npz: str, seed: int) -> dict:
     proc = subprocess.run(
         [python, str(REFERENCE), "--processes", str(args.torch_processes), "--global_batch",
          str(args.global_batch), "--lr", str(args.learning_rate), "--train_epochs",
-         str(args.epochs), "--data", train_npz, "--test", test_npz],
+         str(args.epochs), "--data", train_npz, "--test", test_npz, "--seed", str(seed)],
         capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
@@ -63,7 +64,8 @@ def run_torch(python: str, args, train_npz: str, test_npz: str) -> dict:
                         "test_accuracy": r["test_accuracy"]})
         seconds = r["train_seconds"]
     ddp = f"DDP gloo, {args.torch_processes} processes" if args.torch_processes > 1 else "1 process"
-    return {"history": history, "first_step_seconds": None, "label": f"PyTorch, {ddp}"}
+    return {"history": history, "first_step_seconds": None,
+            "label": f"PyTorch, {ddp}, seed {seed}"}
 
 
 def _row(run: dict, target: float, train_examples: int) -> str:
@@ -73,7 +75,7 @@ def _row(run: dict, target: float, train_examples: int) -> str:
     reached = f"{epoch:>6} | {seconds:>9.1f}" if epoch else f"{'-':>6} | {'not reached':>9}"
     compile_s = f"{run['first_step_seconds']:.1f}" if run["first_step_seconds"] is not None else "-"
     accs = " ".join(f"{100 * r['test_accuracy']:.2f}" for r in run["history"])
-    return (f"{run['label']:<34} | {reached} | {images / total:>7,.0f} | {compile_s:>9} | {accs}")
+    return (f"{run['label']:<40} | {reached} | {images / total:>7,.0f} | {compile_s:>9} | {accs}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds; each runs both frameworks (the epoch that "
+                             "reaches the target varies by seed)")
+    parser.add_argument("--compute_dtypes", default="float32",
+                        help="jaxdist compute dtypes, comma-separated: float32, bfloat16 (fp32 "
+                             "master weights)")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir")
     args = parser.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        print(f"error: --seeds takes integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    dtypes = args.compute_dtypes.split(",")
+    if any(d not in ("float32", "bfloat16") for d in dtypes):
+        print(f"error: --compute_dtypes takes float32 and/or bfloat16, got {args.compute_dtypes!r}",
+              file=sys.stderr)
+        return 2
     python = torch_python(args.torch_python)
     if python is None:
         print("error: no PyTorch found; pip install 'jaxdist[bench]' or pass --torch_python",
@@ -118,16 +135,19 @@ def main(argv: list[str] | None = None) -> int:
             paths[name] = str(Path(tmp) / f"mnist-{name}.npz")
             np.savez(paths[name], images=split.images, labels=split.labels)
         for r in range(args.rounds):
-            runs.append(run_torch(python, args, paths["train"], paths["test"]))
-            print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr, flush=True)
-            runs.append(run_jaxdist(args))
-            print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr, flush=True)
+            for seed in seeds:
+                runs.append(run_torch(python, args, paths["train"], paths["test"], seed))
+                print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr, flush=True)
+                for dtype in dtypes:
+                    runs.append(run_jaxdist(args, seed, dtype))
+                    print(f"round {r + 1}: {runs[-1]['label']} done", file=sys.stderr,
+                          flush=True)
     from jaxdist.observe.machine import describe_machine
 
     print(f"# {describe_machine(**torch_version(python))}")
     print(f"target {100 * args.target:.1f}%, global batch {args.global_batch}, {args.epochs} epochs "
           f"of Adam {args.learning_rate:g} one-cycle")
-    print(f"{'run':<34} | {'epochs':>6} | {'seconds':>9} | {'img/s':>7} | {'compile':>9} | "
+    print(f"{'run':<40} | {'epochs':>6} | {'seconds':>9} | {'img/s':>7} | {'compile':>9} | "
           f"test accuracy per epoch (%)")
     for run in runs:
         print(_row(run, args.target, len(splits["train"])))

@@ -68,7 +68,8 @@ def _batches(args, rank: int, world: int):
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     dataset = TensorDataset(images, labels)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0,
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed,
                                  drop_last=True)
     loader = DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=True)
     epoch = 0
@@ -132,7 +133,7 @@ def _worker(rank: int, world: int, args, port: int, results):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads // world))
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-op threads in all, split between processes")
     parser.add_argument("--data", default="random", help="'random' or an MNIST .npz")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order")
     parser.add_argument("--train_epochs", type=int, default=0,
                         help="train to accuracy for this many epochs (needs --data and --test)")
     parser.add_argument("--test", default=None, help="MNIST test split .npz (with --train_epochs)")
