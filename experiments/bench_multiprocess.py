@@ -7,9 +7,8 @@ A layout PxD is P processes (`jaxdist.launch`, gloo over loopback) of D virtual 
 training the classic CNN with `DataParallel` (each of `--strategies`, SGD momentum) on random
 uint8 batches (each process makes only its rows of the global batch). Every layout runs in fresh
 processes, rounds alternate the layouts, and the medians are printed with the machine they ran
-on. With a PyTorch
-(`--torch_python`, as for `experiments.bench_torch`), each round also runs PyTorch DDP with P gloo
-processes for each P of the layouts (`experiments/torch_reference.py`, the same CNN, batch and
+on. With a PyTorch (`--torch_python`, as for `experiments.bench_torch`), each round also runs
+PyTorch DDP with P gloo processes for each P of the layouts (`experiments/torch_reference.py`, the same CNN, batch and
 optimizer, cores / P threads per process), for the same comparison over the same transport.
 """
 
@@ -79,23 +78,6 @@ def run_layout(processes: int, devices: int, strategy: str, args) -> float:
     return json.loads(lines[-1])["images_per_second"]
 
 
-def run_torch_ddp(python: str, processes: int, args) -> float:
-    """Images/s of PyTorch (DDP over gloo when `processes` > 1) on the same workload."""
-    from experiments.bench_torch import REFERENCE
-
-    command = [python, str(REFERENCE), "--processes", str(processes), "--global_batch",
-               str(args.global_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    for attempt in (1, 2):  # gloo's rendezvous port can be taken between choosing and binding it
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        if proc.returncode == 0:
-            break
-        print(f"  (PyTorch DDP attempt {attempt} failed: "
-              f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})", flush=True)
-    else:
-        raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
-
-
 def _layouts(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
@@ -146,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: global batch {args.global_batch} does not split over {p}x{d} devices",
                   file=sys.stderr)
             return 2
-    from experiments.bench_torch import torch_python, torch_version
+    from experiments.bench_torch import run_torch, torch_python, torch_version
     from jaxdist.observe.machine import describe_machine
 
     python = None if args.torch_python == "none" else torch_python(args.torch_python)
@@ -162,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault((p, d, strategy), []).append(ips)
                 print(f"  round {r + 1}: {strategy} {p}x{d}: {ips:,.0f} img/s", flush=True)
         for p in sorted({p for p, _ in layouts}) if python else ():
-            ips = run_torch_ddp(python, p, args)
+            ips = run_torch(python, processes=p, global_batch=args.global_batch,
+                            steps=args.steps, warmup=args.warmup)
             results.setdefault((p, 1, "torch DDP"), []).append(ips)
             print(f"  round {r + 1}: torch DDP {p}x1: {ips:,.0f} img/s", flush=True)
     print("| strategy | processes x devices | img/s (median) | rounds |")

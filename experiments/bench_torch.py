@@ -56,15 +56,19 @@ TORCH_VARIANTS = (("eager, 1 proc", 1, False), ("DDP", None, False),
                   ("torch.compile, 1 proc", 1, True))
 
 
-def run_torch(python: str, args, data: str, processes: int | None = None,
-              compile: bool = False) -> float:
-    command = [python, str(REFERENCE), "--processes", str(processes or args.processes),
-               "--global_batch", str(args.global_batch), "--steps", str(args.steps),
-               "--data", data] + (["--compile"] if compile else [])
+def run_torch(python: str, *, processes: int, global_batch: int, steps: int,
+              data: str = "random", compile: bool = False, warmup: int | None = None) -> float:
+    """Images/s of `experiments/torch_reference.py` (DDP over gloo when `processes` > 1)."""
+    command = [python, str(REFERENCE), "--processes", str(processes), "--global_batch",
+               str(global_batch), "--steps", str(steps), "--data", data]
+    command += (["--compile"] if compile else []) + (
+        ["--warmup", str(warmup)] if warmup is not None else [])
     for attempt in (1, 2):  # gloo's rendezvous port can be taken between choosing and binding it
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if proc.returncode == 0:
             return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
+        print(f"  (PyTorch attempt {attempt} failed: "
+              f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})", flush=True)
     raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
 
 
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         jax_ips, torch_ips = [], {v[0]: [] for v in variants}
         for _ in range(args.rounds):
             for label, processes, compile in variants:
-                torch_ips[label].append(run_torch(python, args, data, processes, compile))
+                torch_ips[label].append(run_torch(
+                    python, processes=processes or args.processes, global_batch=args.global_batch,
+                    steps=args.steps, data=data, compile=compile))
             jax_ips.append(run_jax())
         rows.append((name, statistics.median(jax_ips),
                      {k: statistics.median(v) for k, v in torch_ips.items()}))

@@ -362,7 +362,6 @@ class PlanRow:
     bubble: float = 0.0  # pipeline rows: pipeline.bubble_fraction of the schedule
     inputs: str = ""  # what one example is (ModelSpec.inputs)
     flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
-    note: str = ""  # a caveat the table prints after "yes" / "NO"
 
     @property
     def skipped(self) -> bool:
@@ -650,8 +649,7 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
             f"{prefix} {m.params / MIB:>8.1f} {m.optimizer / MIB:>8.1f} {m.grads / MIB:>8.1f} "
             f"{m.temp / MIB:>8.1f} {m.peak_estimate / MIB:>8.1f} {r.wire_bytes / MIB:>9.1f} "
             f"{r.busy_s * 1e3:>8.2f} {r.comm_s * 1e3:>8.2f} {r.step_s * 1e3:>8.2f}  "
-            + ("yes" if r.fits else f"NO: {r.reason.removeprefix('rejected: ')}")
-            + (f" ({r.note})" if r.note else ""))
+            + ("yes" if r.fits else f"NO: {r.reason.removeprefix('rejected: ')}"))
     lines += ["", "Recommended (fastest that fits):"]
     for (model, n), row in recommend(rows).items():
         if row is None:
