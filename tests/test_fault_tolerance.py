@@ -87,6 +87,47 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_resto
     assert len(aside) == 1  # moved, not deleted
 
 
+_CRASH_WHILE_DELETING = """
+import os, signal, sys
+import optax
+from flax import nnx
+from jaxdist import DataParallel
+from jaxdist.io import Checkpointer
+from jaxdist.models import MnistCNN
+from jaxdist.models.classification import mnist_loss
+
+unlink = os.unlink
+def crash_inside_step_1(path, *, dir_fd=None):  # kill -9 at the first file removed from step 1
+    where = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else ""
+    if "1" in os.path.relpath(os.path.join(where, path), sys.argv[1]).split(os.sep)[:-1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return unlink(path, dir_fd=dir_fd)
+os.unlink = crash_inside_step_1
+
+dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), mnist_loss, devices=1)
+ckpt = Checkpointer(sys.argv[1], every=1, keep=1)
+for step in (1, 2):  # saving 2 deletes 1
+    ckpt.save(step, dp.canonical(dp.init()))
+ckpt.close()
+"""
+
+
+def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_whole_checkpoints(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CRASH_WHILE_DELETING, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]  # it did die mid-delete
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [2]
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    ckpt.restore(2, dp.canonical(dp.init()))
+    ckpt.close()
+    assert not list(tmp_path.glob(".deleting/*"))  # the half-removed step is cleared at start
+
+
 def test_keep_best_keeps_the_most_accurate_checkpoint_beside_the_newest(tmp_path):
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     state = dp.canonical(dp.init())

@@ -10,6 +10,9 @@ state is the replica mean, so resume is exact only at averaging points (save eve
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
 never leaves a step that `latest_step` would offer; leftovers of such saves are removed at start.
+Deleting is made atomic the same way: an old step is first renamed into `.deleting/` (orbax's
+`todelete_subdir`) and only then removed, so a crash mid-delete cannot leave half a step behind
+(orbax alone unlinks a step's files in place, in parallel, in any order).
 A checkpoint that still fails to read (a disk error, a truncated copy) is moved aside, never
 deleted, and the next older one is used. Restoring reads array data and JSON only: nothing from the
 directory is unpickled or executed.
@@ -18,6 +21,7 @@ directory is unpickled or executed.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.errors import UsageError
 from jaxdist.core.step import TrainState, is_prng_key, path_name
+
+
+_DELETING = ".deleting"  # where old steps wait, already out of the listing, to be removed
 
 
 class Checkpointer:
@@ -65,12 +72,13 @@ class Checkpointer:
             # a best_fn makes orbax record metrics; saves between evaluations have none
             best_fn=(lambda m: m[best_metric]) if keep_best else None, best_mode=best_mode,
             enable_async_checkpointing=asynchronous, create=True,
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True, todelete_subdir=_DELETING)
         logging.getLogger("absl").addFilter(_quiet_missing_metrics)
         # handlers named up front so metadata can be read before the first save or restore
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
+        self._empty_deleted()
 
     def due(self, step: int) -> bool:
         """Whether `step` is a saving step; ask before computing the canonical state to save."""
@@ -94,6 +102,7 @@ class Checkpointer:
         """
         if step in self._manager.all_steps():
             return False
+        self._empty_deleted()
         args = ocp.args.Composite(state=ocp.args.StandardSave(canonical),
                                   meta=ocp.args.JsonSave(dict(meta or {})))
         metrics = {k: float(v) for k, v in (metrics or {}).items()
@@ -174,9 +183,18 @@ class Checkpointer:
             source.rename(target)
         self._manager.reload()
 
+    def _empty_deleted(self) -> None:
+        """Removes the steps orbax has renamed into `.deleting/`: out of every listing already, so a
+        crash here leaves nothing that could be offered as a step."""
+        if jax.process_index() != 0:
+            return
+        for step_dir in list((self.directory / _DELETING).glob("*")):
+            shutil.rmtree(step_dir, ignore_errors=True)
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._empty_deleted()
 
 
 def read_checkpoint_arrays(directory: str | Path, step: int) -> dict[str, "np.ndarray"]:
