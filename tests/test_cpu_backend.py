@@ -35,6 +35,7 @@ def test_onednn_flags_are_added_to_xla_flags_before_the_backend_starts(fresh_env
     flags = os.environ["XLA_FLAGS"].split()
     assert flags[0] == "--xla_force_host_platform_device_count=4"
     assert set(devices.ONEDNN_XLA_FLAGS) <= set(flags)
+    assert devices.ONEDNN_ALL_CONVOLUTIONS_FLAG in flags  # gradients too, not YNNPACK's
     assert devices.use_onednn_convolutions()  # a second call adds nothing
     assert len(os.environ["XLA_FLAGS"].split()) == len(flags)
 
@@ -81,7 +82,8 @@ def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding(
         runs[name] = (targets, *_train(compiled, dp.init(), batches))
     (onednn_calls, onednn_params, onednn_losses), (eigen_calls, eigen_params, eigen_losses) = (
         runs["onednn"], runs["eigen"])
-    assert onednn_calls.count("__onednn$convolution") == 2  # conv1 and conv2, forward
+    # conv1 and conv2 forward, conv2's input gradient, both weight gradients
+    assert onednn_calls.count("__onednn$convolution") == 5
     assert "__onednn$convolution" not in eigen_calls
     np.testing.assert_allclose(onednn_losses, eigen_losses, rtol=1e-5)
     assert onednn_losses[-1] < onednn_losses[0]
