@@ -51,6 +51,20 @@ def torch_version(python: str | None) -> dict[str, str]:
     return {"torch": out.stdout.strip() or "?"}
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtypes(text: str) -> list[str] | None:
+    """The comma-separated jaxdist compute dtypes of a benchmark's --compute_dtypes (bfloat16:
+    bf16 compute, float32 master weights), or None (after saying why) when one is unknown."""
+    dtypes = text.split(",")
+    if any(d not in COMPUTE_DTYPES for d in dtypes):
+        print(f"error: --compute_dtypes takes float32 and/or bfloat16, got {text!r}",
+              file=sys.stderr)
+        return None
+    return dtypes
+
+
 # the PyTorch variants compared: (name, processes (None: --processes), torch.compile)
 TORCH_VARIANTS = (("eager, 1 proc", 1, False), ("DDP", None, False),
                   ("torch.compile, 1 proc", 1, True))
@@ -72,7 +86,7 @@ def run_torch(python: str, *, processes: int, global_batch: int, steps: int,
     raise RuntimeError(f"the PyTorch reference failed: {proc.stderr.strip()[-500:]}")
 
 
-def jax_runner(args, end_to_end: bool, train_split):
+def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float32"):
     """A function timing `args.steps` jaxdist steps (the program compiled beforehand)."""
     import jax
     import numpy as np
@@ -84,7 +98,10 @@ def jax_runner(args, end_to_end: bool, train_split):
     from jaxdist.data import train_batches
     from jaxdist.models import MnistCNN
 
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01, momentum=0.9), loss_fn,
+    import jax.numpy as jnp
+
+    dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0), dtype=dtype), optax.sgd(0.01, momentum=0.9), loss_fn,
                       strategy=args.strategy, devices=args.devices or None)
     state = dp.init()
     rng = np.random.default_rng(0)
@@ -120,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global_batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compute_dtypes", default="float32",
+                        help="jaxdist compute dtypes, comma-separated: float32, bfloat16 (fp32 "
+                             "master weights); one jaxdist column each")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (end-to-end rows)")
     args = parser.parse_args(argv)
+    dtypes = compute_dtypes(args.compute_dtypes)
+    if dtypes is None:
+        return 2
     python = torch_python(args.torch_python)
     if python is None:
         print("error: no PyTorch found; pip install 'jaxdist[bench]' or pass --torch_python "
@@ -150,18 +173,20 @@ def main(argv: list[str] | None = None) -> int:
                 for name, p, c in TORCH_VARIANTS]
     rows = []
     for name, end_to_end in (("step", False), ("end-to-end", True)):
-        run_jax = jax_runner(args, end_to_end, train)
+        run_jax = {d: jax_runner(args, end_to_end, train, d) for d in dtypes}
         data = str(cache) if end_to_end else "random"
-        jax_ips, torch_ips = [], {v[0]: [] for v in variants}
+        jax_ips, torch_ips = {d: [] for d in dtypes}, {v[0]: [] for v in variants}
         for _ in range(args.rounds):
             for label, processes, compile in variants:
                 torch_ips[label].append(run_torch(
                     python, processes=processes or args.processes, global_batch=args.global_batch,
                     steps=args.steps, data=data, compile=compile))
-            jax_ips.append(run_jax())
-        rows.append((name, statistics.median(jax_ips),
+            for d in dtypes:
+                jax_ips[d].append(run_jax[d]())
+        rows.append((name, {d: statistics.median(v) for d, v in jax_ips.items()},
                      {k: statistics.median(v) for k, v in torch_ips.items()}))
-        print(f"  {name}: jaxdist {[round(x) for x in jax_ips]}, " + ", ".join(
+        print(f"  {name}: " + ", ".join(f"jaxdist {d} {[round(x) for x in v]}"
+                                        for d, v in jax_ips.items()) + ", " + ", ".join(
             f"PyTorch {k} {[round(x) for x in v]}" for k, v in torch_ips.items()), flush=True)
     from jaxdist.observe.machine import describe_machine
 
@@ -169,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jaxdist {args.strategy} on {args.devices or 'all'} devices; global batch "
           f"{args.global_batch}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
     labels = [v[0] for v in variants]
-    print("| workload | jaxdist | " + " | ".join(f"PyTorch {k}" for k in labels)
-          + " | jaxdist / best PyTorch |")
-    print("|---" * (len(labels) + 3) + "|")
+    short = {"float32": "fp32", "bfloat16": "bf16 compute"}
+    print("| workload | " + " | ".join(f"jaxdist {short[d]}" for d in dtypes) + " | "
+          + " | ".join(f"PyTorch {k}" for k in labels) + " | "
+          + " | ".join(f"jaxdist {short[d]} / best PyTorch" for d in dtypes) + " |")
+    print("|---" * (len(labels) + 2 * len(dtypes) + 1) + "|")
     for name, jax_ips, torch_ips in rows:
         best = max(torch_ips.values())
-        print(f"| {name} | {jax_ips:,.0f} | "
-              + " | ".join(f"{torch_ips[k]:,.0f}" for k in labels) + f" | {jax_ips / best:.2f} |")
+        print(f"| {name} | " + " | ".join(f"{jax_ips[d]:,.0f}" for d in dtypes) + " | "
+              + " | ".join(f"{torch_ips[k]:,.0f}" for k in labels) + " | "
+              + " | ".join(f"{jax_ips[d] / best:.2f}" for d in dtypes) + " |")
     return 0
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.bench_torch import REFERENCE, torch_python, torch_version
+from experiments.bench_torch import REFERENCE, compute_dtypes, torch_python, torch_version
 
 
 def time_to_target(history: list[dict], target: float) -> tuple[int | None, float | None]:
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --seeds takes integers, got {args.seeds!r}", file=sys.stderr)
         return 2
-    dtypes = args.compute_dtypes.split(",")
-    if any(d not in ("float32", "bfloat16") for d in dtypes):
-        print(f"error: --compute_dtypes takes float32 and/or bfloat16, got {args.compute_dtypes!r}",
-              file=sys.stderr)
+    dtypes = compute_dtypes(args.compute_dtypes)
+    if dtypes is None:
         return 2
     python = torch_python(args.torch_python)
     if python is None:

@@ -84,7 +84,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_the_rerun_ends_bitwise
     _assert_bitwise_equal(_params(tmp_path), uninterrupted)
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", [0, pytest.param(1, marks=pytest.mark.slow)])  # 2nd: -m slow
 def test_kill_9_at_a_random_moment_loses_only_the_steps_since_the_last_checkpoint(
         uninterrupted, tmp_path, trial):
     kill_at = random.Random(trial).randint(10, STEPS // 2)
