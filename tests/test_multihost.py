@@ -162,3 +162,22 @@ def test_a_process_that_expects_another_process_count_exits_2_saying_so():
             p.wait()
     assert procs[1].returncode == 2
     assert "expected 3 processes but the job has 2" in err
+
+
+_COLLECTIVES = ("from jaxdist.cluster import configure_cpu_devices, initialize\n"
+                "configure_cpu_devices(); assert initialize()\n"
+                "import jax, jax.numpy as jnp\n"
+                "total = jax.jit(lambda x: x.sum())(jax.device_put(jnp.arange(8.0 * jax.device_count()),"
+                " jax.sharding.NamedSharding(jax.make_mesh((jax.device_count(),), ('d',)),"
+                " jax.sharding.PartitionSpec('d'))))\n"
+                "print('collectives', jax.config.jax_cpu_collectives_implementation, float(total))")
+
+
+@pytest.mark.parametrize("processes, expected", [(1, "None"), (2, "gloo")])
+def test_a_one_process_job_keeps_collectives_in_process_and_several_use_gloo(processes, expected):
+    """gloo would carry even a single process's collectives over loopback TCP (20% slower)."""
+    done = _launch(["-n", str(processes), "--devices_per_process", "2"],
+                   [sys.executable, "-c", _COLLECTIVES])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    n = 2 * processes * 8
+    assert f"collectives {expected} {n * (n - 1) / 2}" in done.stdout

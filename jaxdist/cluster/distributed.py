@@ -133,10 +133,22 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
     )
 
 
+def _joined_processes(spec: ClusterSpec) -> int | None:
+    """The job's process count once joined, read without starting JAX's backends (whose CPU
+    client must be created after the collectives are chosen)."""
+    try:
+        from jax._src import distributed  # private, like `_backends_started`
+
+        return distributed.global_state.num_processes
+    except (ImportError, AttributeError):  # pragma: no cover - layout changed
+        return spec.num_processes
+
+
 def initialize(spec: ClusterSpec | None = None) -> bool:
     """Joins the job described by `spec` (or the environment / scheduler). False: single process.
 
-    On CPU, collectives across processes use gloo. Must run before anything asks JAX for devices.
+    On CPU, collectives across processes use gloo (a job of one process keeps XLA's in-process
+    ones). Must run before anything asks JAX for devices.
     """
     spec = spec_from_env(spec or ClusterSpec())
     validate(spec)
@@ -156,6 +168,10 @@ def initialize(spec: ClusterSpec | None = None) -> bool:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # the runtime raises several types; all mean "could not join"
         raise UsageError(f"could not join the distributed job: {str(e).splitlines()[0]}") from e
+    if _joined_processes(spec) == 1:
+        # one process: every collective is in-process, and gloo would carry it over loopback TCP
+        # anyway (the CNN's 8-device step ran 20% slower; docs/performance.md #18)
+        jax.config.update("jax_cpu_collectives_implementation", None)
     if spec.num_processes is not None and jax.process_count() != spec.num_processes:
         raise UsageError(
             f"this process expected {spec.num_processes} processes but the job has "
