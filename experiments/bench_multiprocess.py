@@ -8,8 +8,9 @@ training the classic CNN with `DataParallel` (each of `--strategies`, SGD moment
 uint8 batches (each process makes only its rows of the global batch). Every layout runs in fresh
 processes, rounds alternate the layouts, and the medians are printed with the machine they ran
 on. With a PyTorch (`--torch_python`, as for `experiments.bench_torch`), each round also runs
-PyTorch DDP with P gloo processes for each P of the layouts (`experiments/torch_reference.py`, the same CNN, batch and
-optimizer, cores / P threads per process), for the same comparison over the same transport.
+PyTorch DDP with P gloo processes for each P of the layouts (`experiments/torch_reference.py`,
+the same CNN, batch and optimizer, cores / P threads per process), for the same comparison over
+the same transport.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def run_torch(python: str, *, processes: int, global_batch: int, steps: int,
 def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float32"):
     """A function timing `args.steps` jaxdist steps (the program compiled beforehand)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
@@ -98,11 +99,9 @@ def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float3
     from jaxdist.data import train_batches
     from jaxdist.models import MnistCNN
 
-    import jax.numpy as jnp
-
-    dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0), dtype=dtype), optax.sgd(0.01, momentum=0.9), loss_fn,
-                      strategy=args.strategy, devices=args.devices or None)
+    dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)  # fp32 master weights
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0), dtype=dtype), optax.sgd(0.01, momentum=0.9),
+                      loss_fn, strategy=args.strategy, devices=args.devices or None)
     state = dp.init()
     rng = np.random.default_rng(0)
     pool = [(rng.integers(0, 256, (args.global_batch, 28, 28, 1), dtype=np.uint8),

@@ -167,9 +167,10 @@ def test_a_process_that_expects_another_process_count_exits_2_saying_so():
 _COLLECTIVES = ("from jaxdist.cluster import configure_cpu_devices, initialize\n"
                 "configure_cpu_devices(); assert initialize()\n"
                 "import jax, jax.numpy as jnp\n"
-                "total = jax.jit(lambda x: x.sum())(jax.device_put(jnp.arange(8.0 * jax.device_count()),"
-                " jax.sharding.NamedSharding(jax.make_mesh((jax.device_count(),), ('d',)),"
-                " jax.sharding.PartitionSpec('d'))))\n"
+                "x = jnp.arange(8.0 * jax.device_count())\n"
+                "mesh = jax.make_mesh((jax.device_count(),), ('d',))\n"
+                "total = jax.jit(jnp.sum)(jax.device_put(x, jax.sharding.NamedSharding("
+                "mesh, jax.sharding.PartitionSpec('d'))))\n"
                 "print('collectives', jax.config.jax_cpu_collectives_implementation, float(total))")
 
 

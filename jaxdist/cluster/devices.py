@@ -47,8 +47,9 @@ def use_onednn_convolutions() -> bool:
 
     On jaxlib >= 0.12 the gradient convolutions go to oneDNN too (`ONEDNN_ALL_CONVOLUTIONS_FLAG`,
     unless XLA_FLAGS set a YNN fusion type). Skipped when $JAXDIST_CPU_ONEDNN is 0, when XLA_FLAGS
-    already says anything about oneDNN (the user decides), or once the backends have started (XLA has read its flags by then). The flags
-    only concern the CPU backend; GPU and TPU compilations ignore them.
+    already says anything about oneDNN (the user decides), or once the backends have started (XLA
+    has read its flags by then). The flags only concern the CPU backend; GPU and TPU compilations
+    ignore them.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "onednn" in flags:

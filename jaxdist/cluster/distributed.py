@@ -155,8 +155,6 @@ def initialize(spec: ClusterSpec | None = None) -> bool:
     scheduler = detected_scheduler()
     if spec.coordinator is None and scheduler is None:
         return False
-    # CPU collectives across processes need gloo; it does not touch accelerator backends.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(initialization_timeout=spec.init_timeout,
                   heartbeat_timeout_seconds=spec.heartbeat_timeout)
     if spec.coordinator is not None:
@@ -168,10 +166,11 @@ def initialize(spec: ClusterSpec | None = None) -> bool:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # the runtime raises several types; all mean "could not join"
         raise UsageError(f"could not join the distributed job: {str(e).splitlines()[0]}") from e
-    if _joined_processes(spec) == 1:
-        # one process: every collective is in-process, and gloo would carry it over loopback TCP
-        # anyway (the CNN's 8-device step ran 20% slower; docs/performance.md #18)
-        jax.config.update("jax_cpu_collectives_implementation", None)
+    # chosen before JAX creates its CPU client (accelerator backends ignore it): gloo across
+    # processes; with one process none, as gloo would carry even in-process collectives over
+    # loopback TCP (the CNN's 8-device step ran 20% slower; docs/performance.md #18)
+    several = _joined_processes(spec) != 1
+    jax.config.update("jax_cpu_collectives_implementation", "gloo" if several else None)
     if spec.num_processes is not None and jax.process_count() != spec.num_processes:
         raise UsageError(
             f"this process expected {spec.num_processes} processes but the job has "
