@@ -92,6 +92,24 @@ def test_cnn_training_with_onednn_convolutions_equals_eigen_to_float32_rounding(
 
 
 @on_cpu
+def test_gradient_accumulation_keeps_every_convolution_on_onednn_in_a_quarter_of_the_memory():
+    """4 microbatches of the CNN: 4 x 5 oneDNN convolutions and no loop-nest one (in a loop body
+    XLA:CPU compiled conv2's input gradient as one: 80x slower), activations of one microbatch."""
+    def compiled_step(microbatches):
+        dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, devices=1,
+                          microbatches=microbatches)
+        batch = dp.shard_batch((np.zeros((512, 28, 28, 1), np.uint8), np.zeros(512, np.int32)))
+        return dp.lower(dp.init(), batch).compile()
+
+    whole, accumulated = compiled_step(1), compiled_step(4)
+    text = accumulated.as_text()
+    assert text.count('custom_call_target="__onednn$convolution"') == 4 * 5
+    assert " convolution(" not in text
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(accumulated) < 0.35 * temp(whole)
+
+
+@on_cpu
 def test_flops_count_what_onednn_computes():
     """XLA's cost analysis sees no FLOPs inside a oneDNN call; MFU must not drop because of it."""
     dp, batch = _cnn_trainer_and_batch()

@@ -138,7 +138,7 @@ def make_train_step(
             (loss, (metrics, rest)), grads = grad_fn(params, rest, part)
             return (rest, jax.tree.map(jnp.add, sums, (loss, metrics, grads))), None
 
-        (rest, sums), _ = lax.scan(add, (rest, zeros), parts)
+        rest, sums = _one_after_another(add, (rest, zeros), parts, microbatches)
         loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, sums)
         return loss, metrics, rest, grads
 
@@ -183,6 +183,24 @@ def with_batch_stats_over(graphdef: nnx.GraphDef, state: TrainState,
         if isinstance(module, nnx.BatchNorm) and module.axis_name is None:
             module.axis_name = axis_name
     return split_model(model)[0]
+
+
+def _one_after_another(add: Callable, carry: Any, parts: Any, count: int) -> Any:
+    """`add` folded over the `count` microbatches stacked in `parts`, one after another.
+
+    `lax.scan` everywhere but on CPU. There XLA gives a convolution in a loop body whose kernel
+    needs another layout (the input gradient's) its naive loop-nest kernel instead of oneDNN's or
+    Eigen's: the CNN step at batch 512 in 4 microbatches ran 240 img/s against 12k for the whole
+    batch (docs/performance.md, #19). So on CPU the loop is unrolled, and each microbatch's input
+    passes an optimization barrier together with the running sums: XLA cannot start a microbatch
+    before the previous one is summed, and activation memory stays one microbatch's, as in a scan.
+    """
+    if jax.default_backend() != "cpu":
+        return lax.scan(add, carry, parts)[0]
+    for j in range(count):
+        part, carry = lax.optimization_barrier((jax.tree.map(lambda x: x[j], parts), carry))
+        carry, _ = add(carry, part)
+    return carry
 
 
 def _split_rows(x: jax.Array, parts: int) -> jax.Array:
