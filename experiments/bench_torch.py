@@ -101,7 +101,8 @@ def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float3
 
     dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)  # fp32 master weights
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0), dtype=dtype), optax.sgd(0.01, momentum=0.9),
-                      loss_fn, strategy=args.strategy, devices=args.devices or None)
+                      loss_fn, strategy=args.strategy, devices=args.devices or None,
+                      microbatches=args.microbatches)
     state = dp.init()
     rng = np.random.default_rng(0)
     pool = [(rng.integers(0, 256, (args.global_batch, 28, 28, 1), dtype=np.uint8),
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="jit", help="jaxdist data-parallel strategy")
     parser.add_argument("--devices", type=int, default=0, help="jaxdist devices (0: all)")
     parser.add_argument("--global_batch", type=int, default=512)
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="jaxdist gradient accumulation: each device's rows in this many "
+                             "parts (the same update; on CPU smaller parts stay in cache)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compute_dtypes", default="float32",
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtypes = compute_dtypes(args.compute_dtypes)
     if dtypes is None:
+        return 2
+    if args.microbatches < 1 or args.global_batch % args.microbatches:
+        print(f"error: --microbatches {args.microbatches} does not split the global batch "
+              f"{args.global_batch}", file=sys.stderr)
         return 2
     python = torch_python(args.torch_python)
     if python is None:
@@ -172,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name, p, c in TORCH_VARIANTS]
     rows = []
     for name, end_to_end in (("step", False), ("end-to-end", True)):
-        run_jax = {d: jax_runner(args, end_to_end, train, d) for d in dtypes}
+        try:
+            run_jax = {d: jax_runner(args, end_to_end, train, d) for d in dtypes}
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         data = str(cache) if end_to_end else "random"
         jax_ips, torch_ips = {d: [] for d in dtypes}, {v[0]: [] for v in variants}
         for _ in range(args.rounds):
@@ -190,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdist.observe.machine import describe_machine
 
     print(f"# {describe_machine(**torch_version(python))}")
+    accumulation = f" in {args.microbatches} microbatches" if args.microbatches > 1 else ""
     print(f"# jaxdist {args.strategy} on {args.devices or 'all'} devices; global batch "
-          f"{args.global_batch}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
+          f"{args.global_batch}{accumulation}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
     labels = [v[0] for v in variants]
     short = {"float32": "fp32", "bfloat16": "bf16 compute"}
     print("| workload | " + " | ".join(f"jaxdist {short[d]}" for d in dtypes) + " | "

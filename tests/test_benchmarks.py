@@ -14,6 +14,7 @@ from experiments import bench_multiprocess, bench_torch, time_to_accuracy
     (time_to_accuracy, ["--compute_dtypes", "fp8"],
      "--compute_dtypes takes float32 and/or bfloat16"),
     (bench_torch, ["--compute_dtypes", "float16"], "--compute_dtypes takes float32 and/or bfloat16"),
+    (bench_torch, ["--microbatches", "3"], "--microbatches 3 does not split the global batch 512"),
 ])
 def test_a_benchmark_given_bad_input_exits_2_with_one_line(capsys, command, argv, message):
     assert command.main(argv) == 2
