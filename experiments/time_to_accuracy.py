@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch_python", default=None, help="interpreter that has torch")
     parser.add_argument("--torch_processes", type=int, default=1, help="PyTorch DDP processes")
-    parser.add_argument("--cpu_devices", type=int, default=2,
-                        help="jaxdist virtual CPU devices (2 measured fastest at batch 128 on 2 cores)")
+    parser.add_argument("--cpu_devices", type=int, default=1,
+                        help="jaxdist virtual CPU devices (1 measured fastest at batch 128 on 2 "
+                             "cores since all convolutions run on oneDNN; docs/performance.md #21)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--global_batch", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
