@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {describe_machine(**torch_version(python))}")
     accumulation = f" in {args.microbatches} microbatches" if args.microbatches > 1 else ""
     print(f"# jaxdist {args.strategy} on {args.devices or 'all'} devices; global batch "
-          f"{args.global_batch}{accumulation}, SGD momentum; medians of {args.rounds} alternating rounds (img/s)")
+          f"{args.global_batch}{accumulation}, SGD momentum; medians of {args.rounds} "
+          f"alternating rounds (img/s)")
     labels = [v[0] for v in variants]
     short = {"float32": "fp32", "bfloat16": "bf16 compute"}
     print("| workload | " + " | ".join(f"jaxdist {short[d]}" for d in dtypes) + " | "
