@@ -93,8 +93,8 @@ def make_train_step(
     gradients (in another dtype, compressed; see `jaxdist.comm`) and `reduce` the rest.
 
     With `microbatches` M > 1 the batch is split into M equal parts whose gradients are summed
-    sequentially (`lax.scan`) before the one reduction: gradient accumulation, M times less
-    activation memory, the same update as the whole batch.
+    one after another (`_one_after_another`) before the one reduction: gradient accumulation, M
+    times less activation memory, the same update as the whole batch.
 
     With `skip_nonfinite`, a step whose reduced loss or gradients hold a NaN/Inf leaves params,
     optimizer state and model state as they were (only the step counter moves on) and reports
