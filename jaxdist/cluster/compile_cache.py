@@ -2,34 +2,175 @@
 
 Restarts are the common case of fault tolerance (preemption, resume), and on CPU compiling the
 train step is a large part of a short job's first seconds. JAX's own persistent cache does the
-work; this only picks a directory and lowers the thresholds that would skip small programs.
+work; this picks a directory, lowers the thresholds that would skip small programs, and makes the
+cache safe for multi-process CPU jobs.
+
+**Multi-process CPU jobs** (gloo collectives) hung on a warm cache (docs/cpu-collectives.md,
+"The compilation cache"). Measured with a bare two-process `psum`: the job finishes when every
+process compiles its program, and when every process loads *its own* serialized program; it hangs
+when a process runs another process's program (JAX writes from process 0 only and every process
+reads that entry), and when some processes load a program while the others compile it. So, where
+the job has several processes and the backend is the CPU:
+- each process keys entries by its process id and count and writes its own (JAX's rule "process 0
+  writes" is lifted for these keys only), so no process runs a program another one compiled;
+- before a program that spans processes is loaded, the processes agree through the coordinator's
+  key-value store: it is loaded only when every process holds it, otherwise every process compiles.
+This reaches into two private functions of `jax._src.compiler`. Where they are not as expected
+(another jax version), the cache is turned off for multi-process CPU jobs instead. Accelerator
+backends keep JAX's own behaviour (on GPU JAX strips the device assignment from the key so that
+one entry serves every process).
 
 jaxlib 0.12 cannot serialize a CPU executable that calls oneDNN (`jaxdist.cluster.devices`
 turns oneDNN convolutions on by default): writing such an entry fails with `std::bad_alloc`, the
-program is simply compiled again on the next start, and everything else is still cached. Set
-JAXDIST_CPU_ONEDNN=0 where restart latency matters more than step time (docs/performance.md).
+program is compiled again on the next start (by every process alike), and everything else is
+still cached. Set JAXDIST_CPU_ONEDNN=0 where restart latency matters more than step time.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
 import jax
 
+from jaxdist.errors import UsageError
+
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxdist" / "xla"
+AGREE_TIMEOUT_MS = 10 * 60 * 1000  # a peer may still be loading data or compiling an earlier program
+_KV_PREFIX = "jaxdist/compile_cache"
+log = logging.getLogger(__name__)
 
 
 def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     """Caches every compiled program under `directory` (default: $JAXDIST_COMPILE_CACHE, then
-    ~/.cache/jaxdist/xla). Safe to call more than once; returns the directory in use."""
+    ~/.cache/jaxdist/xla). Safe to call more than once, before or after joining a job; returns
+    the directory in use. A directory that cannot be created or written is a `UsageError`."""
     path = Path(directory or os.environ.get("JAXDIST_COMPILE_CACHE") or DEFAULT_DIR).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"compilation cache directory {path} is not writable ({e.strerror or e}); "
+                         "choose another with --compile_cache DIR, or --compile_cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     # the known failure above, once per program and harmless: not worth a warning each time
     warnings.filterwarnings(
         "ignore", message=r"Error writing persistent compilation cache entry .*bad_alloc")
+    if not _install_process_safe_cache() and _job()[1] > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_compilation_cache_dir", None)  # pragma: no cover - another jax
+        log.warning("compilation cache off: this jax's cache cannot be made safe for several "
+                    "CPU processes")
     return path
+
+
+# -- the process-safe cache for multi-process CPU jobs ---------------------------------------------
+
+_installed = False
+_spanning_compiles = [0]  # programs spanning processes compiled (or loaded) by this process
+_lock = threading.Lock()
+
+
+def _job() -> tuple[int, int, object]:
+    """(process id, process count, coordinator client) of the joined job; (0, 1, None) if none."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return state.process_id or 0, state.num_processes or 1, state.client
+
+
+def _per_process(backend) -> bool:
+    return getattr(backend, "platform", None) == "cpu" and _job()[1] > 1
+
+
+def _own_key(cache_key: str) -> str:
+    process_id, processes, _ = _job()
+    return f"{cache_key}-p{process_id}of{processes}"
+
+
+def _spans_processes(devices) -> bool:
+    try:
+        return len({d.process_index for d in devices}) > 1
+    except TypeError:  # pragma: no cover - not a device list
+        return True
+
+
+def agree_all_hold(module_name: str, holds: bool) -> bool:
+    """True when every process of the job holds its own cached copy of the program being compiled.
+
+    Cache keys differ between processes (they hash the CPU topology, which names the process's own
+    devices), so the processes meet under the program's place in their common compile order: the
+    programs that span processes are compiled in the same order everywhere, as every process runs
+    them. Each publishes whether it holds the program, then reads the others' answers.
+    """
+    process_id, processes, client = _job()
+    with _lock:
+        _spanning_compiles[0] += 1
+        base = f"{_KV_PREFIX}/{_spanning_compiles[0]}"
+    client.key_value_set(f"{base}/{process_id}", f"{int(holds)} {module_name}")
+    answers = [client.blocking_key_value_get(f"{base}/{p}", AGREE_TIMEOUT_MS).split(" ", 1)
+               for p in range(processes) if p != process_id]
+    if any(name != module_name for _, name in answers):  # pragma: no cover - not SPMD
+        log.warning("compilation cache: processes compile different programs at once (%s vs %s);"
+                    " compiling", module_name, sorted({n for _, n in answers}))
+        return False
+    return holds and all(held == "1" for held, _ in answers)
+
+
+def _install_process_safe_cache() -> bool:
+    """Wraps JAX's cache read and write (see the module docstring); False where they differ from
+    the signatures this was written against."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        from jax._src import compilation_cache, compiler
+
+        read, write = compiler._cache_read, compiler._cache_write
+        expected_read = ["module_name", "cache_key", "compile_options", "backend",
+                         "executable_devices", "host_callbacks"]
+        expected_write = ["cache_key", "compile_time_secs", "module_name", "backend", "executable"]
+        if (list(inspect.signature(read).parameters) != expected_read
+                or list(inspect.signature(write).parameters) != expected_write
+                or not hasattr(compilation_cache, "put_executable_and_time")):
+            return False
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover
+        return False
+
+    def cache_read(module_name, cache_key, compile_options, backend, executable_devices,
+                   host_callbacks):
+        if not _per_process(backend):
+            return read(module_name, cache_key, compile_options, backend, executable_devices,
+                        host_callbacks)
+        executable, compile_time = read(module_name, _own_key(cache_key), compile_options,
+                                        backend, executable_devices, host_callbacks)
+        if _spans_processes(executable_devices) and not agree_all_hold(
+                module_name, executable is not None):
+            log.debug("compilation cache: %s is not held by every process; compiling", module_name)
+            return None, None
+        return executable, compile_time
+
+    def cache_write(cache_key, compile_time_secs, module_name, backend, executable):
+        if not _per_process(backend):
+            return write(cache_key, compile_time_secs, module_name, backend, executable)
+        if compile_time_secs < jax.config.jax_persistent_cache_min_compile_time_secs:
+            return None
+        try:  # every process writes its own entry (JAX's `_cache_write` skips all but process 0)
+            compilation_cache.put_executable_and_time(
+                _own_key(cache_key), module_name, executable, backend, int(compile_time_secs))
+        except Exception as e:  # as JAX does: a failed write costs a compile next time, no more
+            warnings.warn(f"Error writing persistent compilation cache entry for "
+                          f"'{module_name}': {type(e).__name__}: {e}")
+        return None
+
+    compiler._cache_read, compiler._cache_write = cache_read, cache_write
+    _installed = True
+    return True
+
