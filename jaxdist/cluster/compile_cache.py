@@ -15,6 +15,9 @@ the job has several processes and the backend is the CPU:
   writes" is lifted for these keys only), so no process runs a program another one compiled;
 - before a program that spans processes is loaded, the processes agree through the coordinator's
   key-value store: it is loaded only when every process holds it, otherwise every process compiles.
+  They meet under the program's place in their common compile order, so every process must compile
+  the programs that span processes in the same order, as SPMD code does; a program that one
+  process compiles alone (an analysis, not run) goes under `compiled_by_this_process_only()`.
 This reaches into two private functions of `jax._src.compiler`. Where they are not as expected
 (another jax version), the cache is turned off for multi-process CPU jobs instead. Accelerator
 backends keep JAX's own behaviour (on GPU JAX strips the device assignment from the key so that
@@ -28,6 +31,7 @@ still cached. Set JAXDIST_CPU_ONEDNN=0 where restart latency matters more than s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -74,6 +78,20 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
 # -- the process-safe cache for multi-process CPU jobs ---------------------------------------------
 
 _installed = False
+_local = threading.local()  # .alone: compiles of this thread are one process's own (see below)
+
+
+@contextlib.contextmanager
+def compiled_by_this_process_only():
+    """Compiles inside bypass the cache in a multi-process CPU job: for analyses that one process
+    makes alone (the monitor's FLOP count of the step on process 0), which the other processes
+    never meet (module docstring: programs spanning processes are compiled in the same order)."""
+    before = getattr(_local, "alone", False)
+    _local.alone = True
+    try:
+        yield
+    finally:
+        _local.alone = before
 _spanning_compiles = [0]  # programs spanning processes compiled (or loaded) by this process
 _lock = threading.Lock()
 
@@ -88,6 +106,10 @@ def _job() -> tuple[int, int, object]:
 
 def _per_process(backend) -> bool:
     return getattr(backend, "platform", None) == "cpu" and _job()[1] > 1
+
+
+def _alone() -> bool:
+    return getattr(_local, "alone", False)
 
 
 def _own_key(cache_key: str) -> str:
@@ -149,6 +171,8 @@ def _install_process_safe_cache() -> bool:
         if not _per_process(backend):
             return read(module_name, cache_key, compile_options, backend, executable_devices,
                         host_callbacks)
+        if _alone():
+            return None, None
         executable, compile_time = read(module_name, _own_key(cache_key), compile_options,
                                         backend, executable_devices, host_callbacks)
         if _spans_processes(executable_devices) and not agree_all_hold(
@@ -160,7 +184,7 @@ def _install_process_safe_cache() -> bool:
     def cache_write(cache_key, compile_time_secs, module_name, backend, executable):
         if not _per_process(backend):
             return write(cache_key, compile_time_secs, module_name, backend, executable)
-        if compile_time_secs < jax.config.jax_persistent_cache_min_compile_time_secs:
+        if _alone() or compile_time_secs < jax.config.jax_persistent_cache_min_compile_time_secs:
             return None
         try:  # every process writes its own entry (JAX's `_cache_write` skips all but process 0)
             compilation_cache.put_executable_and_time(

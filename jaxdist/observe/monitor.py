@@ -8,14 +8,21 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
+from jaxdist.cluster.compile_cache import compiled_by_this_process_only
 from jaxdist.observe.flops import default_peak_tflops, flops_per_step, lowered_step, mfu
 from jaxdist.observe.goodput import Goodput, format_goodput
 from jaxdist.observe.watchdog import ProgressStatus, Watchdog
 from jaxdist.observe.writer import MetricsWriter
+
+
+def throughput_key(unit: str) -> str:
+    """The record key of a throughput in `unit` per second: "images_per_second" for "img" (every
+    record has it: examples per second), else "<unit>_per_second" (e.g. "tokens_per_second")."""
+    return "images_per_second" if unit == "img" else f"{unit}_per_second"
 
 
 def parse_step_range(text: str) -> tuple[int, int] | None:
@@ -47,13 +54,16 @@ class TrainMonitor:
         hang_action: "exit" (stacks to the status dir, exit `EXIT_HANG`) or "report".
         meta: the run-metadata record (devices, strategy, global batch, model, ...).
         log: where the leader's one-line notes go (the MFU assumption, the goodput summary).
+        unit: (name, count per example) the data's throughput is counted in: train and epoch
+            records carry `throughput_key(name)` beside `images_per_second` (examples).
     """
 
     def __init__(self, logdir: str | os.PathLike | None = None, *, start: float | None = None,
                  peak_tflops: float = 0.0, profile_steps: tuple[int, int] | None = None,
                  hang_timeout: float = 0.0, hang_action: str = "exit",
                  meta: dict | None = None,
-                 log: Callable[[str], None] = print, writer: MetricsWriter | None = None):
+                 log: Callable[[str], None] = print, writer: MetricsWriter | None = None,
+                 unit: tuple[str, int] = ("img", 1)):
         self.logdir = Path(logdir) if logdir else None
         self.leader = jax.process_index() == 0
         self.writer = writer or (MetricsWriter(self.logdir) if self.logdir else None)
@@ -65,6 +75,7 @@ class TrainMonitor:
         self.flops: float | None = None
         self.compile_seconds = 0.0
         self.step_images = 0
+        self.unit = unit
         self.profile_steps = profile_steps
         if profile_steps and self.logdir is None:
             raise ValueError("profiling needs a logdir")
@@ -131,14 +142,15 @@ class TrainMonitor:
         if self.writer is None or not self.writer.enabled:
             return
         values: dict[str, Any] = {"compile_seconds": seconds}
-        try:
-            lowered = lowered_step(trainer, state, batch)
-            compiled = lowered.compile()
+        try:  # process 0 alone compiles these: the other processes never meet them
+            with compiled_by_this_process_only():
+                lowered = lowered_step(trainer, state, batch)
+                compiled = lowered.compile()
+                self.flops = flops_per_step(compiled, lowered)
         except Exception as e:  # an exotic backend: no MFU
             self.log(f"could not look up the compiled step ({e!r}); no MFU")
             compiled = None
         if compiled is not None:
-            self.flops = flops_per_step(compiled, lowered)
             values["flops_per_device_step"] = self.flops or 0.0
             try:
                 from jaxdist.observe.ledger import collective_ledger
@@ -168,22 +180,25 @@ class TrainMonitor:
         out = dict(values)
         out["step_seconds"] = seconds
         out["images_per_second"] = images / seconds if seconds > 0 else 0.0
+        out[throughput_key(self.unit[0])] = out["images_per_second"] * self.unit[1]
         self.record("train", step, out)
 
-    def epoch_end(self, record: dict) -> None:
+    def epoch_end(self, record: dict, eval_keys: Sequence[str] = ()) -> None:
+        """The loop's epoch record; `eval_keys`, the evaluation's metrics in it, go to an "eval"
+        record (TensorBoard `eval/<name>`), the rest to an "epoch" record."""
         report = self.goodput.report()
         if self.writer is None:
             return
         step = record["step"]
-        epoch = {k: v for k, v in record.items() if not k.startswith("test_") and k != "step"}
+        evals = {k: record[k] for k in eval_keys if k in record}
+        epoch = {k: v for k, v in record.items() if k not in evals and k != "step"}
         epoch["compile_seconds"] = self.compile_seconds
         if self.flops and self.step_images and record.get("images_per_second"):
             steps_per_second = record["images_per_second"] / self.step_images
             epoch["mfu"] = mfu(self.flops, steps_per_second, self.peak_tflops)
         self.record("epoch", step, epoch)
-        tests = {k: v for k, v in record.items() if k.startswith("test_")}
-        if tests:
-            self.record("eval", step, tests)
+        if evals:
+            self.record("eval", step, evals)
         self.record("goodput", step, report)
         self.writer.flush()
 
