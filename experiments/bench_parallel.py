@@ -39,6 +39,31 @@ def ideal_wire_bytes(mesh, params_per_device: int, global_batch: int, vit) -> fl
     return fsdp + dp + tp
 
 
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    """--configs "STRATEGY:MESH;..." -> [(strategy, mesh)], each mesh checked on the devices.
+
+    Raises:
+        UsageError: an item without ":", an unknown strategy or a mesh that does not fit.
+    """
+    from jaxdist.errors import UsageError
+    from jaxdist.parallel import make_mesh
+    from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
+
+    configs = []
+    for item in (c.strip() for c in text.split(";") if c.strip()):
+        strategy, _, shape = item.partition(":")
+        if not shape:
+            raise UsageError(f"--configs {item!r}: expected STRATEGY:MESH, e.g. fsdp:fsdp=8")
+        if strategy not in MODEL_PARALLEL_STRATEGIES:
+            raise UsageError(f"--configs {item!r}: unknown strategy {strategy!r}; choose one of "
+                             f"{', '.join(MODEL_PARALLEL_STRATEGIES)}")
+        make_mesh(shape)  # a mesh that does not fit the devices fails before any compile
+        configs.append((strategy, shape))
+    if not configs:
+        raise UsageError(f"--configs {text!r} names no STRATEGY:MESH")
+    return configs
+
+
 def run_config(strategy, shape, args, vit, batch_np):
     import jax
     import optax
@@ -112,13 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_devices(8)
     import numpy as np
 
-    from jaxdist.errors import UsageError
+    from jaxdist.errors import EXIT_USAGE, UsageError
     from jaxdist.models import param_count, vit_config
 
-    configs = CONFIGS
-    if args.configs:
-        configs = [tuple(c.split(":", 1)) for c in args.configs.split(";") if c]
     try:
+        configs = parse_configs(args.configs) if args.configs else CONFIGS
         vit = vit_config(args.vit_size)
         rng = np.random.default_rng(0)
         batch = (rng.integers(0, 255, (args.global_batch, 28, 28, 1)).astype(np.float32),
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {strategy} {shape}: done{loss}", flush=True)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(format_rows(rows, args.budget_mib))
     return 0
 

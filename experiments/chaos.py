@@ -16,7 +16,8 @@
    that smaller job.
 
 Prints a table per fault (steps lost, seconds from the fault to training again) and a summary;
-exit 0 only when every check held.
+exit 0 only when every check held. `--workdir` is emptied first, but only a directory this
+command made (it holds the `.jaxdist-chaos` marker) or an empty one: any other is refused.
 """
 
 from __future__ import annotations
@@ -36,9 +37,40 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdist.errors import EXIT_USAGE, UsageError
+
 STEP = re.compile(r"\| step (\d+)/(\d+)")
 RESUMED = re.compile(r"resuming at step (\d+)")
 FAIL_SAFE_SECONDS = 1800  # only turns a stuck job into a failure
+MARKER = ".jaxdist-chaos"  # in every work dir this command made: the only ones it empties
+
+
+def prepare_workdir(out: Path) -> None:
+    """Makes `out` an empty work dir holding `MARKER`: created, or emptied if this command made
+    it (the marker is there) or it is empty already.
+
+    Raises:
+        UsageError: `out` is a file, or a directory with contents but no marker (`--workdir .`
+            or a typo must never wipe a tree), or cannot be created.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--workdir {out} is not a directory")
+        if not (out / MARKER).is_file() and any(out.iterdir()):
+            raise UsageError(f"--workdir {out} was not made by experiments.chaos (it has files "
+                             f"and no {MARKER} marker) and would be emptied; name a new or empty "
+                             f"directory")
+        for child in out.iterdir():  # the contents, not the directory (it may be the cwd)
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by python -m experiments.chaos, which empties this "
+                                  "directory when run on it again\n")
+    except OSError as e:
+        raise UsageError(f"--workdir {out} cannot be created: {e.strerror or e}") from None
 
 
 class Job:
@@ -262,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global_batch", type=int, default=128)
     parser.add_argument("--checkpoint_every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="which faults, where and when")
-    parser.add_argument("--workdir", default="runs/chaos", help="emptied first")
+    parser.add_argument("--workdir", default="runs/chaos",
+                        help=f"emptied first: only a directory this command made (with its "
+                             f"{MARKER} marker), or an empty or new one")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.processes < 2 and args.elastic:
@@ -272,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.kills + args.freezes > args.max_restarts:
         parser.error("more faults than --max_restarts: the job could not survive them all")
     out = Path(args.workdir)
-    if out.exists() and not out.is_dir():
-        print(f"error: --workdir {out} is not a directory", file=sys.stderr)
-        return 2
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    try:
+        prepare_workdir(out)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     # the runtime's heartbeat check would end a frozen job too; leave that to the watchdog

@@ -21,14 +21,16 @@ import sys
 import time
 
 from jaxdist.errors import UsageError
-from jaxdist.models.lm import LM_SIZES, REMAT_POLICIES
+from jaxdist.models.lm import GPT, LM_SIZES, REMAT_POLICIES, lm_config, lm_eval
 from jaxdist.parallel.pipeline import SCHEDULES
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
 from jaxdist.train import run_config
 from jaxdist.train.optim import OptimizerConfig
 from jaxdist.train.run_config import (
     RunConfig,
+    check_best_metric,
     check_directory,
+    eval_metric_names,
     fit_options,
     log_dir,
     run_main,
@@ -60,6 +62,7 @@ class LmConfig(RunConfig):
     temperature: float = 0.8
     keep_best: int = 0
     best_metric: str = "val_loss"
+    best_mode: str = "min"
     checkpoint_every: int = 200
     optimizer: OptimizerConfig = OptimizerConfig(
         name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_fraction=0.05,
@@ -68,7 +71,8 @@ class LmConfig(RunConfig):
 
 HELP = {
     "lm_size": "model size: " + ", ".join(f"{k}" for k in LM_SIZES) + " (125m and up are "
-               "for the planner; they do not fit this kind of machine)",
+               "for the planner: a run of them starts only where the planner's estimate of its "
+               "step fits the devices' memory)",
     "seq_len": "tokens (bytes) per sequence (0: the size's own)",
     "remat": "activation checkpointing policy of each block: " + ", ".join(REMAT_POLICIES),
     "text": "your text instead of the stdlib's source: files, directories or globs, "
@@ -97,14 +101,14 @@ def get_config(variant: str = "") -> LmConfig:
 
 
 def lm_cfg(cfg: LmConfig):
-    from jaxdist.models.lm import lm_config
-
     overrides = dict(remat=cfg.remat, **({"seq_len": cfg.seq_len} if cfg.seq_len else {}))
     return lm_config(cfg.lm_size, **overrides)
 
 
 def validate(cfg: LmConfig, num_devices: int) -> None:
     """The shared flags' checks, then the LM's own, before any text is read."""
+    from flax import nnx
+
     if cfg.strategy in DATA_PARALLEL_STRATEGIES:
         raise UsageError(f"the LM trains under the sharding strategies (dp, zero1, fsdp, tp, sp, "
                          f"fsdp_tp), not {cfg.strategy}")
@@ -120,7 +124,54 @@ def validate(cfg: LmConfig, num_devices: int) -> None:
     if not cfg.prompt:
         raise UsageError("--prompt must not be empty")
     check_directory("cache_dir", cfg.cache_dir)
-    lm_cfg(cfg)  # a size or shape that does not exist fails here
+    model_cfg = lm_cfg(cfg)  # a size or shape that does not exist fails here
+    check_best_metric(cfg, eval_metric_names(lm_eval, lambda: GPT(model_cfg, rngs=nnx.Rngs(0)),
+                                             _eval_batch(model_cfg.seq_len), EVAL_PREFIX))
+
+
+EVAL_PREFIX = "val"  # fit names the validation metrics val_loss, val_bits_per_byte
+# sizes from here on (125m and up) are the planner's: a run first checks that its step fits
+PLANNED_PARAMS = 100e6
+
+
+def _eval_batch(seq_len: int):
+    """Shapes of one evaluation batch: inputs, targets and the padding mask."""
+    import jax
+    import numpy as np
+
+    tokens = jax.ShapeDtypeStruct((1, seq_len), np.int32)
+    return tokens, tokens, jax.ShapeDtypeStruct((1,), np.float32)
+
+
+def check_memory(cfg: LmConfig, devices) -> None:
+    """Refuses a planner-size LM (`PLANNED_PARAMS` and up) whose train step, as `jaxdist.plan`
+    estimates it (an ahead-of-time compile from shapes, ~2 s, nothing allocated), needs more
+    memory per device than a device has: the run would otherwise exhaust memory and be killed.
+    """
+    import jax
+    import numpy as np
+
+    from jaxdist.models.lm import param_count
+    from jaxdist.observe.memory import device_memory_bytes
+    from jaxdist.plan import GIB, analyze_step
+    from jaxdist.train import make_optimizer
+
+    model_cfg = lm_cfg(cfg)
+    if param_count(model_cfg) < PLANNED_PARAMS:
+        return
+    trainer = make_trainer(cfg, devices, make_optimizer(cfg.optimizer, 1))
+    tokens = jax.ShapeDtypeStruct((cfg.global_batch, model_cfg.seq_len), np.int32)
+    need = analyze_step(trainer, (tokens, tokens)).memory.peak_estimate
+    have, where = device_memory_bytes(devices[0])
+    mesh = ",".join(f"{axis}={n}" for axis, n in trainer.mesh.shape.items() if n > 1) or "1 device"
+    if need > have:
+        fits = ", ".join(s for s in LM_SIZES if param_count(lm_config(s)) < PLANNED_PARAMS)
+        raise UsageError(
+            f"LM-{cfg.lm_size} needs about {need / GIB:.1f} GiB per device for this step "
+            f"(the planner's estimate: {cfg.strategy} over {mesh}, global batch "
+            f"{cfg.global_batch}, remat {cfg.remat}), more than a device has here "
+            f"({have / GIB:.1f} GiB: {where}); train a smaller --lm_size ({fits}) or more "
+            f"devices, or plan it with python -m jaxdist.plan --model lm --lm_size {cfg.lm_size}")
 
 
 def make_trainer(cfg: LmConfig, devices, tx):
@@ -153,6 +204,7 @@ def train(cfg: LmConfig) -> dict:
     validate(cfg, len(devices))
     mesh = cfg.mesh or default_mesh(cfg.strategy, len(devices))
     make_mesh(mesh, devices)  # a bad mesh fails before any text is read
+    check_memory(cfg, devices)
     model_cfg = lm_cfg(cfg)
     leader = jax.process_index() == 0
     corpus = data.load_text([p for p in cfg.text.split(",") if p] if cfg.text else None,
@@ -175,7 +227,7 @@ def train(cfg: LmConfig) -> dict:
               f"{seq} tokens, {total_steps} steps, {cfg.optimizer.name} lr "
               f"{cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})", flush=True)
     eval_every = cfg.eval_every or max(1, total_steps // 4)
-    run = fit(trainer, train_data, eval_data=val_data, eval_prefix="val",
+    run = fit(trainer, train_data, eval_data=val_data, eval_prefix=EVAL_PREFIX,
               eval_every=eval_every, eval_examples=cfg.eval_examples or None,
               data_meta={"seq_len": seq}, **{**fit_options(cfg), "epochs": cfg.epochs},
               run_meta={"model": f"lm-{cfg.lm_size}", "model_name": name, "mesh": mesh,

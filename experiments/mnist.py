@@ -24,7 +24,9 @@ from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES as STRATEGIES
 from jaxdist.train import run_config
 from jaxdist.train.run_config import (
     RunConfig,
+    check_best_metric,
     check_directory,
+    eval_metric_names,
     fit_options,
     log_dir,
     run_main,
@@ -115,7 +117,23 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
         raise UsageError(f"eval batch {cfg.eval_batch} does not divide over {num_devices} devices")
     if cfg.compute_dtype != "float32" and cfg.model != "cnn":
         raise UsageError("--compute_dtype is implemented for the CNN")
+    if cfg.eval_examples < 0:
+        raise UsageError(f"eval_examples must be >= 0 (0: all), got {cfg.eval_examples}")
     check_directory("data_dir", cfg.data_dir)
+    check_best_metric(cfg, eval_metric_names(eval_fn, model_builder(cfg)[1], _eval_batch(),
+                                             EVAL_PREFIX))
+
+
+EVAL_PREFIX = "test"  # fit names the metrics test_accuracy, test_loss
+
+
+def _eval_batch():
+    """Shapes of one evaluation batch: images, labels and the padding mask."""
+    import jax
+    import numpy as np
+
+    return (jax.ShapeDtypeStruct((1, 28, 28, 1), np.uint8),
+            jax.ShapeDtypeStruct((1,), np.int32), jax.ShapeDtypeStruct((1,), np.float32))
 
 
 def train(cfg: MnistConfig) -> dict:
@@ -156,7 +174,8 @@ def train(cfg: MnistConfig) -> dict:
               f"strategy {cfg.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} "
               f"steps, {cfg.optimizer.name} lr {cfg.optimizer.learning_rate} "
               f"({cfg.optimizer.schedule})", flush=True)
-    run = fit(trainer, train_data, eval_data=test_data, eval_examples=cfg.eval_examples or None,
+    run = fit(trainer, train_data, eval_data=test_data, eval_prefix=EVAL_PREFIX,
+              eval_examples=cfg.eval_examples or None,
               data_meta={"augment": cfg.augment}, **fit_options(cfg), run_meta={
                   "model": cfg.model, "model_name": model_name, "mesh": cfg.mesh,
                   "epochs": cfg.epochs, "grad_reduce": cfg.grad_reduce,

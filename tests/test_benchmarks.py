@@ -1,8 +1,10 @@
-"""The benchmark commands refuse bad input with one line and exit 2, before measuring anything."""
+"""The benchmark commands refuse bad input with one line and the usage exit code, before
+measuring anything."""
 
 import pytest
 
-from experiments import bench_multiprocess, bench_torch, time_to_accuracy
+from experiments import bench_multiprocess, bench_parallel, bench_torch, time_to_accuracy
+from jaxdist.errors import EXIT_USAGE
 
 
 @pytest.mark.parametrize("command,argv,message", [
@@ -15,8 +17,12 @@ from experiments import bench_multiprocess, bench_torch, time_to_accuracy
      "--compute_dtypes takes float32 and/or bfloat16"),
     (bench_torch, ["--compute_dtypes", "float16"], "--compute_dtypes takes float32 and/or bfloat16"),
     (bench_torch, ["--microbatches", "3"], "--microbatches 3 does not split the global batch 512"),
+    (bench_parallel, ["--configs", "fsdp"], "--configs 'fsdp': expected STRATEGY:MESH"),
+    (bench_parallel, ["--configs", "fsdq:fsdp=8"], "unknown strategy 'fsdq'; choose one of dp,"),
+    (bench_parallel, ["--configs", "dp:data=8;fsdp:data=3"], "mesh data=3 needs 3 devices"),
 ])
-def test_a_benchmark_given_bad_input_exits_2_with_one_line(capsys, command, argv, message):
-    assert command.main(argv) == 2
+def test_a_benchmark_given_bad_input_exits_with_the_usage_code_and_one_line(capsys, command, argv,
+                                                                             message):
+    assert command.main(argv) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

@@ -3,12 +3,14 @@ sample, rejects bad input in one line, and a killed run resumes bitwise."""
 
 from __future__ import annotations
 
+import re
 import signal
 
 import numpy as np
 import pytest
 
 from experiments import lm
+from jaxdist.errors import EXIT_USAGE
 from jaxdist.io import read_checkpoint_arrays
 from runs import STEP_EVENTS, Run
 
@@ -37,6 +39,11 @@ def test_the_smoke_run_learns_and_reports_bits_per_byte_tokens_per_second_mfu_an
     assert last < first < 8.0  # a uniform guess over 256 bytes is 8 bits
     assert "tokens/s" in done and "MFU" in done and "TFLOP/s" in done
     assert "sample:\n  | def " in log
+    # each evaluation's epoch line shows the validation metrics and the throughput in tokens
+    epochs = re.findall(r"^epoch \d+ \| step (\d+) \| train loss [\d.]+ \| val bits per byte "
+                        r"([\d.]+) \| val loss [\d.]+ \| [\d,]+ tokens/s$", log, re.MULTILINE)
+    assert [int(step) for step, _ in epochs] == [6, 12], log[-3000:]
+    assert float(epochs[-1][1]) == pytest.approx(last, abs=1e-3)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -46,17 +53,24 @@ def test_the_smoke_run_learns_and_reports_bits_per_byte_tokens_per_second_mfu_an
      "microbatch"),
     (["--text", "/nonexistent/*.txt"], "text pattern '/nonexistent/*.txt' matches no files"),
     (["--temperature", "0"], "temperature must be positive"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    # an accepted size that would exhaust memory: refused with the planner's estimate
+    (["--lm_size", "7b"], "LM-7b needs about"),
+    (["--best_metric", "val_acc"],
+     "--best_metric val_acc is not a metric of this run's evaluation; choose one of "
+     "val_bits_per_byte, val_loss"),
 ])
-def test_bad_input_exits_2_with_one_line(capsys, argv, message, cache, monkeypatch):
+def test_bad_input_exits_with_the_usage_code_and_one_line(capsys, argv, message, cache,
+                                                          monkeypatch):
     monkeypatch.setenv("JAXDIST_CACHE_DIR", cache["JAXDIST_CACHE_DIR"])
     try:
         code = lm.main(["--config", "smoke", "--progress", "false", *argv])
     except SystemExit as e:  # a flag's own check, by the parser
         code = e.code
-    assert code == 2
+    assert code == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err, err
-    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def _final(workdir):

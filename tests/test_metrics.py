@@ -257,3 +257,99 @@ def test_the_exit_action_writes_the_verdict_and_every_stack_then_exits_75(tmp_pa
     assert "most recent call first" in text and "_run" in text  # the watchdog's own thread too
     err = capsys.readouterr().err
     assert "error: hang: no progress for" in err and "process 0 exits 75" in err
+
+
+@pytest.fixture(scope="module")
+def val_run(tmp_path_factory):
+    """A run of the tests' task evaluated under eval_prefix "val" (as the LM's is): its epoch
+    lines and logdir."""
+    import optax
+    from flax import nnx
+
+    import jaxdist
+    from task import MLP, arrays, eval_fn, loss_fn
+
+    logdir = tmp_path_factory.mktemp("val") / "logs"
+    trainer = jaxdist.Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, devices=2,
+                              eval_fn=eval_fn)
+    lines = []
+    jaxdist.fit(trainer, jaxdist.data.from_arrays(arrays(512), global_batch=64), steps=16,
+                eval_every=8, eval_data=jaxdist.data.from_arrays(arrays(128, 1), global_batch=64),
+                eval_prefix="val", logdir=logdir, progress=False, hang_timeout=0,
+                log=lines.append)
+    return [line for line in lines if line.startswith("epoch ")], logdir
+
+
+def test_the_epoch_line_shows_the_metrics_of_any_eval_prefix(val_run):
+    epochs, _ = val_run
+    assert len(epochs) == 2
+    for line in epochs:
+        assert re.fullmatch(r"epoch \d \| step (8|16) \| train loss [\d.]+ \| "
+                            r"val accuracy [\d.]+% \| val loss [\d.]+ \| [\d,]+ img/s", line), line
+
+
+def test_the_monitor_writes_the_metrics_of_any_eval_prefix_as_eval_records_and_tags(val_run):
+    _, logdir = val_run
+    kinds = _by_kind(logdir)
+    assert kinds["meta"][0]["eval_prefix"] == "val"
+    assert [sorted(k for k in r if k.startswith("val_")) for r in kinds["eval"]] == [
+        ["val_accuracy", "val_loss"]] * 2
+    assert not any(k.startswith("val_") for r in kinds["epoch"] for k in r)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"eval/val_accuracy", "eval/val_loss"} <= set(tags)
+    assert not [t for t in tags if t.startswith("epoch/val_")]
+    losses = {e.step: e.value for e in acc.Scalars("eval/val_loss")}
+    assert losses == pytest.approx({r["step"]: r["val_loss"] for r in kinds["eval"]}, rel=1e-6)
+
+
+def test_the_plots_select_the_evaluation_under_the_runs_eval_prefix(val_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from jaxdist.observe import plots
+
+    _, logdir = val_run
+    run = plots.Run(logdir)
+    want = [(r["step"], r["val_accuracy"]) for r in _by_kind(logdir)["eval"]]
+    assert run.eval_prefix == "val" and run.evals("accuracy") == want and len(want) == 2
+    assert run.throughput_key == "images_per_second"
+    assert plots.main([str(logdir), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "accuracy.png").stat().st_size > 5000
+
+
+def test_token_data_reports_tokens_per_second_in_the_epoch_line_and_the_records(tmp_path):
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jaxdist
+
+    class Bigram(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(256, 256, rngs=rngs)
+
+        def __call__(self, tokens):
+            return self.embed(tokens)
+
+    def loss_fn(model, batch):
+        inputs, targets = batch
+        return optax.softmax_cross_entropy_with_integer_labels(model(inputs), targets).mean()
+
+    seq = 8
+    data = jaxdist.data.from_tokens((jnp.arange(4096) % 251).astype(jnp.uint8), seq_len=seq,
+                                    global_batch=16)
+    assert (data.unit, data.units_per_example) == ("tokens", seq)
+    lines = []
+    run = jaxdist.fit(jaxdist.Trainer(Bigram(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, devices=2),
+                      data, steps=6, logdir=tmp_path, progress=False, hang_timeout=0,
+                      log=lines.append)
+    [line] = [line for line in lines if line.startswith("epoch ")]
+    assert re.fullmatch(r"epoch 1 \| step 6 \| train loss [\d.]+ \| [\d,]+ tokens/s", line), line
+    [epoch] = run.history
+    assert epoch["tokens_per_second"] == pytest.approx(seq * epoch["images_per_second"])
+    train = _by_kind(tmp_path)["train"]
+    assert all(r["tokens_per_second"] == pytest.approx(seq * r["images_per_second"])
+               for r in train)

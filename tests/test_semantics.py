@@ -105,20 +105,51 @@ def test_dropout_masks_are_independent_across_replicas(strategy):
     assert abs(kept_by.mean() / 8 - 0.5) < 0.05  # still keeps half
 
 
+def _probe_trainer():
+    return DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
+                        lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
+
+
+def _masks_and_leaves(trainer, state, steps):
+    """Each step's dropout probe, and the final state's leaves (PRNG keys as key data)."""
+    batch = np.ones((64, 1), np.float32)
+    masks = []
+    for _ in range(steps):
+        state, _ = trainer.step(state, batch)
+        masks.append(np.asarray(trainer.canonical(state).rest["seen"].value))
+    canonical = trainer.canonical(state)
+    leaves = [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(canonical)]
+    return masks, leaves, state
+
+
 @needs_devices(8)
-def test_replicas_keep_one_rng_state_so_a_resumed_run_draws_the_same_masks():
-    dp = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
-                      lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
-    state = dp.init()
-    for _ in range(2):
-        state, _ = dp.step(state, np.ones((64, 1), np.float32))
+def test_replicas_keep_one_rng_state_so_a_resumed_run_draws_the_same_masks(tmp_path):
+    """4 steps straight, against 2 steps, a checkpoint, a new trainer restored from it and 2
+    more: the same dropout masks after the resume and a bitwise equal final state."""
+    from jaxdist.io import Checkpointer
+
+    straight = _probe_trainer()
+    state = straight.init()
     keys = [x for x in jax.tree.leaves(state.rest)
             if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
     assert keys and all(k.sharding.is_fully_replicated for k in keys)
-    again = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
-                         lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
-    other = again.init()
-    for _ in range(2):
-        other, _ = again.step(other, np.ones((64, 1), np.float32))
-    np.testing.assert_array_equal(np.asarray(state.rest["seen"].value),
-                                  np.asarray(other.rest["seen"].value))
+    want_masks, want_leaves, _ = _masks_and_leaves(straight, state, 4)
+
+    first = _probe_trainer()
+    _, _, stopped = _masks_and_leaves(first, first.init(), 2)
+    saver = Checkpointer(tmp_path, every=1)
+    saver.save(2, first.canonical(stopped))
+    saver.close()
+    resumed = _probe_trainer()
+    reader = Checkpointer(tmp_path)
+    restored, _ = reader.restore(2, resumed.canonical(resumed.init()))
+    reader.close()
+    masks, leaves, _ = _masks_and_leaves(resumed, resumed.place(restored), 2)
+
+    assert not np.array_equal(want_masks[2], want_masks[0])  # the stream moves on each step
+    for got, want in zip(masks, want_masks[2:]):
+        np.testing.assert_array_equal(got, want)
+    assert len(leaves) == len(want_leaves)
+    for got, want in zip(leaves, want_leaves):
+        np.testing.assert_array_equal(got, want)

@@ -69,13 +69,21 @@ def configure_cpu_devices(count: int | None = None, *, onednn: bool = True) -> N
 
     Respects an explicit `--xla_force_host_platform_device_count` in XLA_FLAGS, and does nothing
     once JAX's backends have started (the count can no longer change then).
+
+    Raises:
+        UsageError: a count below 1, or a $JAXDIST_CPU_DEVICES that is not a whole number.
     """
     if onednn:
         use_onednn_convolutions()
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if count is None:
-        count = int(os.environ.get("JAXDIST_CPU_DEVICES", DEFAULT_CPU_DEVICES))
+        text = os.environ.get("JAXDIST_CPU_DEVICES", "").strip() or str(DEFAULT_CPU_DEVICES)
+        try:
+            count = int(text)
+        except ValueError:
+            raise UsageError(f"JAXDIST_CPU_DEVICES={text!r} is not a number of CPU devices; set "
+                             f"a whole number such as {DEFAULT_CPU_DEVICES}, or unset it") from None
     if count < 1:
         raise UsageError(f"the number of CPU devices must be at least 1, got {count}")
     if _backends_started():

@@ -51,6 +51,8 @@ class Dataset:
             another process count, augments exactly alike.
         workers: threads reading and mapping examples; `prefetch`: batches read ahead.
         process_index, process_count: this process's share (default: JAX's).
+        unit, units_per_example: what throughput counts ("img/s" by default; `from_tokens`
+            counts "tokens", seq_len of them per example).
     """
 
     source: RandomAccess
@@ -65,6 +67,8 @@ class Dataset:
     process_count: int | None = None
     describe_error: Callable[[int, Exception], str] | None = None
     augment: Callable[[Any, np.random.Generator], Any] | None = None
+    unit: str = "img"
+    units_per_example: int = 1
 
     def __post_init__(self):
         if self.process_index is None:

@@ -132,6 +132,7 @@ def from_tokens(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
     `w = tokens[i*seq_len : i*seq_len + seq_len + 1]` as `(w[:-1], w[1:])` (a window's last
     target is the next window's first input). Batches are the same tuple with a leading batch
     dimension, read in one vectorized gather (from a memory map, only this process's rows).
+    Throughput is counted in tokens (`unit`, `units_per_example`).
 
     Raises:
         UsageError: fewer than `seq_len + 1` tokens.
@@ -159,6 +160,7 @@ def from_tokens(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
             inputs, targets = gather(np.array([i]))
             return inputs[0], targets[0]
 
+    kw = {"unit": "tokens", "units_per_example": seq_len, **kw}
     return Dataset(Windows(), global_batch, seed, name=name, gather=gather, **kw)
 
 

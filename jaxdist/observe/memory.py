@@ -4,12 +4,14 @@
 outputs, the outputs aliased onto donated arguments, and temporaries (activations, gradients and
 optimizer intermediates live there). The state's own parts are counted from each array's
 sharding, so parameters, optimizer state and gradients are reported separately.
+`device_memory_bytes` is what a device can hold, to compare a step's estimate with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -67,3 +69,20 @@ def memory_report(compiled: jax.stages.Compiled, state: Any,
         grads=grads, arguments=get("argument_size_in_bytes"),
         outputs=get("output_size_in_bytes"), aliased=get("alias_size_in_bytes"),
         temp=get("temp_size_in_bytes"))
+
+
+def device_memory_bytes(device: Any = None) -> tuple[int, str]:
+    """(bytes one device can hold, what they are): an accelerator's own limit
+    (`memory_stats()["bytes_limit"]`), or on CPU the host's physical memory divided among this
+    process's devices (virtual CPU devices share it)."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"the limit of a {device.device_kind}"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = max(1, jax.local_device_count())
+    return total // local, (f"{total / 2**30:.1f} GiB of host memory shared by {local} "
+                            f"{device.platform} device(s)")

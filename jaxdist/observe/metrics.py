@@ -14,7 +14,7 @@ from jaxdist.observe.flops import (  # noqa: F401
     mfu,
 )
 from jaxdist.observe.goodput import Goodput, format_goodput  # noqa: F401
-from jaxdist.observe.monitor import TrainMonitor, parse_step_range  # noqa: F401
+from jaxdist.observe.monitor import TrainMonitor, parse_step_range, throughput_key  # noqa: F401
 from jaxdist.observe.watchdog import (  # noqa: F401
     KV_PREFIX,
     PHASES,

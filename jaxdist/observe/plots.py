@@ -3,11 +3,12 @@
     python -m jaxdist.observe.plots RUN_DIR [RUN_DIR ...] --out DIR
 
 RUN_DIR is a logdir (holding metrics.jsonl), a workdir (holding logs/metrics.jsonl) or the file
-itself. Figures: `loss.png`, `accuracy.png` (train per step, test per epoch), `throughput.png`
-(images/s over wall time), `goodput.png` (the wall-time breakdown of each run), and, when they
-apply, `scaling.png` (images/s against device count, for runs that differ in device count) and
-`collective_bytes.png` (ring wire bytes per device per step, per strategy, from `compile` records
-carrying `collective_bytes`).
+itself. Figures: `loss.png`, `accuracy.png` (train per step, evaluation per epoch, under the
+run's eval prefix: `test_loss`, or `val_loss` for the LM), `throughput.png` (images/s, or
+tokens/s for token data, over wall time), `goodput.png` (the wall-time breakdown of each run),
+and, when they apply, `scaling.png` (images/s against device count, for runs that differ in
+device count) and `collective_bytes.png` (ring wire bytes per device per step, per strategy, from
+`compile` records carrying `collective_bytes`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ class Run:
 
     def of(self, kind: str) -> list[dict]:
         return [r for r in self.records if r.get("kind") == kind]
+
+    @property
+    def eval_prefix(self) -> str:
+        """What `fit` named the evaluation's metrics (`eval_prefix`; "test" for runs that did
+        not record it)."""
+        return self.meta.get("eval_prefix", "test")
+
+    def evals(self, name: str) -> list[tuple[int, float]]:
+        """(step, value) of the evaluation metric `name` ("loss": `<eval_prefix>_loss`)."""
+        key = f"{self.eval_prefix}_{name}" if self.eval_prefix else name
+        return [(r["step"], r[key]) for r in self.of("eval")
+                if isinstance(r.get(key), (int, float))]
+
+    @property
+    def throughput_key(self) -> str:
+        """The train records' throughput: "tokens_per_second" for token data, else images."""
+        tokens = any("tokens_per_second" in r for r in self.of("train"))
+        return "tokens_per_second" if tokens else "images_per_second"
 
     @property
     def devices(self) -> int | None:
@@ -81,7 +100,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _curves(plt, runs, labels, train_key, test_key, ylabel, path, log_y=False):
+def _curves(plt, runs, labels, train_key, ylabel, path, log_y=False):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run, label in zip(runs, labels):
         train = [r for r in run.of("train") if isinstance(r.get(train_key), (int, float))]
@@ -94,10 +113,10 @@ def _curves(plt, runs, labels, train_key, test_key, ylabel, path, log_y=False):
             color = line.get_color()
         else:
             color = None
-        evals = [r for r in run.of("eval") if test_key in r]
+        evals = run.evals(train_key)
         if evals:
-            ax.plot([r["step"] for r in evals], [r[test_key] for r in evals], "o--", color=color,
-                    label=f"{label}: test")
+            ax.plot([step for step, _ in evals], [value for _, value in evals], "o--",
+                    color=color, label=f"{label}: {run.eval_prefix or 'eval'}")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if log_y:
@@ -116,7 +135,10 @@ def _save(plt, fig, ax, path) -> None:
 
 def plot_throughput(plt, runs, labels, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    units = set()
     for j, (run, label) in enumerate(zip(runs, labels)):
+        key = run.throughput_key
+        units.add(key.removesuffix("_per_second"))
         t0 = run.records[0]["time"]
         segments: list[list[dict]] = [[]]  # one per (re)start: no line across a restart's gap
         first = None  # each (re)start's first step: its time is compilation
@@ -125,15 +147,15 @@ def plot_throughput(plt, runs, labels, path):
                 segments.append([])
             if r["kind"] == "compile":
                 first = r["step"]
-            elif r["kind"] == "train" and r.get("images_per_second") and r["step"] != first:
+            elif r["kind"] == "train" and r.get(key) and r["step"] != first:
                 segments[-1].append(r)
         window = max(1, sum(map(len, segments)) // 50)
         for k, train in enumerate(s for s in segments if s):
             ax.plot([r["time"] - t0 for r in train],
-                    _smooth([r["images_per_second"] for r in train], window), lw=1.2,
+                    _smooth([r[key] for r in train], window), lw=1.2,
                     color=f"C{j}", label=label if k == 0 else None)
     ax.set_xlabel("wall time since the run started (s)")
-    ax.set_ylabel("images / s (global)")
+    ax.set_ylabel(f"{' or '.join(sorted(units)) or 'images'} / s (global)")
     ax.set_ylim(bottom=0)
     _save(plt, fig, ax, path)
 
@@ -214,10 +236,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, key, test_key, ylabel, log_y in (
-            ("loss.png", "loss", "test_loss", "loss (NLL)", True),
-            ("accuracy.png", "accuracy", "test_accuracy", "accuracy", False)):
-        _curves(plt, runs, labels, key, test_key, ylabel, out / name, log_y)
+    for name, key, ylabel, log_y in (("loss.png", "loss", "loss (NLL)", True),
+                                     ("accuracy.png", "accuracy", "accuracy", False)):
+        _curves(plt, runs, labels, key, ylabel, out / name, log_y)
         written.append(out / name)
     plot_throughput(plt, runs, labels, out / "throughput.png")
     written.append(out / "throughput.png")

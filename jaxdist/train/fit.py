@@ -127,7 +127,7 @@ def fit(
     if logdir is None and workdir is not None:
         logdir = Path(workdir) / "logs"
     monitor = _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops,
-                       trainer, data, total_steps, run_meta)
+                       trainer, data, total_steps, {"eval_prefix": eval_prefix, **(run_meta or {})})
     measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
     meta_now = {**dict(data.meta), **dict(data_meta or {})}
     # from here on SIGTERM/SIGINT stop the run with a checkpoint: during set-up and restore, the
@@ -219,7 +219,7 @@ def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure
             callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends,
                                               evaluated=eval_data is not None)]
             if checkpointer is not None else hooks,
-            guard=guard, monitor=monitor)
+            guard=guard, monitor=monitor, unit=_unit(data))
         if not result.stopped and not result.history and eval_data is not None:
             # resumed at the end: nothing left to train, still report where it ended
             metrics = evaluate(result.state)
@@ -319,6 +319,11 @@ def _check_same_data(saved: dict, now: dict, step: int) -> None:
                              f"or use another work dir")
 
 
+def _unit(data) -> tuple[str, int]:
+    """What the data's throughput counts (`Dataset.unit`): ("img", 1) unless it says."""
+    return getattr(data, "unit", "img"), getattr(data, "units_per_example", 1)
+
+
 def _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops, trainer,
              data, total_steps, run_meta):
     """The run's TrainMonitor, or None when there is neither a logdir nor a watchdog."""
@@ -334,4 +339,4 @@ def _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflop
                 "steps": total_steps, **dict(run_meta or {})}
     return TrainMonitor(logdir, start=start, peak_tflops=peak_tflops,
                         profile_steps=profile_steps, hang_timeout=hang_timeout,
-                        hang_action=hang_action, meta=meta)
+                        hang_action=hang_action, meta=meta, unit=_unit(data))

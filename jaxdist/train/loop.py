@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 
+from jaxdist.observe.monitor import throughput_key
 from jaxdist.parallel.backends import host_metrics
 from jaxdist.parallel.trainer import Trainer
 from jaxdist.train.callbacks import Callback
@@ -30,7 +31,8 @@ class FitResult:
         first_step_seconds: wall time of the first step (dominated by compilation), from its batch
             in hand to its metrics on the host.
         train_seconds: wall time of all steps after the first, evaluation excluded.
-        images_per_second: global examples per second over `train_seconds`.
+        images_per_second: global examples (images, sequences) per second over
+            `train_seconds`.
         stopped: a callback asked to stop before the last step.
     """
 
@@ -104,6 +106,7 @@ def train_loop(
     callbacks: Sequence[Callback] = (),
     guard: NonFiniteGuard | None = None,
     monitor: Any = None,
+    unit: tuple[str, int] = ("img", 1),
 ) -> FitResult:
     """Trains until the last of `epoch_ends`, evaluating after each (the inner loop of `fit`).
 
@@ -119,6 +122,11 @@ def train_loop(
         monitor: a `jaxdist.observe.metrics.TrainMonitor`: per-step and per-epoch records,
             goodput, MFU, profiling, hang status (it sees each step's metrics when they are read
             here anyway, one step late; it never blocks on a running step).
+        unit: (name, count per example): what throughput counts, e.g. ("tokens", seq_len);
+            the progress and epoch lines say `<name>/s`.
+
+    Each epoch line shows the train loss, every metric `evaluate` returned (whatever its
+    prefix) and the throughput.
     """
     leader = jax.process_index() == 0
     show = progress and leader
@@ -133,6 +141,7 @@ def train_loop(
     stopped = False
     monitor = monitor if monitor is not None else _NoMonitor()
     measure = monitor.measure
+    unit_name, per_example = unit
     for epoch, end in enumerate(epoch_ends, start=1):
         if end <= step or stopped:
             continue
@@ -165,8 +174,8 @@ def train_loop(
                 step += 1
                 elapsed = time.perf_counter() - epoch_start
                 loss = f"{last_loss:.4f}" if step > start_step + 1 else "-"
-                speed = f"{epoch_images / elapsed:,.0f}" if epoch_images else "-"
-                bar.update(1, f"loss {loss} | {speed} img/s")
+                speed = f"{epoch_images * per_example / elapsed:,.0f}" if epoch_images else "-"
+                bar.update(1, f"loss {loss} | {speed} {unit_name}/s")
                 if any([bool(cb.on_step_end(step, state)) for cb in callbacks]):
                     stopped = True  # every callback saw the step (a list, not a short circuit)
                     break
@@ -183,6 +192,8 @@ def train_loop(
         record = {"epoch": epoch, "step": step, "train_loss": last_loss,
                   "epoch_seconds": epoch_seconds,
                   "images_per_second": epoch_images / epoch_seconds if epoch_seconds else 0.0}
+        record[throughput_key(unit_name)] = record["images_per_second"] * per_example
+        eval_keys: tuple[str, ...] = ()
         if evaluate is not None and not stopped:
             monitor.phase("eval")
             with measure("eval"):
@@ -191,12 +202,13 @@ def train_loop(
                 stopped = True
             else:
                 record.update(metrics)
+                eval_keys = tuple(metrics)
                 for cb in callbacks:
                     cb.on_eval(step, metrics)
         history.append(record)
-        monitor.epoch_end(record)
+        monitor.epoch_end(record, eval_keys)
         if leader:
-            log(_format_record(record))
+            log(_format_record(record, eval_keys, unit_name))
     return FitResult(
         state=state,
         history=history,
@@ -234,14 +246,15 @@ class _NoMonitor:
 
     def step_done(self, step: int, values: dict, images: int) -> None: ...
 
-    def epoch_end(self, record: dict) -> None: ...
+    def epoch_end(self, record: dict, eval_keys: Sequence[str] = ()) -> None: ...
 
 
-def _format_record(r: dict) -> str:
+def _format_record(r: dict, eval_keys: Sequence[str] = (), unit: str = "img") -> str:
+    """The epoch line: train loss, the evaluation's metrics (`eval_keys` of `r`), throughput."""
     parts = [f"epoch {r['epoch']}", f"step {r['step']}", f"train loss {r['train_loss']:.4f}"]
-    for key, value in r.items():
-        if key.startswith("test_"):
-            shown = f"{100 * value:.2f}%" if "accuracy" in key else f"{value:.4f}"
-            parts.append(f"{key.replace('_', ' ')} {shown}")
-    parts.append(f"{r['images_per_second']:,.0f} img/s")
+    for key in eval_keys:
+        value = r[key]
+        shown = f"{100 * value:.2f}%" if "accuracy" in key else f"{value:.4f}"
+        parts.append(f"{key.replace('_', ' ')} {shown}")
+    parts.append(f"{r[throughput_key(unit)]:,.0f} {unit}/s")
     return " | ".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import optax
 
@@ -46,8 +47,8 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule over `total_steps` optimizer steps."""
     if cfg.schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.learning_rate <= 0:
-        raise UsageError(f"the learning rate must be positive, got {cfg.learning_rate}")
+    if not 0 < cfg.learning_rate < math.inf:  # also NaN: it would train NaN steps, then stop
+        raise UsageError(f"the learning rate must be positive and finite, got {cfg.learning_rate}")
     total_steps = max(int(total_steps), 1)
     warmup = max(int(cfg.warmup_fraction * total_steps), 1)
     lr = cfg.learning_rate

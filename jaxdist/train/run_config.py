@@ -9,9 +9,11 @@ devices, the compilation cache and the multi-process job, train, print one line,
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from jaxdist.cluster import ClusterSpec, configure_cpu_devices, enable_compilation_cache, initialize
 from jaxdist.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError
@@ -45,6 +47,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     keep_best: int = 1
     best_metric: str = "test_accuracy"
+    best_mode: str = "max"
     restore_step: int = -1
     nonfinite_limit: int = 20
     compile_cache: str | None = None
@@ -90,7 +93,8 @@ RUN_HELP = {
     "checkpoint_every": "save a checkpoint every N steps (asynchronously)",
     "keep_checkpoints": "how many checkpoints to keep",
     "keep_best": "also keep this many checkpoints with the best --best_metric",
-    "best_metric": "the evaluation metric keep-best ranks by (highest first)",
+    "best_metric": "the evaluation metric keep-best ranks by (see --best_mode)",
+    "best_mode": "keep-best keeps the highest --best_metric (max) or the lowest (min)",
     "restore_step": "resume from this checkpoint step (-1: the latest readable one)",
     "nonfinite_limit": "after N consecutive skipped non-finite steps roll back to the last "
                        "checkpoint before them (or stop without one); 0: only log them",
@@ -133,15 +137,21 @@ def run_choices() -> dict[str, tuple[str, ...]]:
 
     return {"strategy": STRATEGY_NAMES, "grad_reduce": REDUCERS,
             "outer_optimizer": ("none", "nesterov"), "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES, "hang_action": ("exit", "report")}
+            "schedule": SCHEDULES, "hang_action": ("exit", "report"),
+            "best_mode": ("max", "min")}
 
 
 def validate_run(cfg: RunConfig, num_devices: int) -> None:
     """Checks of the shared flags that need the device count, before any data is loaded.
 
     Unknown strategy/optimizer names are rejected by the flags' choices and, for direct calls, by
-    `Trainer` / `make_optimizer` themselves.
+    `Trainer` / `make_optimizer` themselves. Every number must be finite (a NaN learning rate
+    would train NaN steps, then stop; infinite epochs would never end), and the work and log
+    dirs must be directories this process can create and write.
     """
+    for flag, value in _float_fields(cfg):
+        if not math.isfinite(value):
+            raise UsageError(f"--{flag} must be a finite number, got {value}")
     if cfg.global_batch < 1 or cfg.global_batch % num_devices:
         raise UsageError(
             f"global batch {cfg.global_batch} does not divide over {num_devices} devices; "
@@ -179,11 +189,25 @@ def validate_run(cfg: RunConfig, num_devices: int) -> None:
     if cfg.peak_tflops < 0 or cfg.hang_timeout < 0 or cfg.progress_every < 0:
         raise UsageError("peak_tflops, hang_timeout and progress_every must be >= 0")
     for flag in ("workdir", "logdir"):
-        check_directory(flag, getattr(cfg, flag))
+        check_directory(flag, getattr(cfg, flag), create=True)
 
 
-def check_directory(flag: str, where: str | None) -> None:
-    """A directory flag must name a directory, or a path that can become one."""
+def _float_fields(cfg: Any):
+    """(flag, value) of every float in the config tree (tuples of floats included)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float):
+                yield f.name, item
+
+
+def check_directory(flag: str, where: str | None, *, create: bool = False) -> None:
+    """A directory flag must name a directory, or a path that can become one; with `create`,
+    it is made now (as the run would a moment later) and must be writable, so a path that cannot
+    be created (under a file, a read-only or special file system, no permission) is one line
+    before any data is read, not a traceback after."""
     if not where:
         return
     path = Path(where)
@@ -191,6 +215,42 @@ def check_directory(flag: str, where: str | None) -> None:
     if not existing.is_dir():
         shown = "" if existing == path else f" ({existing} is a file)"
         raise UsageError(f"--{flag} {where} is not a directory{shown}")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--{flag} {where} cannot be created: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--{flag} {where} is not writable")
+
+
+def check_best_metric(cfg: RunConfig, names: Sequence[str]) -> None:
+    """--best_metric must be one of `names`, the run's evaluation metrics (see
+    `eval_metric_names`): a typo would otherwise keep no best checkpoint, silently."""
+    if cfg.best_metric not in names:
+        raise UsageError(f"--best_metric {cfg.best_metric} is not a metric of this run's "
+                         f"evaluation; choose one of {', '.join(sorted(names))}")
+
+
+def eval_metric_names(eval_fn: Callable, build_model: Callable[[], Any], batch: Any,
+                      prefix: str) -> tuple[str, ...]:
+    """The names `jaxdist.fit(..., eval_prefix=prefix)` reports `eval_fn`'s metrics under,
+    found by tracing it on shapes (`batch`: ShapeDtypeStructs, the mask last): no model is
+    built and nothing is computed.
+
+    Example:
+        >>> eval_metric_names(mnist_eval, build, (images, labels, mask), "test")
+        ('test_accuracy', 'test_loss')
+    """
+    import jax
+    from flax import nnx
+
+    from jaxdist.train.fit import _means
+
+    graphdef, state = nnx.split(nnx.eval_shape(build_model))
+    sums = jax.eval_shape(lambda s, b: eval_fn(nnx.merge(graphdef, s), b), state, batch)
+    return tuple(sorted(_means(dict.fromkeys(sums, 1.0), prefix)))
 
 
 def log_dir(cfg: RunConfig) -> str | None:
@@ -224,7 +284,7 @@ def fit_options(cfg: RunConfig) -> dict[str, Any]:
 
     return dict(epochs=cfg.epochs, steps=cfg.max_steps or None, workdir=cfg.workdir,
                 checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                keep_best=cfg.keep_best, best_metric=cfg.best_metric,
+                keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
                 restore_step=cfg.restore_step, nonfinite_limit=cfg.nonfinite_limit,
                 progress=cfg.progress, progress_every=cfg.progress_every, logdir=log_dir(cfg),
                 profile_steps=parse_step_range(cfg.profile_steps),
