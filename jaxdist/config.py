@@ -2,7 +2,7 @@
 
 An experiment's config is a frozen dataclass tree. `parse_config` turns every leaf field into a
 flag named after it (`--global_batch 256`); a nested config's `name` field takes the nested
-field's own name (`--optimizer adam`). Bad values exit with one line and status 2.
+field's own name (`--optimizer adam`). Bad values exit with one line and status 2 (`EXIT_USAGE`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import sys
 import typing
 from typing import Any, Callable, Sequence
 
+from jaxdist.errors import EXIT_USAGE
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _flag_names(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:

@@ -10,10 +10,12 @@ loopback only), JAXDIST_NUM_PROCESSES, JAXDIST_PROCESS_ID and JAXDIST_CPU_DEVICE
 calls `jaxdist.cluster.initialize()`, and JAX's runtime does the rest. Output lines are prefixed
 with `[pN]`.
 
-When a process fails (any exit status but 0, 1 = diverged and 2 = bad input, which would
-recur; 75 is the hang watchdog's), the others are killed (SIGKILL: a process blocked in a collective may ignore SIGTERM)
-and, up to `--max_restarts` times, all are started again: with a work dir they resume from the
-latest checkpoint. A process that fails before it joined the job (a dead host) cannot start: with
+When a process fails with a status a restart may cure (all but the final ones of
+`jaxdist.errors`: 2 = bad input and 65 = diverged would recur; an uncaught exception's 1, a
+signal, 69 = a `TransientError` and 75 = the hang watchdog's are restarted), the others are
+killed (SIGKILL: a process blocked in a collective may ignore SIGTERM) and, up to
+`--max_restarts` times, all are started again: with a work dir they resume from the latest
+checkpoint. A process that fails before it joined the job (a dead host) cannot start: with
 `--min_processes M` below `--processes`, the job re-forms with the processes left (at least M),
 which resume on the smaller mesh with the same global batches. SIGTERM or SIGINT to the launcher
 is passed on (the processes save a checkpoint and exit 0) and nothing is restarted.
@@ -40,7 +42,14 @@ from jaxdist.cluster.distributed import (
     ENV_NUM_PROCESSES,
     ENV_PROCESS_ID,
 )
-from jaxdist.errors import EXIT_DIVERGED, EXIT_HANG, EXIT_USAGE, NOT_RESTARTED
+from jaxdist.errors import (
+    EXIT_DIVERGED,
+    EXIT_HANG,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UsageError,
+    restartable,
+)
 
 ENV_SLOT = "JAXDIST_SLOT"  # the process's place in the original job: a host's name, for tests
 ENV_RESTART = "JAXDIST_RESTART"  # how many times the job was restarted before this start
@@ -52,18 +61,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def describe_status(code: int, joined: bool = True) -> str:
-    """'status 3', 'signal SIGKILL', 'status 75 (hang watchdog)'; 1 and 2 mean diverged and bad
-    input only from a process that joined the job (before, 1 is any failure to start)."""
+STATUS_MEANING = {EXIT_USAGE: "bad input", EXIT_DIVERGED: "diverged",
+                  EXIT_UNAVAILABLE: "unavailable", EXIT_HANG: "hang watchdog"}
+
+
+def describe_status(code: int) -> str:
+    """'status 3', 'signal SIGKILL', 'status 75 (hang watchdog)'."""
     if code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"
         except ValueError:
             return f"signal {-code}"
-    meaning = {EXIT_HANG: "hang watchdog", EXIT_USAGE: "bad input"}
-    if joined:
-        meaning[EXIT_DIVERGED] = "diverged"
-    return f"status {code}" + (f" ({meaning[code]})" if code in meaning else "")
+    return f"status {code}" + (f" ({STATUS_MEANING[code]})" if code in STATUS_MEANING else "")
 
 
 def _pump(stream, prefix: str, out) -> None:
@@ -88,8 +97,12 @@ class _Job:
                          ENV_SLOT: str(slot), ENV_RESTART: str(restart),
                          ENV_JOINED_FILE: str(joined), "JAXDIST_CPU_DEVICES":
                          str(devices_per_process), "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            try:
+                proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+            except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+                self.stop()
+                raise UsageError(f"cannot run {command[0]!r}: {e.strerror}") from None
             (run_dir / f"slot_{slot}.json").write_text(json.dumps(
                 {"pid": proc.pid, "process_id": pid, "restart": restart}))
             pump = threading.Thread(target=_pump, args=(proc.stdout, f"[p{pid}] ", sys.stdout),
@@ -129,12 +142,16 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
 
     `run_dir` receives `slot_<i>.json` (the pid of each slot's current process) for tools that
     inject faults; by default a temporary directory.
+
+    Raises:
+        UsageError: a command that cannot be run, a `run_dir` that cannot be written.
     """
     min_processes = processes if min_processes is None else min_processes
     base = {**os.environ, **(env or {})}
+    if run_dir:
+        _check_run_dir(Path(run_dir))
     own_dir = None if run_dir else tempfile.TemporaryDirectory(prefix="jaxdist-launch-")
     run_path = Path(run_dir or own_dir.name)
-    run_path.mkdir(parents=True, exist_ok=True)
     slots, restart, stop_signal = list(range(processes)), 0, []
 
     def forward(signum, frame):
@@ -149,12 +166,13 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
             if not failures or stop_signal:
                 return status
             cause = "; ".join(f"process {job.slots.index(s)} (slot {s}) exited with "
-                              f"{describe_status(c, joined)}" +
-                              ("" if joined else " before joining")
+                              f"{describe_status(c)}" + ("" if joined else " before joining")
                               for s, c, joined in failures)
-            # before joining, any failure but bad input means the slot cannot start (a dead host)
-            lost = [s for s, c, joined in failures if not joined and c != EXIT_USAGE]
-            fatal = [c for s, c, joined in failures if c in NOT_RESTARTED and s not in lost]
+            # before joining, a failure other than bad input or another process's absence (69)
+            # means the slot cannot start (a dead host)
+            lost = [s for s, c, joined in failures
+                    if not joined and c not in (EXIT_USAGE, EXIT_UNAVAILABLE)]
+            fatal = [c for s, c, joined in failures if not restartable(c) and s not in lost]
             if fatal:
                 _say(f"{cause}; not restarted ({describe_status(fatal[0])} would recur)")
                 return fatal[0]
@@ -204,6 +222,20 @@ def _watch(job: _Job, poll: float, stop_signal: list, grace_seconds: float
         job.stop()
 
 
+def _check_run_dir(path: Path) -> None:
+    """`path` is, or can become, a directory this process can write to; else a `UsageError`."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        shown = "" if existing == path else f" ({existing} is a file)"
+        raise UsageError(f"--run_dir {path} is not a directory{shown}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"--run_dir {path} cannot be used: {e.strerror or e}") from None
+
+
 def _say(message: str) -> None:
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
@@ -237,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_restarts must be >= 0")
     if not 0 <= args.min_processes <= args.processes:
         parser.error(f"--min_processes must be between 1 and --processes ({args.processes})")
-    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
-        print(f"error: --run_dir {args.run_dir} is not a directory", file=sys.stderr)
+    try:
+        return launch(command, args.processes, args.devices_per_process, args.port,
+                      max_restarts=args.max_restarts, min_processes=args.min_processes or None,
+                      run_dir=args.run_dir, grace_seconds=args.grace_seconds)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    return launch(command, args.processes, args.devices_per_process, args.port,
-                  max_restarts=args.max_restarts, min_processes=args.min_processes or None,
-                  run_dir=args.run_dir, grace_seconds=args.grace_seconds)
 
 
 if __name__ == "__main__":

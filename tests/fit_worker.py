@@ -7,7 +7,8 @@ resumes when run again. Prints a progress line per step (a test's events). With
 FIT_SIGTERM_AT=compile|eval|save it sends itself SIGTERM at that event: while the first step is
 traced, after the first evaluation batch, or at step 10 just before that step's save is issued
 (which is then in flight when the next step stops the run). FIT_HANG_TIMEOUT sets fit's
-hang_timeout (default 300 s).
+hang_timeout (default 300 s). FIT_CRASH_AT=N makes process 1 raise a plain RuntimeError at step N
+of the job's first start under the launcher (JAXDIST_RESTART=0): a crash a restart cures.
 """
 
 import os
@@ -29,6 +30,7 @@ from task import MLP, arrays, eval_fn, leaves, loss_fn  # noqa: E402
 
 
 SIGTERM_AT = os.environ.get("FIT_SIGTERM_AT", "")
+CRASH_AT = int(os.environ.get("FIT_CRASH_AT", "0"))
 
 
 def sigterm_self() -> None:
@@ -59,6 +61,9 @@ class SignalBeforeSave(jaxdist.Callback):
     def on_step_end(self, step, state):
         if step == 10 and SIGTERM_AT == "save":
             sigterm_self()
+        if (step == CRASH_AT and jax.process_index() == 1
+                and os.environ.get("JAXDIST_RESTART") == "0"):
+            raise RuntimeError("a transient crash (e.g. an I/O error) after joining")
 
 
 def main(out: str, strategy: str, steps: int, workdir: str | None = None) -> None:

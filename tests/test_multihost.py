@@ -1,7 +1,9 @@
-"""Several real processes on loopback (gloo): same results as one process, clean failures."""
+"""Several real processes on loopback (gloo): same results as one process, clean failures, a
+coordinator that listens only on its own address, and the launcher's bad input in one line."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import pytest
 from conftest import REPO
 from jaxdist import UsageError
 from jaxdist.cluster.distributed import ClusterSpec, validate
+from jaxdist.errors import EXIT_UNAVAILABLE, EXIT_USAGE, TransientError
 from jaxdist.launch import free_port
 from runs import STEP_EVENTS, Run
 
@@ -67,16 +70,32 @@ def test_when_one_process_is_killed_the_others_exit_nonzero_naming_it(mnist):
     assert seconds <= 120, f"survivor took {seconds:.0f} s to exit"
 
 
-def test_a_wrong_coordinator_address_fails_within_the_init_timeout_with_a_clear_message():
+def test_an_unreachable_coordinator_exits_restartable_within_the_init_timeout_in_one_line():
+    """Process 0 may only be slow to start: not bad input (final), but 69, which is restarted."""
     port = free_port()  # nothing listens there
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.mnist", "--config", "smoke", "--coordinator",
          f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "1", "--init_timeout", "5"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr[-2000:]
     assert f"coordinator 127.0.0.1:{port} unreachable after 5 s" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert time.monotonic() - start < 90  # the 5 s asked for, not the default 120 s
+
+
+def test_a_coordinator_that_cannot_listen_exits_restartable_in_one_line():
+    with socket.socket() as taken:  # a previous start still holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.mnist", "--config", "smoke", "--coordinator",
+             f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "0", "--init_timeout",
+             "3"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr[-2000:]
+    assert f"the coordinator cannot listen on 127.0.0.1:{port} after 3 s" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_the_launcher_prefixes_output_and_stops_everyone_when_one_process_fails():
@@ -182,3 +201,151 @@ def test_a_one_process_job_keeps_collectives_in_process_and_several_use_gloo(pro
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     n = 2 * processes * 8
     assert f"collectives {expected} {n * (n - 1) / 2}" in done.stdout
+
+
+@pytest.fixture
+def no_cluster_env(monkeypatch):
+    for var in ("JAXDIST_COORDINATOR", "JAXDIST_NUM_PROCESSES", "JAXDIST_PROCESS_ID",
+                "JAXDIST_COORDINATOR_BIND", "JAX_COORDINATOR_BIND_ADDRESS", "JOB_COMPLETION_INDEX",
+                "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_process_0_listens_on_the_coordinator_address_unless_told_otherwise(no_cluster_env):
+    from jaxdist.cluster.distributed import join_arguments
+
+    spec = ClusterSpec("10.1.2.3:8476", 2, 0)
+    assert join_arguments(spec)["coordinator_bind_address"] == "10.1.2.3:8476"
+    assert "coordinator_bind_address" not in join_arguments(ClusterSpec("10.1.2.3:8476", 2, 1))
+    assert join_arguments(ClusterSpec("[fd00::1]:8476", 2, 0))["coordinator_bind_address"] == (
+        "[fd00::1]:8476")
+    no_cluster_env.setenv("JAX_COORDINATOR_BIND_ADDRESS", "10.1.2.4:8476")  # JAX's own override
+    assert join_arguments(spec)["coordinator_bind_address"] == "10.1.2.4:8476"
+    no_cluster_env.setenv("JAXDIST_COORDINATOR_BIND", "[::]:8476")  # ours wins
+    assert join_arguments(spec)["coordinator_bind_address"] == "[::]:8476"
+    explicit = ClusterSpec("10.1.2.3:8476", 2, 0, bind_address="10.9.9.9:8476")  # --bind
+    assert join_arguments(explicit)["coordinator_bind_address"] == "10.9.9.9:8476"
+
+
+def test_under_slurm_process_0_listens_on_the_detected_coordinator(no_cluster_env):
+    from jaxdist.cluster import distributed
+    from jaxdist.cluster.distributed import join_arguments
+
+    def unknown(host, port, **kw):  # no DNS lookup from a test: the node names are made up
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    no_cluster_env.setattr(distributed.socket, "getaddrinfo", unknown)
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID="0",
+                            SLURM_LOCALID="0", SLURM_STEP_NODELIST="node[007-008]").items():
+        no_cluster_env.setenv(name, value)
+    kwargs = join_arguments(ClusterSpec())
+    port = 4242 % 4096 + 65536 - 4096  # JAX's SLURM port: from the job id
+    assert kwargs["coordinator_address"] == f"node007:{port}"
+    assert (kwargs["num_processes"], kwargs["process_id"]) == (2, 0)
+    assert kwargs["coordinator_bind_address"] == f"node007:{port}"  # not [::], every interface
+    assert kwargs["cluster_detection_method"] == "deactivate"  # detected once, here
+    no_cluster_env.setenv("SLURM_PROCID", "1")
+    assert "coordinator_bind_address" not in join_arguments(ClusterSpec())
+
+
+def test_a_name_that_resolves_here_to_loopback_only_listens_everywhere_with_a_warning(
+        monkeypatch, capsys):
+    """Debian's `127.0.1.1 host` line: other hosts could not reach a loopback-only service."""
+    from jaxdist.cluster import distributed
+
+    monkeypatch.setattr(distributed.socket, "getaddrinfo", lambda host, port, **kw: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", port))])
+    assert distributed.default_bind("node001:8476") == "[::]:8476"
+    assert "resolves here to loopback only" in capsys.readouterr().err
+    assert distributed.default_bind("localhost:8476") == "localhost:8476"  # meant as loopback
+    assert distributed.default_bind("127.0.0.1:8476") == "127.0.0.1:8476"
+
+
+def test_runtime_errors_while_joining_are_transient_and_refused_arguments_bad_input(monkeypatch):
+    import jax
+
+    from jaxdist.cluster.distributed import _join
+
+    kwargs = dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
+
+    def unavailable(**kw):
+        raise jax.errors.JaxRuntimeError("UNAVAILABLE: failed to connect")
+
+    monkeypatch.setattr(jax.distributed, "initialize", unavailable)
+    with pytest.raises(TransientError, match="UNAVAILABLE: failed to connect"):
+        _join(kwargs)
+
+    def refused(**kw):
+        raise ValueError("process_id and num_processes must be nonnegative")
+
+    monkeypatch.setattr(jax.distributed, "initialize", refused)
+    with pytest.raises(UsageError, match="must be nonnegative"):
+        _join(kwargs)
+
+
+def test_process_0_waits_for_its_address_to_be_free_then_gives_up_restartable():
+    from jaxdist.cluster.distributed import wait_until_listenable
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TransientError, match=f"cannot listen on 127.0.0.1:{port} after 1 s"):
+            wait_until_listenable(f"127.0.0.1:{port}", 1)
+    wait_until_listenable(f"127.0.0.1:{port}", 1)  # released: at once
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp6"), reason="reads Linux's /proc/net")
+def test_a_real_coordinator_listens_on_its_own_address_only():
+    port = free_port()
+    script = ("from jaxdist.cluster import initialize; assert initialize(); "
+              "print('joined', flush=True); import sys; sys.stdin.read()")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        env=_env(JAXDIST_COORDINATOR=f"127.0.0.1:{port}", JAXDIST_NUM_PROCESSES="1",
+                 JAXDIST_PROCESS_ID="0"))
+    try:
+        for line in proc.stdout:  # until it has joined (its service is up)
+            if line.startswith("joined"):
+                break
+        addresses = _listening_addresses(port)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert addresses, "nothing listens on the coordinator's port"
+    wildcard = {"00000000", "0" * 32}  # 0.0.0.0 and ::
+    assert not addresses & wildcard, addresses
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--", "jaxdist-no-such-command"],
+     "cannot run 'jaxdist-no-such-command': No such file or directory"),
+    (["--run_dir", "/proc/jaxdist-run", "--", "true"],
+     "--run_dir /proc/jaxdist-run cannot be used"),
+    (["--run_dir", "{afile}/run", "--", "true"],
+     "--run_dir {afile}/run is not a directory ({afile} is a file)"),
+])
+def test_the_launchers_bad_input_exits_2_with_one_line(capsys, tmp_path, args, message):
+    from jaxdist.launch import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a directory")
+    code = main([arg.format(afile=afile) for arg in args])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert message.format(afile=afile) in err
+    assert len(err.splitlines()) == 1 and not out

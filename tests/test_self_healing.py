@@ -1,10 +1,12 @@
 """Self-healing jobs: a frozen process ends the job with its name and every stack on disk, the
-launcher restarts a failed job and it ends bitwise equal to an uninterrupted one, a process that
-cannot start again leaves the job on fewer processes with the same global batches, and failures
-that would recur are not restarted. Faults land at step events, never after a delay."""
+launcher restarts a failed job (a kill, a plain exception) and it ends bitwise equal to an
+uninterrupted one, a process that cannot start again leaves the job on fewer processes with the
+same global batches, failures that would recur are not restarted, and the launcher and both
+cluster templates agree on which those are. Faults land at step events, never after a delay."""
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -109,20 +111,53 @@ def test_a_process_that_cannot_start_again_leaves_the_job_on_fewer_with_the_same
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("status, starts, message", [
-    (2, 1, "not restarted (status 2 (bad input) would recur)"),
-    (3, 3, "restarts used up: 2"),
+def test_a_process_that_raises_after_joining_is_restarted_and_the_job_ends_bitwise_equal(
+        two_by_two, tmp_path):
+    """Python exits 1 for any uncaught exception: a crash, which a restart may cure."""
+    run = _launch(tmp_path / "run", tmp_path / "final.npz", tmp_path / "work",
+                  "--max_restarts", "2", env={"FIT_CRASH_AT": "45"})  # first start only
+    code, log = run.finish()
+    assert code == 0, log[-3000:]
+    assert "[p1] RuntimeError: a transient crash (e.g. an I/O error) after joining" in log
+    restart = next(x for x in log.splitlines() if x.startswith("[launch] restart 1/2: "))
+    assert "process 1 (slot 1) exited with status 1;" in restart, restart  # (0 may fail too)
+    assert "resuming at step" in log and "restart 2/2" not in log
+    for got, want in zip(_final(tmp_path / "final.npz"), two_by_two):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ending, status, starts, message", [
+    ("sys.exit(2)", 2, 1, "not restarted (status 2 (bad input) would recur)"),
+    ("sys.exit(65)", 65, 1, "not restarted (status 65 (diverged) would recur)"),
+    ("raise RuntimeError('a crash')", 1, 3, "restarts used up: 2"),
+    ("sys.exit(69)", 69, 3, "exited with status 69 (unavailable)"),
 ])
-def test_bad_input_is_not_restarted_and_restarts_are_bounded(tmp_path, status, starts, message):
+def test_only_final_statuses_are_not_restarted_and_restarts_are_bounded(tmp_path, ending, status,
+                                                                        starts, message):
     counter = tmp_path / "starts"
     command = [sys.executable, "-c", f"import jaxdist.cluster as c, sys; c.initialize(); "
-               f"open({str(counter)!r}, 'a').write('x'); sys.exit({status})"]
+               f"open({str(counter)!r}, 'a').write('x'); {ending}"]
     run = Run(["-m", "jaxdist.launch", "-n", "1", "--max_restarts", "2", "--", *command],
               module=None, env=ENV)
     code, log = run.finish()
     assert code == status, log[-2000:]
     assert message in log
     assert len(counter.read_text()) == starts
+
+
+def test_sigint_to_one_process_stops_the_whole_job_which_saves_and_exits_0(tmp_path):
+    """Ctrl-C in one process's terminal takes SIGTERM's path: all agree on a step and save it."""
+    from jaxdist.io import Checkpointer
+
+    run = _launch(tmp_path / "run", tmp_path / "final.npz", tmp_path / "work")
+    code, log = run.act_at_step(40, lambda: os.kill(_pid(tmp_path / "run", 1), signal.SIGINT))
+    assert code == 0, log[-3000:]  # both processes exited 0
+    assert "done:" not in log, "the run finished before the signal landed"
+    stopped_at = int(log.split("stopped at step ")[1].split()[0])
+    assert 40 <= stopped_at < STEPS
+    checkpoints = Checkpointer(tmp_path / "work" / "checkpoints")
+    assert stopped_at in checkpoints.all_steps()
+    checkpoints.close()
 
 
 @pytest.mark.slow  # the same stop as SIGTERM to one of two processes (test_multihost), one level up
@@ -135,19 +170,38 @@ def test_sigterm_to_the_launcher_is_passed_on_and_the_job_saves_and_exits_0(tmp_
     assert "stopped at step" in log
 
 
-def test_the_cluster_templates_follow_the_exit_code_convention():
-    """Only what would recur is final: 1 (diverged) and 2 (bad input); the rest is retried."""
-    yaml = pytest.importorskip("yaml")
-    from jaxdist.errors import EXIT_DIVERGED, EXIT_HANG, EXIT_USAGE, NOT_RESTARTED
+def test_the_exit_code_table_makes_only_known_outcomes_final():
+    from jaxdist.errors import (EXIT_DIVERGED, EXIT_HANG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                                FINAL, NOT_RESTARTED, restartable)
 
-    assert set(NOT_RESTARTED) == {0, EXIT_DIVERGED, EXIT_USAGE} and EXIT_HANG not in NOT_RESTARTED
+    assert set(FINAL) == {EXIT_USAGE, EXIT_DIVERGED} and set(NOT_RESTARTED) == {EXIT_OK, *FINAL}
+    assert 1 not in FINAL  # an uncaught exception's status is a crash
+    for code in (1, EXIT_UNAVAILABLE, EXIT_HANG, 3, 137, -signal.SIGKILL, -signal.SIGSEGV):
+        assert restartable(code), code
+    assert len({EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_UNAVAILABLE, EXIT_HANG}) == 5
+
+
+def test_the_cluster_templates_list_exactly_the_final_exit_codes():
+    """One source of truth: the SLURM requeue decision and the Kubernetes podFailurePolicy."""
+    yaml = pytest.importorskip("yaml")
+    from jaxdist.errors import FINAL
+
     docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s-indexed-job.yaml").read_text()))
     job = next(d for d in docs if d["kind"] == "Job")["spec"]
     rules = job["podFailurePolicy"]["rules"]
-    fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]
-    assert fail["operator"] == "In" and sorted(fail["values"]) == [EXIT_DIVERGED, EXIT_USAGE]
+    fail = [r["onExitCodes"] for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1 and fail[0]["operator"] == "In"
+    assert sorted(fail[0]["values"]) == sorted(FINAL)
     assert any(r["action"] == "Ignore" for r in rules)  # disruptions are not failures
     assert job["backoffLimit"] > 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    env = {e["name"]: e["value"] for e in job["template"]["spec"]["containers"][0]["env"]}
+    assert int(env["JAXDIST_INIT_TIMEOUT"]) >= 300  # pods start minutes apart
+    service = next(d for d in docs if d["kind"] == "Service")["spec"]
+    assert service["publishNotReadyAddresses"] is True  # pod 0's name resolves while it starts
+
     sbatch = (REPO / "deploy" / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in sbatch and 'scontrol requeue "${SLURM_JOB_ID}"' in sbatch
-    assert f"    {EXIT_DIVERGED}|{EXIT_USAGE})" in sbatch
+    case = sbatch[sbatch.index("case ${status} in"):sbatch.index("esac")]
+    arms = re.findall(r"^\s*([0-9|]+)\)", case, re.MULTILINE)
+    final = {int(code) for arm in arms for code in arm.split("|")} - {0}
+    assert final == set(FINAL)  # every other status falls through to the requeue

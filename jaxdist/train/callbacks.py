@@ -6,6 +6,7 @@ exactly what they see. Every method runs on every process; only the leader shoul
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -48,7 +49,8 @@ class Preemption(Callback):
     With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
     catches SIGTERM on any process, and the processes agree on one step to stop at through
     `reached(step)` (orbax's `CheckpointManager.reached_preemption` with a work dir), so none
-    saves or stops alone.
+    saves or stops alone. SIGINT (Ctrl-C) to any process is turned into a SIGTERM to itself and
+    takes the same path; only with the preemption service off does it stop that process alone.
     """
 
     class Interrupted(Exception):
@@ -67,6 +69,9 @@ class Preemption(Callback):
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self._multi and _preemption_service_on():
+            os.kill(os.getpid(), signal.SIGTERM)  # to the service's handler: all stop together
+            return
         self.requested = True
 
     def interruptible(self, items):
@@ -91,4 +96,14 @@ class Preemption(Callback):
     def __exit__(self, *exc) -> bool:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        return False
+
+
+def _preemption_service_on() -> bool:
+    """Whether JAX's preemption service runs in this process (it catches SIGTERM)."""
+    try:
+        from jax._src import distributed  # private: the service has no public handle
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):  # pragma: no cover - layout changed
         return False

@@ -3,7 +3,8 @@
 An experiment's config subclasses `RunConfig` with its own fields (model, data); `validate_run`
 checks the shared ones before any data is read, `trainer_options` / `fit_options` hand them to
 `jaxdist.Trainer` and `jaxdist.fit`, and `run_main` is the whole command line: parse, set up the
-devices, the compilation cache and the multi-process job, train, print one line, exit 0 / 1 / 2.
+devices, the compilation cache and the multi-process job, train, print one line, and exit with
+the code of `jaxdist.errors` (0, 2 bad input, 65 diverged, 69 a `TransientError`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jaxdist.cluster import ClusterSpec, configure_cpu_devices, enable_compilation_cache, initialize
-from jaxdist.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError
+from jaxdist.errors import (
+    EXIT_DIVERGED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    TransientError,
+    UsageError,
+)
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES, STRATEGY_NAMES
 from jaxdist.train.loop import TrainingDiverged
 from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
@@ -56,6 +63,7 @@ class RunConfig:
     process_id: int = -1
     init_timeout: int = 0
     heartbeat_timeout: int = 0
+    bind: str | None = None
     logdir: str | None = None
     profile_steps: str = ""
     peak_tflops: float = 0.0
@@ -106,6 +114,9 @@ RUN_HELP = {
                     "(0: $JAXDIST_INIT_TIMEOUT or 120)",
     "heartbeat_timeout": "multi-process: seconds without heartbeats before a process is lost "
                          "(0: $JAXDIST_HEARTBEAT_TIMEOUT or 30)",
+    "bind": "multi-process, process 0: HOST:PORT the coordination service listens on (default: "
+            "$JAXDIST_COORDINATOR_BIND, else the coordinator address's own interface; [::]:PORT "
+            "for every interface). It has no authentication: keep it on a private network",
     "compile_cache": "directory of the persistent XLA compilation cache (default: "
                      "$JAXDIST_COMPILE_CACHE or ~/.cache/jaxdist/xla; 'off' disables it)",
     "logdir": "metrics.jsonl, TensorBoard event files, status files and profiles (default: "
@@ -311,6 +322,7 @@ def cluster_spec(cfg: RunConfig) -> ClusterSpec:
         process_id=None if cfg.process_id < 0 else cfg.process_id,
         init_timeout=cfg.init_timeout or None,
         heartbeat_timeout=cfg.heartbeat_timeout or None,
+        bind_address=cfg.bind or None,
     )
 
 
@@ -319,8 +331,10 @@ def run_main(argv: list[str] | None, configs: Callable[[str], RunConfig], *, des
              choices: dict | None = None, help_text: dict | None = None) -> int:
     """Parses flags over `configs`, joins the job, trains; prints `summary(result)` on process 0.
 
-    Exit status (`jaxdist.errors`): 0 done (or stopped by a signal, with a checkpoint), 1
-    diverged, 2 bad input, 75 ended by the hang watchdog.
+    Exit status (`jaxdist.errors`): 0 done (or stopped by a signal, with a checkpoint), 2 bad
+    input, 65 diverged, 69 a `TransientError` (e.g. the job not joined in time), 75 ended by the
+    hang watchdog;
+    an uncaught exception exits 1 (restarted, like 69 and 75).
     """
     from jaxdist.config import parse_config
 
@@ -339,6 +353,9 @@ def run_main(argv: list[str] | None, configs: Callable[[str], RunConfig], *, des
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except TransientError as e:
+        print(f"error: {e} (exit {EXIT_UNAVAILABLE}: a restart may succeed)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     import jax
 
     if jax.process_index() == 0:
