@@ -1,19 +1,25 @@
 """Checkpoints restore onto other layouts, bad checkpoints fall back or fail clearly, non-finite
 steps are skipped everywhere alike, and RNG state survives a restart."""
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import needs_devices
+from conftest import REPO, needs_devices
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import STRATEGIES, DataParallel, UsageError
-from jaxdist.io import Checkpointer
+from jaxdist.errors import TransientError
+from jaxdist.io import Checkpointer, integrity
+from jaxdist.io.checkpoint import CheckpointUnavailable
 from jaxdist.models import MnistCNN
 from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, train_loop
 
@@ -62,8 +68,9 @@ def test_a_checkpoint_of_another_optimizer_is_a_clear_error_not_a_fallback(tmp_p
     assert Checkpointer(tmp_path).all_steps() == [1]  # still there
 
 
-@pytest.mark.parametrize("damage", ["truncate array data", "garble metadata", "remove state"])
-def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
+@pytest.mark.parametrize("damage", ["truncate array data", "garble metadata", "remove state",
+                                    "remove the commit record"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
         tmp_path, damage, capsys):
     dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
     state = dp.canonical(dp.init())
@@ -74,6 +81,8 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_resto
             os.truncate(f, f.stat().st_size // 2)
     elif damage == "garble metadata":
         (newest / "_METADATA").write_text("{not json")
+    elif damage == "remove the commit record":
+        (tmp_path / "20" / "_CHECKPOINT_METADATA").unlink()
     else:
         for f in sorted(newest.rglob("*"), reverse=True):
             f.unlink() if f.is_file() else f.rmdir()
@@ -82,9 +91,107 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_one_resto
     assert step == 10
     for got, want in zip(_leaves(restored), _leaves(state)):
         np.testing.assert_array_equal(got, want)
-    assert "checkpoint step 20 is unreadable" in capsys.readouterr().err
-    aside = [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("20.unreadable")]
+    assert "checkpoint step 20 is damaged" in capsys.readouterr().err
+    aside = [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("20.damaged")]
     assert len(aside) == 1  # moved, not deleted
+
+
+class _FailingReads:
+    """Replaces orbax's array reads: the first `failures` reads of step `step` (any step: None)
+    raise `error`, the others read as usual."""
+
+    def __init__(self, monkeypatch, error, failures, step=None):
+        self.error, self.failures, self.step, self.calls = error, failures, step, 0
+        original = ocp.StandardCheckpointHandler.restore
+
+        def restore(handler, directory, *args, **kwargs):
+            if self.step is None or Path(directory).parent.name == str(self.step):
+                self.calls += 1
+                if self.calls <= self.failures:
+                    raise self.error
+            return original(handler, directory, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", restore)
+        monkeypatch.setattr(integrity, "RETRY_DELAYS", (0.0, 0.0))
+
+
+def _two_steps(tmp_path):
+    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    state = dp.canonical(dp.init())
+    _save(tmp_path, [10, 20], state)
+    return state
+
+
+def _nothing_set_aside(tmp_path):
+    assert Checkpointer(tmp_path).all_steps() == [10, 20]
+    assert not [p for p in Path(tmp_path).iterdir() if "." in p.name.strip(".")]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EIO, "Input/output error"), TimeoutError("read timed out"),
+    ValueError('FAILED_PRECONDITION: Error reading "params.fc1" in OCDBT database at local file '
+               '"/ckpt/20/state/": [OS error: Input/output error]')],
+    ids=["EIO", "timeout", "EIO inside TensorStore"])
+def test_a_transient_read_error_is_retried_and_the_step_is_kept(tmp_path, monkeypatch, error,
+                                                                 capsys):
+    state = _two_steps(tmp_path)
+    reads = _FailingReads(monkeypatch, error, failures=2)
+    step, restored, _ = Checkpointer(tmp_path).restore_latest(state)
+    assert step == 20 and reads.calls == 3  # two failures, then the read that worked
+    assert "(transient); trying again" in capsys.readouterr().err
+    _nothing_set_aside(tmp_path)
+
+
+def test_a_step_that_stays_unreadable_is_kept_and_the_previous_one_used(tmp_path, monkeypatch,
+                                                                         capsys):
+    state = _two_steps(tmp_path)
+    reads = _FailingReads(monkeypatch, OSError(errno.EIO, "Input/output error"), failures=99,
+                          step=20)
+    step, _, _ = Checkpointer(tmp_path).restore_latest(state)
+    assert step == 10 and reads.calls == 3
+    _nothing_set_aside(tmp_path)  # 20 is kept for the next start to read
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"),
+                                   RuntimeError("an error that shows no damage")],
+                         ids=["EIO", "unclassified"])
+def test_when_no_step_can_be_read_now_the_restore_fails_restartable_keeping_them(
+        tmp_path, monkeypatch, error):
+    state = _two_steps(tmp_path)
+    _FailingReads(monkeypatch, error, failures=99)
+    with pytest.raises(CheckpointUnavailable, match="could not be read now") as raised:
+        Checkpointer(tmp_path).restore_latest(state)
+    assert isinstance(raised.value, TransientError)  # entry points exit restartable
+    _nothing_set_aside(tmp_path)
+
+
+def test_when_only_process_1_cannot_read_the_newest_step_both_resume_from_the_previous_one(
+        tmp_path):
+    """A flaky read on one host: process 1's reads of step 20 fail (EIO, every time). Both
+    processes restore step 10, train on together, and step 20 is kept."""
+    work = tmp_path / "work"
+
+    def launch(steps, **env):
+        return subprocess.run(
+            [sys.executable, "-m", "jaxdist.launch", "-n", "2", "--devices_per_process", "2",
+             "--", sys.executable, str(REPO / "tests" / "unreadable_worker.py"),
+             str(tmp_path / "out.npz"), "jit", str(steps), str(work)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+                 **env})
+
+    first = launch(20)  # saves steps 10 and 20
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = launch(30, UNREADABLE_STEP="20")
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "[p0] process 0 restored step 10" in out and "[p1] process 1 restored step 10" in out
+    assert "checkpoint step 20" in out and "it is kept" in out  # process 1 said why
+    assert "resuming at step 10" in out and "done:" in out
+    ckpt = Checkpointer(work / "checkpoints")
+    assert ckpt.all_steps() == [10, 20, 30]
+    ckpt.close()
+    assert not [p for p in (work / "checkpoints").iterdir() if "damaged" in p.name]
 
 
 _CRASH_WHILE_DELETING = """
@@ -92,7 +199,9 @@ import os, signal, sys
 import optax
 from flax import nnx
 from jaxdist import DataParallel
-from jaxdist.io import Checkpointer
+from jaxdist.errors import TransientError
+from jaxdist.io import Checkpointer, integrity
+from jaxdist.io.checkpoint import CheckpointUnavailable
 from jaxdist.models import MnistCNN
 from jaxdist.models.classification import mnist_loss
 

@@ -1,14 +1,17 @@
 """A run stopped at any moment (SIGTERM, kill -9, one of several processes preempted) resumes to
-bitwise the result of an uninterrupted run."""
+bitwise the result of an uninterrupted run, under local SGD and DiLoCo too."""
 
 import random
 import signal
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import jaxdist
+from conftest import needs_devices
 from experiments.mnist import get_config, loss_fn
 from jaxdist import DataParallel
 from jaxdist.io import Checkpointer
@@ -16,6 +19,9 @@ from jaxdist.launch import free_port
 from jaxdist.models import MnistCNN
 from jaxdist.train import make_optimizer
 from runs import STEP_EVENTS, Run
+from task import MLP, arrays
+from task import leaves as task_leaves
+from task import loss_fn as task_loss
 
 STEPS = 240
 ARGS = ["--max_steps", str(STEPS), "--eval_examples", "1000", "--checkpoint_every", "20",
@@ -131,3 +137,62 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(mnist, tmp_
     assert 40 <= stopped_at < STEPS
     state, _ = _restored(tmp_path, stopped_at)
     assert int(state.step) == stopped_at
+
+
+def _local_sgd(devices=4, diloco=False):
+    outer = optax.sgd(0.7, momentum=0.9, nesterov=True) if diloco else None
+    return jaxdist.Trainer(MLP(nnx.Rngs(0, dropout=1)), optax.adam(3e-3), task_loss,
+                           strategy="local_sgd", devices=devices, local_steps=4,
+                           outer_optimizer=outer)
+
+
+def _task_fit(trainer, workdir=None, callbacks=(), log=lambda _: None):
+    return jaxdist.fit(trainer, jaxdist.data.from_arrays(arrays(), global_batch=64, seed=0),
+                       steps=16, workdir=workdir, checkpoint_every=100, callbacks=callbacks,
+                       progress=False, hang_timeout=0, log=log)
+
+
+class _StopAt(jaxdist.Callback):
+    """Stops the run after `step`: fit saves that step and returns."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, step, state):
+        return step == self.step
+
+
+@needs_devices(4)
+@pytest.mark.parametrize("diloco", [False, True], ids=["local_sgd", "diloco"])
+def test_local_sgd_stopped_between_averaging_points_resumes_bitwise_equal(tmp_path, diloco):
+    """Stopped at step 6, two steps after an average (H=4): the replicas' parameters, Adam moments
+    and BatchNorm statistics differ, and the checkpoint keeps each replica's."""
+    straight = _task_fit(_local_sgd(diloco=diloco))
+    stopped = _task_fit(_local_sgd(diloco=diloco), tmp_path, callbacks=[_StopAt(6)])
+    assert stopped.stopped_at == 6
+    lines = []
+    resumed = _task_fit(_local_sgd(diloco=diloco), tmp_path, log=lines.append)
+    assert "resuming at step 6" in "\n".join(lines)
+    _assert_bitwise_equal(task_leaves(resumed.state), task_leaves(straight.state))
+
+
+@needs_devices(4)
+@pytest.mark.parametrize("other", ["2 replicas", "jit"])
+def test_local_sgd_replicas_resumed_on_another_replica_count_start_from_their_mean(
+        tmp_path, capsys, other):
+    stopped = _task_fit(_local_sgd(), tmp_path, callbacks=[_StopAt(6)])
+    mean = task_leaves(_local_sgd().canonical(stopped.state))
+    trainer = _local_sgd(devices=2) if other == "2 replicas" else jaxdist.Trainer(
+        MLP(nnx.Rngs(0, dropout=1)), optax.adam(3e-3), task_loss, devices=2)
+    seen = []
+
+    class Start(jaxdist.Callback):
+        def on_fit_start(self, trainer, state, step):
+            seen.append(task_leaves(trainer.canonical(state)))
+
+    run = _task_fit(trainer, tmp_path, callbacks=[Start()])
+    here = "this run has 2" if other == "2 replicas" else "this run has none"
+    assert (f"checkpoint step 6 holds the states of 4 local-SGD replicas, {here}: resuming "
+            f"from their mean (not bitwise)") in capsys.readouterr().err
+    _assert_bitwise_equal(seen[0], mean)
+    assert not run.stopped and all(np.isfinite(x).all() for x in task_leaves(run.state.params))

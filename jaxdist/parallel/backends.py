@@ -8,6 +8,7 @@
   parameters are averaged, theta = mean_i theta_i. Optimizer state stays per replica (each keeps
   its own momentum / Adam moments, as in local SGD); pass `average_opt_state=True` to average it
   as well. With an outer optimizer it is DiLoCo: the averaged movement is an outer gradient.
+  Its canonical state is the replica mean; checkpoints keep each replica's state beside it.
 
 Every backend exposes the same four operations, so the loop, tests and checkpoints never branch
 on the strategy.
@@ -84,6 +85,9 @@ class Backend:
         step: (placed state, placed batch) -> (placed state, metrics); jitted, donates the state.
         canonical: placed state -> one replicated TrainState (for evaluation and checkpoints).
         stacked_batch: whether batches carry a leading device axis (pmap).
+        per_replica: whether the placed state holds one differing state per replica, stacked on
+            a leading axis split over the data axis (local SGD): what `canonical` averages away,
+            and what checkpoints keep beside it for an exact resume.
     """
 
     name: str
@@ -92,6 +96,7 @@ class Backend:
     step: Callable[[Any, Any], tuple[Any, dict]]
     canonical: Callable[[Any], TrainState]
     stacked_batch: bool = False
+    per_replica: bool = False
 
 
 def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
@@ -191,7 +196,7 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
     )
     step = jax.jit(mapped, donate_argnums=0)
     canonical = jax.jit(_mean_floats, out_shardings=replicated(mesh))
-    return Backend("local_sgd", mesh, _stacked_placement(mesh), step, canonical)
+    return Backend("local_sgd", mesh, _stacked_placement(mesh), step, canonical, per_replica=True)
 
 
 _BUILDERS = {

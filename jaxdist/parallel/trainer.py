@@ -196,6 +196,19 @@ class Trainer:
         """One logical copy of the state, whatever the strategy (local SGD: the replica mean)."""
         return self.backend.canonical(state)
 
+    def replicas(self, state: Any) -> TrainState | None:
+        """Each replica's own state, stacked on a leading replica axis, where the replicas differ
+        (local SGD between averaging points: parameters, optimizer moments, batch statistics);
+        None under every other strategy. Checkpoints keep it beside `canonical`, which averages
+        it away, so a run resumes exactly."""
+        return state if self.backend.per_replica else None
+
+    def place_replicas(self, replicas: TrainState) -> Any:
+        """A state from `replicas` (e.g. restored for as many replicas) in this layout."""
+        if not self.backend.per_replica:
+            raise UsageError(f"strategy {self.strategy} keeps no per-replica states")
+        return jax.device_put(replicas, batch_sharded(self.mesh))
+
     def shard_batch(self, local_batch: Any, *, stacked: bool | None = None) -> Any:
         """This process's rows of the global batch -> global arrays split over the batch axes.
 

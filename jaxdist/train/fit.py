@@ -2,10 +2,12 @@
 
     result = jaxdist.fit(trainer, train_data, epochs=8, eval_data=test_data, workdir="runs/a")
 
-With a work dir, `fit` saves asynchronous orbax checkpoints every `checkpoint_every` steps and at
+With a work dir, `fit` holds it for this job alone (a second job on it is refused;
+`jaxdist.io.workdir`), saves asynchronous orbax checkpoints every `checkpoint_every` steps and at
 every evaluation (keeping the newest `keep`, and `keep_best` by `best_metric`), resumes from the
-newest readable one when run again (bitwise: global batch k depends only on (seed, k), and the
-state holds the RNG streams), refuses a checkpoint whose data settings differ, saves and returns
+newest one every process can read when run again (bitwise: global batch k depends only on
+(seed, k), the state holds the RNG streams, and under local SGD each replica's own state is
+kept), refuses a checkpoint whose data settings differ, saves and returns
 on SIGTERM/SIGINT (all processes at one step), rolls back after `nonfinite_limit` non-finite steps
 in a row, and writes metrics, TensorBoard events, goodput, MFU, profiles and hang-watchdog status
 to `<workdir>/logs`. Every hook a user needs is a `Callback`.
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxdist.errors import UsageError
+from jaxdist.io.workdir import hold
 from jaxdist.progress import PLAIN_EVERY_SECONDS
 from jaxdist.train.callbacks import Callback, Preemption
 from jaxdist.train.loop import (
@@ -102,7 +105,8 @@ def fit(
             padding masked out (the batch comes with its mask last); with a "count" sum, the
             others are reported as means, named `<eval_prefix>_<name>`.
         workdir: checkpoints go to `<workdir>/checkpoints` and logs to `<workdir>/logs`; a
-            rerun resumes (at `restore_step`, default the latest readable step).
+            rerun resumes (at `restore_step`, default the newest step all processes can read).
+            One job at a time: another job's fit on it raises `UsageError` naming the holder.
         data_meta: more settings that define the data (augmentation, ...); a resume with other
             values is refused, like one with another global batch or seed.
         logdir: metrics.jsonl, TensorBoard events, status files, profiles (default
@@ -126,22 +130,27 @@ def fit(
     total_steps = epoch_ends[-1]
     if logdir is None and workdir is not None:
         logdir = Path(workdir) / "logs"
-    monitor = _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops,
-                       trainer, data, total_steps, {"eval_prefix": eval_prefix, **(run_meta or {})})
-    measure = monitor.measure if monitor is not None else (lambda _: contextlib.nullcontext())
-    meta_now = {**dict(data.meta), **dict(data_meta or {})}
-    # from here on SIGTERM/SIGINT stop the run with a checkpoint: during set-up and restore, the
-    # first compile, evaluation and saves in flight, not only between steps
-    preemption = Preemption()
-    with preemption:
-        return _fit(trainer, data, preemption=preemption, epoch_ends=epoch_ends,
-                    total_steps=total_steps, monitor=monitor, measure=measure, meta_now=meta_now,
-                    say=say, log=log, start=start, eval_data=eval_data, eval_batch=eval_batch,
-                    eval_examples=eval_examples, eval_prefix=eval_prefix, workdir=workdir,
-                    checkpoint_every=checkpoint_every, keep=keep, keep_best=keep_best,
-                    best_metric=best_metric, best_mode=best_mode, restore_step=restore_step,
-                    nonfinite_limit=nonfinite_limit, progress=progress,
-                    progress_every=progress_every, callbacks=callbacks)
+    # a second job on this work dir ends here, before it writes anything
+    with hold(workdir) if workdir is not None else contextlib.nullcontext():
+        monitor = _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops,
+                           trainer, data, total_steps,
+                           {"eval_prefix": eval_prefix, **(run_meta or {})})
+        measure = monitor.measure if monitor is not None else (
+            lambda _: contextlib.nullcontext())
+        meta_now = {**dict(data.meta), **dict(data_meta or {})}
+        # from here on SIGTERM/SIGINT stop the run with a checkpoint: during set-up and restore,
+        # the first compile, evaluation and saves in flight, not only between steps
+        preemption = Preemption()
+        with preemption:
+            return _fit(trainer, data, preemption=preemption, epoch_ends=epoch_ends,
+                        total_steps=total_steps, monitor=monitor, measure=measure,
+                        meta_now=meta_now, say=say, log=log, start=start, eval_data=eval_data,
+                        eval_batch=eval_batch, eval_examples=eval_examples,
+                        eval_prefix=eval_prefix, workdir=workdir,
+                        checkpoint_every=checkpoint_every, keep=keep, keep_best=keep_best,
+                        best_metric=best_metric, best_mode=best_mode, restore_step=restore_step,
+                        nonfinite_limit=nonfinite_limit, progress=progress,
+                        progress_every=progress_every, callbacks=callbacks)
 
 
 def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure, meta_now, say,
@@ -155,11 +164,11 @@ def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure
         checkpointer = Checkpointer(Path(workdir) / "checkpoints", every=checkpoint_every,
                                     keep=keep, keep_best=keep_best, best_metric=best_metric,
                                     best_mode=best_mode)
-        start_step, restored, saved_meta = _resume(checkpointer, restore_step,
-                                                   trainer.canonical(state))
-        if restored is not None:
-            _check_same_data(saved_meta, meta_now, start_step)
-            state = trainer.place(restored)
+        restored = _resume(checkpointer, restore_step, trainer, state)
+        start_step = restored.step
+        if restored.step:
+            _check_same_data(restored.meta, meta_now, start_step)
+            state = _placed(trainer, restored)
             say(f"resuming at step {start_step} from {checkpointer.directory}")
     position = start_step  # global batches consumed: the key of the next checkpoint
 
@@ -167,7 +176,7 @@ def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure
         if monitor is not None:
             monitor.phase("checkpoint")
         with measure("checkpoint"):
-            checkpointer.save(step, trainer.canonical(state),
+            checkpointer.save(step, trainer.canonical(state), replicas=trainer.replicas(state),
                               meta={**meta_now, "data_position": step}, metrics=metrics)
 
     def evaluate(state):
@@ -185,12 +194,14 @@ def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure
     def rollback(first_bad_step):
         if checkpointer is not None:
             checkpointer.wait()
-            good = [s for s in checkpointer.all_steps() if s < first_bad_step]
-            if good:
-                restored, _ = checkpointer.restore(good[-1], like=trainer.canonical(trainer.init()))
-                say(f"rolled back to the checkpoint of step {good[-1]}; training goes on from "
-                    f"batch {position + 1}, skipping the batches in between")
-                return trainer.place(restored)
+            fresh = trainer.init()
+            restored = checkpointer.resume(trainer.canonical(fresh),
+                                           replicas_like=trainer.replicas(fresh),
+                                           below=first_bad_step)
+            if restored.step:
+                say(f"rolled back to the checkpoint of step {restored.step}; training goes on "
+                    f"from batch {position + 1}, skipping the batches in between")
+                return _placed(trainer, restored)
         raise TrainingDiverged(
             f"{nonfinite_limit} consecutive non-finite steps from step {first_bad_step} on and no "
             f"checkpoint before them to roll back to; lower the learning rate or check the data")
@@ -301,14 +312,22 @@ def _means(sums: dict[str, float], prefix: str) -> dict[str, float]:
     return {named(k): v / count for k, v in sums.items() if k != "count"}
 
 
-def _resume(checkpointer, restore_step: int | None, like) -> tuple[int, Any, dict]:
-    """(step, canonical state or None, meta): the chosen step, else the latest readable one."""
+def _resume(checkpointer, restore_step: int | None, trainer, state):
+    """The `Restored` of the chosen step, else of the newest one all processes can read."""
+    like, replicas_like = trainer.canonical(state), trainer.replicas(state)
     if restore_step is None or restore_step < 0:
-        return checkpointer.restore_latest(like)
+        return checkpointer.resume(like, replicas_like=replicas_like)
     if restore_step not in checkpointer.all_steps():
         raise UsageError(f"no checkpoint of step {restore_step} in {checkpointer.directory}; "
                          f"it has {checkpointer.all_steps()}")
-    return (restore_step, *checkpointer.restore(restore_step, like))
+    return checkpointer.resume(like, replicas_like=replicas_like, step=restore_step)
+
+
+def _placed(trainer, restored):
+    """A restored state in the trainer's layout: each replica's own where they were saved."""
+    if restored.replicas is not None:
+        return trainer.place_replicas(restored.replicas)
+    return trainer.place(restored.state)
 
 
 def _check_same_data(saved: dict, now: dict, step: int) -> None:
