@@ -90,3 +90,44 @@ def test_a_compilation_cache_directory_that_cannot_be_created_is_a_usage_error(t
     blocker.write_text("not a directory")
     with pytest.raises(UsageError, match="not writable"):
         enable_compilation_cache(blocker / "xla")
+
+
+class _CoordinatorStore:
+    """The coordinator's key-value store as one process sees it: set once, read or time out."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def key_value_set(self, key, value):
+        if key in self.store:
+            raise RuntimeError(f"ALREADY_EXISTS: {key}")
+        self.store[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.store:
+            raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
+        return self.store[key]
+
+
+def _as_process(monkeypatch, process_id, store):
+    from jaxdist.cluster import compile_cache
+
+    monkeypatch.setattr(compile_cache, "_job", lambda: (process_id, 2, _CoordinatorStore(store)))
+    return compile_cache.agree_all_hold
+
+
+def test_processes_load_a_cached_program_only_when_every_one_holds_it(monkeypatch):
+    store = {"p/1": "1"}  # process 1 answered first: it holds the program
+    assert _as_process(monkeypatch, 0, store)("p", True)
+    assert store["p/verdict"] == "load"  # what process 1 reads once its own verdict is refused
+    store = {"q/1": "0"}  # process 1 does not hold it: both compile
+    assert not _as_process(monkeypatch, 0, store)("q", True)
+
+
+def test_a_process_that_waited_in_vain_makes_every_process_compile(monkeypatch):
+    store: dict = {}
+    # process 0 finds no answer from process 1 (which never compiles the program, or is far behind)
+    assert not _as_process(monkeypatch, 0, store)("r", True)
+    assert store["r/verdict"] == "compile"
+    # process 1 arrives late holding it too: it sees process 0's "1" but obeys the verdict
+    assert not _as_process(monkeypatch, 1, store)("r", True)

@@ -8,16 +8,18 @@ cache safe for multi-process CPU jobs.
 **Multi-process CPU jobs** (gloo collectives) hung on a warm cache (docs/cpu-collectives.md,
 "The compilation cache"). Measured with a bare two-process `psum`: the job finishes when every
 process compiles its program, and when every process loads *its own* serialized program; it hangs
-when a process runs another process's program (JAX writes from process 0 only and every process
-reads that entry), and when some processes load a program while the others compile it. So, where
-the job has several processes and the backend is the CPU:
+when some processes load a program while the others compile it, either way round. JAX's rules give
+exactly that on a second start: only process 0 writes entries, so process 0 loads and the others
+compile. So, where the job has several processes and the backend is the CPU:
 - each process keys entries by its process id and count and writes its own (JAX's rule "process 0
   writes" is lifted for these keys only), so no process runs a program another one compiled;
 - before a program that spans processes is loaded, the processes agree through the coordinator's
   key-value store: it is loaded only when every process holds it, otherwise every process compiles.
-  They meet under the program's place in their common compile order, so every process must compile
-  the programs that span processes in the same order, as SPMD code does; a program that one
-  process compiles alone (an analysis, not run) goes under `compiled_by_this_process_only()`.
+  They meet under the program's name and compile options (the cache keys differ between processes:
+  they hash the CPU topology, which names each process's own devices); the first verdict written
+  is everyone's, so a process that waited in vain (a peer that never compiles the program) can
+  only make them all compile. A program one process compiles alone on purpose (an analysis, never
+  run) goes under `compiled_by_this_process_only()` and waits for nobody.
 This reaches into two private functions of `jax._src.compiler`. Where they are not as expected
 (another jax version), the cache is turned off for multi-process CPU jobs instead. Accelerator
 backends keep JAX's own behaviour (on GPU JAX strips the device assignment from the key so that
@@ -31,7 +33,9 @@ still cached. Set JAXDIST_CPU_ONEDNN=0 where restart latency matters more than s
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -41,10 +45,10 @@ from pathlib import Path
 
 import jax
 
-from jaxdist.errors import UsageError
+from jaxdist.errors import UsageError, first_line
 
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxdist" / "xla"
-AGREE_TIMEOUT_MS = 10 * 60 * 1000  # a peer may still be loading data or compiling an earlier program
+AGREE_TIMEOUT_MS = 120 * 1000  # then compile: waiting longer only saves a compile
 _KV_PREFIX = "jaxdist/compile_cache"
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ def compiled_by_this_process_only():
         yield
     finally:
         _local.alone = before
-_spanning_compiles = [0]  # programs spanning processes compiled (or loaded) by this process
+_meetings: collections.Counter = collections.Counter()  # (name, options digest): compiles so far
 _lock = threading.Lock()
 
 
@@ -124,26 +128,44 @@ def _spans_processes(devices) -> bool:
         return True
 
 
-def agree_all_hold(module_name: str, holds: bool) -> bool:
-    """True when every process of the job holds its own cached copy of the program being compiled.
+def meeting_place(module_name: str, compile_options) -> str:
+    """Where the processes compiling one program meet: its name, a digest of its compile options
+    and how many times this process compiled that pair before. Cache keys cannot serve: they hash
+    the CPU topology, which differs between processes (it names the process's own devices)."""
+    from jax._src import cache_key  # its hash of the options leaves out per-process debug fields
 
-    Cache keys differ between processes (they hash the CPU topology, which names the process's own
-    devices), so the processes meet under the program's place in their common compile order: the
-    programs that span processes are compiled in the same order everywhere, as every process runs
-    them. Each publishes whether it holds the program, then reads the others' answers.
+    hashed = hashlib.sha256()
+    cache_key._hash_serialized_compile_options(hashed, compile_options)
+    digest = hashed.hexdigest()[:16]
+    with _lock:
+        _meetings[module_name, digest] += 1
+        nth = _meetings[module_name, digest]
+    return f"{_KV_PREFIX}/{module_name}/{digest}/{nth}"
+
+
+def agree_all_hold(place: str, holds: bool) -> bool:
+    """True when every process of the job holds its own cached copy of the program meeting at
+    `place`; then every process loads it, otherwise every process compiles it.
+
+    Each process publishes whether it holds the program and reads the others' answers; the first
+    verdict written is everyone's, so a process that gave up waiting (a peer that never compiles
+    this program, or one far behind) can only make everybody compile.
     """
     process_id, processes, client = _job()
-    with _lock:
-        _spanning_compiles[0] += 1
-        base = f"{_KV_PREFIX}/{_spanning_compiles[0]}"
-    client.key_value_set(f"{base}/{process_id}", f"{int(holds)} {module_name}")
-    answers = [client.blocking_key_value_get(f"{base}/{p}", AGREE_TIMEOUT_MS).split(" ", 1)
-               for p in range(processes) if p != process_id]
-    if any(name != module_name for _, name in answers):  # pragma: no cover - not SPMD
-        log.warning("compilation cache: processes compile different programs at once (%s vs %s);"
-                    " compiling", module_name, sorted({n for _, n in answers}))
-        return False
-    return holds and all(held == "1" for held, _ in answers)
+    client.key_value_set(f"{place}/{process_id}", "1" if holds else "0")
+    try:
+        answers = [client.blocking_key_value_get(f"{place}/{p}", AGREE_TIMEOUT_MS)
+                   for p in range(processes) if p != process_id]
+        verdict = "load" if holds and all(a == "1" for a in answers) else "compile"
+    except Exception as e:  # the runtime raises on a deadline; no peer answered
+        log.warning("compilation cache: no answer from every process at %s (%s); compiling",
+                    place, first_line(e))
+        verdict = "compile"
+    try:
+        client.key_value_set(f"{place}/verdict", verdict)  # fails if a verdict is already set
+    except Exception:
+        verdict = client.blocking_key_value_get(f"{place}/verdict", AGREE_TIMEOUT_MS)
+    return verdict == "load"
 
 
 def _install_process_safe_cache() -> bool:
@@ -153,13 +175,14 @@ def _install_process_safe_cache() -> bool:
     if _installed:
         return True
     try:
-        from jax._src import compilation_cache, compiler
+        from jax._src import cache_key, compilation_cache, compiler
 
         read, write = compiler._cache_read, compiler._cache_write
         expected_read = ["module_name", "cache_key", "compile_options", "backend",
                          "executable_devices", "host_callbacks"]
         expected_write = ["cache_key", "compile_time_secs", "module_name", "backend", "executable"]
-        if (list(inspect.signature(read).parameters) != expected_read
+        if (not hasattr(cache_key, "_hash_serialized_compile_options")
+                or list(inspect.signature(read).parameters) != expected_read
                 or list(inspect.signature(write).parameters) != expected_write
                 or not hasattr(compilation_cache, "put_executable_and_time")):
             return False
@@ -176,7 +199,7 @@ def _install_process_safe_cache() -> bool:
         executable, compile_time = read(module_name, _own_key(cache_key), compile_options,
                                         backend, executable_devices, host_callbacks)
         if _spans_processes(executable_devices) and not agree_all_hold(
-                module_name, executable is not None):
+                meeting_place(module_name, compile_options), executable is not None):
             log.debug("compilation cache: %s is not held by every process; compiling", module_name)
             return None, None
         return executable, compile_time

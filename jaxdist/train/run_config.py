@@ -343,9 +343,9 @@ def run_main(argv: list[str] | None, configs: Callable[[str], RunConfig], *, des
                        help_text={**RUN_HELP, **(help_text or {})})
     try:
         configure_cpu_devices(cfg.cpu_devices or None)
-        if cfg.compile_cache != "off":
-            enable_compilation_cache(cfg.compile_cache)
         initialize(cluster_spec(cfg))  # joins a multi-process job when there is one
+        if cfg.compile_cache != "off":  # after joining: the cache is keyed by process
+            enable_compilation_cache(cfg.compile_cache)
         result = train(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
