@@ -8,13 +8,14 @@ from conftest import REPO
 
 # lower rank = lower layer; a package may import its own modules and those of lower ranks
 RANKS = {
-    "errors": 0, "progress": 0, "config": 0,
-    "core": 1,
-    "cluster": 2,
-    "models": 3, "comm": 3, "data": 3,
-    "parallel": 4, "observe": 4, "io": 4,
-    "train": 5,
-    "plan": 6, "launch": 6,
+    "errors": 0,  # the exception types and exit codes every layer reports through
+    "progress": 1, "config": 1,
+    "core": 2,
+    "cluster": 3,
+    "models": 4, "comm": 4, "data": 4,
+    "parallel": 5, "observe": 5, "io": 5,
+    "train": 6,
+    "plan": 7, "launch": 7,
 }
 
 
