@@ -72,6 +72,8 @@ def test_a_task_killed_mid_run_requeues_the_job_which_resumes_and_finishes(slurm
     try:
         _wait("step 60", lambda: out.exists() and re.search(r"\| step ([6-9]\d|\d{3,})/",
                                                             out.read_text()))
+        # the kill lands after step 50's save is committed (saves are asynchronous)
+        _wait("step 50's checkpoint", lambda: (tmp_path / "work" / "checkpoints" / "50").is_dir())
         os.kill(_wait("task 1's pid", lambda: _task_pid(job_id, 1)), signal.SIGKILL)
         # SLURM holds a requeued job ~2 minutes before it is eligible; release it at once
         _wait("the requeue", lambda: _job(job_id).get("Restarts") == "1" and
