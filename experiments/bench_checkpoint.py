@@ -10,13 +10,13 @@ the files are committed. Each round writes a new step into a fresh directory und
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from jaxdist.config import ArgumentParser
 
 
 def build_state(width: int, layers: int):
@@ -47,7 +47,7 @@ def measure(state, directory: Path, asynchronous: bool, rounds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=3200, help="MLP width")
     parser.add_argument("--layers", type=int, default=10, help="MLP layers")
     parser.add_argument("--rounds", type=int, default=3, help="saves per mode (median reported)")

@@ -12,9 +12,9 @@ is to the fp32 all-reduce of plain data parallelism (`shard_map` + `lax.pmean`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
+from jaxdist.config import ArgumentParser
 
 # name -> (description, config overrides)
 OPTIONS = {
@@ -51,7 +51,7 @@ def step_wire_bytes(dp, cfg) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_comm",
+    parser = ArgumentParser(prog="python -m experiments.bench_comm",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--options", default=",".join(OPTIONS),
                         help=f"comma-separated, from: {', '.join(OPTIONS)}")

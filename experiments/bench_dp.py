@@ -12,12 +12,12 @@ medians are reported; ratio = toolkit / baseline (the toolkit's overhead is 1 - 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 from jaxdist.cluster import configure_cpu_devices
+from jaxdist.config import ArgumentParser
 
 
 def _batches(global_batch: int, count: int, seed: int = 0):
@@ -91,7 +91,7 @@ def toolkit_runner(strategy, devices, tx, loss_fn):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_dp",
+    parser = ArgumentParser(prog="python -m experiments.bench_dp",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", default="jit,shard_map,pmap,local_sgd")
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")

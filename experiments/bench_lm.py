@@ -20,6 +20,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from jaxdist.config import ArgumentParser
 
 SPEED_CONFIGS = [
     ("dp", "data=8", "gpipe"), ("zero1", "data=8", "gpipe"), ("fsdp", "fsdp=8", "gpipe"),
@@ -91,7 +92,7 @@ def memory_rows(cfg, stages: int, microbatch_counts, global_batch: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_lm",
+    parser = ArgumentParser(prog="python -m experiments.bench_lm",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--table", choices=("speed", "memory", "both"), default="both")

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from jaxdist.config import ArgumentParser
 
 RESULT = "bench_multiprocess result: "
 
@@ -93,7 +94,7 @@ def _layouts(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_multiprocess",
+    parser = ArgumentParser(prog="python -m experiments.bench_multiprocess",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default="1x2,2x1,1x8,2x4",
                         help="comma-separated PxD: P processes of D devices each")

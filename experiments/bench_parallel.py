@@ -16,10 +16,10 @@ activations twice per block forward and twice backward, 2(T-1)/T each.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from jaxdist.config import ArgumentParser
 
 CONFIGS = [("dp", "data=8"), ("zero1", "data=8"), ("fsdp", "fsdp=8"), ("fsdp", "data=2,fsdp=4"),
            ("tp", "data=4,tensor=2"), ("fsdp_tp", "fsdp=4,tensor=2"),
@@ -120,7 +120,7 @@ def format_rows(rows, budget_mib) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_parallel",
+    parser = ArgumentParser(prog="python -m experiments.bench_parallel",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--vit_size", default="small", help="tiny, small, base or large")
     parser.add_argument("--global_batch", type=int, default=32)

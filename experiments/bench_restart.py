@@ -16,13 +16,13 @@ cannot serialize, so a restart compiles them again.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from jaxdist.config import ArgumentParser
 
 _FIRST_STEP = re.compile(r"first step ([0-9.]+) s")
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_restart",
+    parser = ArgumentParser(prog="python -m experiments.bench_restart",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--onednn", choices=("both", "on", "off"), default="both",

@@ -17,7 +17,6 @@ last column divides jaxdist by the best of them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from jaxdist.config import ArgumentParser
 
 REFERENCE = Path(__file__).with_name("torch_reference.py")
 
@@ -128,7 +128,7 @@ def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float3
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_torch",
+    parser = ArgumentParser(prog="python -m experiments.bench_torch",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch_python", default=None, help="interpreter that has torch")
     parser.add_argument("--processes", type=int, default=2, help="PyTorch DDP processes")

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdist.errors import EXIT_USAGE, UsageError
+from jaxdist.config import ArgumentParser
 
 STEP = re.compile(r"\| step (\d+)/(\d+)")
 RESUMED = re.compile(r"resuming at step (\d+)")
@@ -278,7 +279,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.chaos",
+    parser = ArgumentParser(prog="python -m experiments.chaos",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)

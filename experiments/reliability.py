@@ -9,13 +9,13 @@ stuck in a collective may ignore SIGTERM) and counted as hung. Exits 1 if any ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from jaxdist.config import ArgumentParser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def run_once(strategy: str, steps: int, devices: int, timeout: float, extra: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.reliability", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m experiments.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="runs per strategy")
     parser.add_argument("--strategies", default="jit,shard_map,pmap,local_sgd")
     parser.add_argument("--steps", type=int, default=100, help="training steps per run")

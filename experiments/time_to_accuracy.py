@@ -12,7 +12,6 @@ is reported apart. Rounds alternate the frameworks; the table shows every round.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import subprocess
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from experiments.bench_torch import REFERENCE, compute_dtypes, torch_python, torch_version
+from jaxdist.config import ArgumentParser
 
 
 def time_to_target(history: list[dict], target: float) -> tuple[int | None, float | None]:
@@ -79,7 +79,7 @@ def _row(run: dict, target: float, train_examples: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.time_to_accuracy",
+    parser = ArgumentParser(prog="python -m experiments.time_to_accuracy",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--torch_python", default=None, help="interpreter that has torch")
     parser.add_argument("--torch_processes", type=int, default=1, help="PyTorch DDP processes")

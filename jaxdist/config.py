@@ -16,8 +16,11 @@ from typing import Any, Callable, Sequence
 from jaxdist.errors import EXIT_USAGE
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + error
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad flags in one line and exit 2 (`EXIT_USAGE`, final), not usage + error:
+    every command line of the project uses it, so a typo reads the same everywhere."""
+
+    def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -89,15 +92,15 @@ def parse_config(
 ) -> Any:
     """`get_config(variant)` overridden by flags; `--config smoke` picks the variant."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = _Parser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
     try:
         base = get_config(known.config)
     except ValueError as e:
-        _Parser(prog=_prog()).error(str(e))
+        ArgumentParser(prog=_prog()).error(str(e))
     cls = type(base)
-    parser = _Parser(prog=_prog(), description=description,
+    parser = ArgumentParser(prog=_prog(), description=description,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="config variant, e.g. 'smoke'")
     flags = _flag_names(cls)

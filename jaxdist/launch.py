@@ -50,6 +50,7 @@ from jaxdist.errors import (
     UsageError,
     restartable,
 )
+from jaxdist.config import ArgumentParser
 
 ENV_SLOT = "JAXDIST_SLOT"  # the process's place in the original job: a host's name, for tests
 ENV_RESTART = "JAXDIST_RESTART"  # how many times the job was restarted before this start
@@ -241,7 +242,7 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxdist.launch",
+    parser = ArgumentParser(prog="python -m jaxdist.launch",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", "-n", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=1,

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from jaxdist.config import parse_config
+from jaxdist.errors import EXIT_USAGE
 from jaxdist.train.optim import OptimizerConfig
 
 
@@ -45,3 +46,26 @@ def test_bad_flags_exit_2_with_one_line(argv, capsys):
         parse_config(get_config, argv)
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# each project command line with one bad flag: unknown where it rejects unknown flags, else a bad
+# value (the launcher and the reliability drill pass unknown flags on to the command they run)
+BAD_FLAGS = {
+    "jaxdist.launch": ["--processes", "two", "--", "true"],
+    "jaxdist.observe.plots": ["runs/a", "--out", "plots", "--no_such_flag", "1"],
+    "experiments.reliability": ["--runs", "twenty"],
+    **{f"experiments.{name}": ["--no_such_flag", "1"] for name in (
+        "chaos", "bench_comm", "bench_dp", "bench_lm", "bench_torch", "bench_parallel",
+        "bench_restart", "bench_checkpoint", "bench_multiprocess", "time_to_accuracy")},
+}
+
+
+@pytest.mark.parametrize("module", sorted(BAD_FLAGS))
+def test_a_bad_flag_on_any_command_line_is_one_line_and_exit_2(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as ended:
+        importlib.import_module(module).main(BAD_FLAGS[module])
+    assert ended.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err, err

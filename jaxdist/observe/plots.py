@@ -13,12 +13,12 @@ device count) and `collective_bytes.png` (ring wire bytes per device per step, p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 from jaxdist.observe.metrics import read_records
+from jaxdist.config import ArgumentParser
 
 
 class Run:
@@ -253,7 +253,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxdist.observe.plots",
+    parser = ArgumentParser(prog="python -m jaxdist.observe.plots",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="logdirs, workdirs or metrics.jsonl files")
     parser.add_argument("--out", required=True, help="directory for the PNGs")
