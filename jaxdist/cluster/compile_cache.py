@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     """Caches every compiled program under `directory` (default: $JAXDIST_COMPILE_CACHE, then
-    ~/.cache/jaxdist/xla). Safe to call more than once, before or after joining a job; returns
-    the directory in use. A directory that cannot be created or written is a `UsageError`."""
+    ~/.cache/jaxdist/xla). Safe to call more than once; call it after joining a job (as
+    `run_main` does), since only then can it turn the cache off where it cannot be made safe.
+    Returns the directory in use; one that cannot be created or written is a `UsageError`."""
     path = Path(directory or os.environ.get("JAXDIST_COMPILE_CACHE") or DEFAULT_DIR).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -88,8 +89,8 @@ _local = threading.local()  # .alone: compiles of this thread are one process's 
 @contextlib.contextmanager
 def compiled_by_this_process_only():
     """Compiles inside bypass the cache in a multi-process CPU job: for analyses that one process
-    makes alone (the monitor's FLOP count of the step on process 0), which the other processes
-    never meet (module docstring: programs spanning processes are compiled in the same order)."""
+    makes alone (the monitor's FLOP count of the step on process 0). The other processes never
+    compile them, so agreeing on them would only wait `AGREE_TIMEOUT_MS` in vain."""
     before = getattr(_local, "alone", False)
     _local.alone = True
     try:
