@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from jaxdist.errors import TransientError
+from jaxdist.errors import TransientError, first_line
 
 TIMEOUT_S = 1800  # a peer still reading a large checkpoint is slow, not lost
 _rounds: defaultdict[str, itertools.count] = defaultdict(itertools.count)
@@ -44,5 +44,4 @@ def allgather(tag: str, value: Any, *, timeout_s: float = TIMEOUT_S) -> list[Any
                 for i in range(jax.process_count())]
     except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
         raise TransientError(f"the processes did not agree on {tag} within {timeout_s:.0f} s "
-                             f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})"
-                             ) from e
+                             f"({first_line(e)})") from e
