@@ -2,14 +2,20 @@
 
 An experiment's config is a frozen dataclass tree. `parse_config` turns every leaf field into a
 flag named after it (`--global_batch 256`); a nested config's `name` field takes the nested
-field's own name (`--optimizer adam`). Bad values exit with one line and status 2 (`EXIT_USAGE`).
+field's own name (`--optimizer adam`). A field's help is the docstring written under it, its
+choices are its `Literal` type's values: the config class is the one place a flag is described.
+Bad values exit with one line and status 2 (`EXIT_USAGE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
 import sys
+import textwrap
 import typing
 from typing import Any, Callable, Sequence
 
@@ -53,11 +59,61 @@ def _leaf_type(cls: type, path: tuple[str, ...]) -> Any:
     return cls
 
 
+def _leaf_doc(cls: type, path: tuple[str, ...]) -> str:
+    """The docstring of the field at `path`; a nested config's `name` falls back to the
+    docstring of the field holding the nested config."""
+    owner, doc = cls, ""
+    for name in path:
+        doc = field_docs(owner).get(name, "") or (doc if name == "name" else "")
+        owner = typing.get_type_hints(owner)[name]
+    return doc
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """field -> the docstring written under it (its first paragraph, on one line), for `cls` and
+    its dataclass bases; a class whose source is not available has none."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                first = inspect.cleandoc(after.value.value).split("\n\n")[0]
+                docs[node.target.id] = " ".join(first.split())
+    return docs
+
+
+def literal_choices(kind: Any) -> tuple | None:
+    """The values of a `Literal[...]` type (also inside `X | None`), else None."""
+    if typing.get_origin(kind) is typing.Literal:
+        return typing.get_args(kind)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if _is_union(kind) and len(args) == 1:
+        return literal_choices(args[0])
+    return None
+
+
+def _is_union(kind: Any) -> bool:
+    import types
+
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
 def _converter(kind: Any) -> Callable[[str], Any]:
     origin = typing.get_origin(kind)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if _is_union(kind) and len(args) == 1:
         return _converter(args[0])
+    if origin is typing.Literal:
+        return type(args[0])
     if kind is bool:
         return _parse_bool
     if origin is tuple:
@@ -105,13 +161,15 @@ def parse_config(
     parser.add_argument("--config", default="", help="config variant, e.g. 'smoke'")
     flags = _flag_names(cls)
     for flag, path in flags.items():
+        kind = _leaf_type(cls, path)
+        allowed = (choices or {}).get(flag) or literal_choices(kind)
         parser.add_argument(
             f"--{flag}",
-            type=_converter(_leaf_type(cls, path)),
+            type=_converter(kind),
             default=_leaf(base, path),
-            choices=(choices or {}).get(flag),
-            help=(help_text or {}).get(flag, " "),
-            metavar=flag.upper(),
+            choices=allowed,
+            help=(help_text or {}).get(flag) or _leaf_doc(cls, path) or " ",
+            metavar=None if allowed else flag.upper(),  # choices show as {a,b}
         )
     args = parser.parse_args(argv)
     cfg = base
