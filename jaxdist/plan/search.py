@@ -1,0 +1,326 @@
+"""Candidate meshes per strategy and device count, one planned row per compile, the plan and its
+recommendations."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Sequence, TextIO
+
+from jaxdist.errors import UsageError
+from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
+from jaxdist.plan.analysis import analyze_step
+from jaxdist.plan.cost import GIB, MIB, Assumptions, comm_seconds, compute_seconds
+from jaxdist.plan.models import MODELS, model_spec
+
+DEFAULT_MEMORY_GIB = 16.0
+DEFAULT_GLOBAL_BATCH = 256
+
+STRATEGIES = MODEL_PARALLEL_STRATEGIES  # the model-parallel rows of the one strategy table
+# planned when --strategies is not given: the ViT names no activations, so sp would be tp again
+DEFAULT_STRATEGIES = {"vit": tuple(s for s in STRATEGIES if s != "sp"), "lm": STRATEGIES}
+PIPELINE_STAGES = (2, 4)  # pipeline sizes planned for the LM where they divide n and its depth
+SCHEDULES = ("gpipe", "1f1b")
+# (strategy, schedule) pairs not compiled on pipeline meshes, with the reason the row shows: XLA
+# aborted the whole process (not an exception the planner can catch) compiling these
+NOT_PLANNED = {("fsdp_tp", "1f1b"): "fsdp_tp with a 1F1B pipeline is not planned yet: XLA can "
+               "abort the process compiling it (being fixed)"}
+
+
+
+def candidate_meshes(strategy: str, n: int, layers: int | None = None,
+                     stages: Sequence[int] | None = None) -> list[str]:
+    """The meshes worth planning for `strategy` on `n` devices (see docs/planning.md).
+
+    With `layers` (a model with a layer stack, the LM) it adds pipeline meshes: for each S of
+    `stages` (default `PIPELINE_STAGES`) that divides n and `layers`, the strategy's first mesh
+    on n / S devices with `pipeline=S` (dp, zero1 `data=n/S,pipeline=S`; fsdp
+    `fsdp=n/S,pipeline=S`; tp, sp `data=n/2S,tensor=2,pipeline=S`; fsdp_tp
+    `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2)."""
+    if strategy in ("dp", "zero1"):
+        meshes = [f"data={n}"]
+    elif strategy == "fsdp":
+        meshes = [f"fsdp={n}"]
+        if n % 2 == 0 and n // 2 >= 2:
+            meshes.append(f"data=2,fsdp={n // 2}")
+    elif strategy in ("tp", "sp"):
+        meshes = [f"data={n // 2},tensor=2"] if n % 2 == 0 else []
+    elif strategy == "fsdp_tp":
+        meshes = []
+        if n % 2 == 0 and n // 2 >= 2:
+            meshes.append(f"fsdp={n // 2},tensor=2")
+        if n % 4 == 0 and n // 4 >= 2:
+            meshes.append(f"data=2,fsdp={n // 4},tensor=2")
+    else:
+        raise UsageError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if layers is None:
+        return meshes
+    for s in PIPELINE_STAGES if stages is None else stages:
+        if s < 2 or n % s or layers % s:
+            continue
+        rest = n // s
+        if strategy in ("dp", "zero1"):
+            meshes.append(f"data={rest},pipeline={s}")
+        elif strategy == "fsdp":
+            meshes.append(f"fsdp={rest},pipeline={s}")
+        elif strategy in ("tp", "sp") and rest % 2 == 0:
+            meshes.append(f"data={rest // 2},tensor=2,pipeline={s}")
+        elif strategy == "fsdp_tp" and rest % 2 == 0 and rest // 2 >= 2:
+            meshes.append(f"fsdp={rest // 2},tensor=2,pipeline={s}")
+    return meshes
+
+
+@dataclasses.dataclass
+class PlanRow:
+    model: str
+    n: int
+    strategy: str
+    mesh: str
+    memory: Any = None  # MemoryReport, None when skipped
+    wire_bytes: float = 0.0
+    collectives: int = 0
+    compute_s: float = 0.0  # FLOPs / peak, without the pipeline's bubble
+    comm_s: float = 0.0
+    fits: bool = False
+    reason: str = ""  # why skipped or rejected; empty when it fits
+    compile_s: float = 0.0
+    schedule: str = ""  # pipeline rows: "gpipe" or "1f1b"; empty without a pipeline
+    microbatches: int = 0  # pipeline rows: M
+    bubble: float = 0.0  # pipeline rows: pipeline.bubble_fraction of the schedule
+    inputs: str = ""  # what one example is (ModelSpec.inputs)
+    flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
+
+    @property
+    def skipped(self) -> bool:
+        return self.memory is None
+
+    @property
+    def busy_s(self) -> float:
+        """Compute time including the pipeline's extra work: compute / (1 - bubble)."""
+        return self.compute_s / (1 - self.bubble)
+
+    @property
+    def step_s(self) -> float:
+        return self.busy_s + self.comm_s
+
+
+def _reject_reason(memory: Any, budget_bytes: float) -> str:
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    return (f"needs {gib(memory.peak_estimate)} GiB/device > {budget_bytes / GIB:g} GiB budget "
+            f"(params {gib(memory.params)}, optimizer {gib(memory.optimizer)}, "
+            f"temp {gib(memory.temp)})")
+
+
+def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *,
+                memory_gib: float, global_batch: int, tx: Any, assumptions: Assumptions,
+                devices: Sequence[Any] | None = None, overrides: dict | None = None,
+                schedule: str = "gpipe", microbatches: int | None = None) -> PlanRow:
+    """One row: compile `strategy` on `mesh_shape` over the first `n` CPU devices and estimate.
+
+    On a mesh with pipeline=S > 1 the layer stack is split over S stages, run with `schedule`
+    ("gpipe" or "1f1b") and `microbatches` M (default 2 S). Rules that reject the model (a
+    dimension that does not divide), batches that do not split and stacks that do not split into
+    S stages give a skipped row with the reason; a peak over the budget gives a rejected row."""
+    import jax
+
+    from jaxdist.parallel import ShardedTrainer, make_mesh
+    from jaxdist.parallel.pipeline import bubble_fraction
+    from jaxdist.parallel.rules import batch_ways, rules_for
+
+    spec = model_spec(model, size, overrides)
+    row = PlanRow(spec.label, n, strategy, mesh_shape, inputs=spec.inputs,
+                  flops_from="xla" if spec.layers is None else "model")
+    if devices is None:
+        devices = jax.devices("cpu")
+    try:
+        mesh = make_mesh(mesh_shape, list(devices)[:n])
+        ways = batch_ways(mesh, rules_for(strategy))
+        if global_batch % ways:
+            raise UsageError(f"global batch {global_batch} does not split into {ways} pieces")
+        stages = mesh.shape["pipeline"]
+        options: dict[str, Any] = {}
+        if stages > 1:
+            m = 2 * stages if microbatches is None else microbatches
+            row.schedule, row.microbatches = schedule, m
+            row.bubble = bubble_fraction(stages, m, schedule)
+            if (strategy, schedule) in NOT_PLANNED:
+                raise UsageError(NOT_PLANNED[strategy, schedule])
+            if spec.layers is None:
+                raise UsageError(f"{spec.label} has no layer stack to split into pipeline stages")
+            if spec.layers % stages:
+                raise UsageError(f"{spec.label}'s {spec.layers} layers do not split into "
+                                 f"{stages} pipeline stages")
+            if global_batch % (ways * m):
+                raise UsageError(f"global batch {global_batch} does not split into {m} "
+                                 f"microbatches on each of {ways} data-parallel groups")
+            options = dict(pipeline_microbatches=m, pipeline_schedule=schedule)
+        trainer = ShardedTrainer(spec.model_fn, tx, spec.loss_fn, mesh=mesh, strategy=strategy,
+                                 **options)
+    except UsageError as e:
+        row.reason = f"skipped: {e}"
+        return row
+    try:
+        analysis = analyze_step(trainer, spec.batch(global_batch))
+    except Exception as e:  # noqa: BLE001 - one failed config must not end a long plan
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        row.reason = f"skipped: compile failed: {type(e).__name__}: {first}"
+        return row
+    budget = memory_gib * GIB
+    model_flops = spec.step_flops(global_batch)
+    flops = analysis.flops if model_flops is None else model_flops / n
+    # Every 1F1B unit runs one masked program (no conditional), so the HLO's ledger, with the
+    # loop's trip count, is what each stage sends.
+    ledger = analysis.ledger
+    row.memory = analysis.memory
+    row.wire_bytes = ledger.total(wire=True)
+    row.collectives = ledger.count()
+    row.compute_s = compute_seconds(flops, assumptions)
+    row.comm_s = comm_seconds(ledger, assumptions)
+    row.compile_s = analysis.compile_s
+    row.fits = analysis.memory.peak_estimate <= budget
+    if not row.fits:
+        row.reason = "rejected: " + _reject_reason(analysis.memory, budget)
+    return row
+
+
+def make_tx(optimizer: str) -> Any:
+    from jaxdist.train import OptimizerConfig, make_optimizer
+
+    return make_optimizer(OptimizerConfig(name=optimizer, schedule="constant"), 1)
+
+
+def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[int],
+                    strategies: Sequence[str], memory_gib: float, global_batch: int,
+                    optimizer: str, assumptions: Assumptions, *, overrides: dict | None = None,
+                    pipeline_stages: Sequence[int] | None = None,
+                    schedules: Sequence[str] = SCHEDULES,
+                    pipeline_microbatches: int | None = None) -> None:
+    """UsageError for anything the planner cannot plan, before any compile."""
+    from jaxdist.train.optim import OPTIMIZERS
+
+    if model not in MODELS:
+        raise UsageError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
+    if not sizes:
+        raise UsageError("give at least one model size")
+    specs = [model_spec(model, size, overrides) for size in sizes]
+    if not device_counts:
+        raise UsageError("give at least one device count, e.g. --devices 8,16")
+    for n in device_counts:
+        if n < 1:
+            raise UsageError(f"device counts must be at least 1, got {n}")
+    if not strategies:
+        raise UsageError("give at least one strategy")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    if not memory_gib > 0:
+        raise UsageError(f"the memory budget must be positive, got {memory_gib:g} GiB")
+    if global_batch < 1:
+        raise UsageError(f"the global batch must be at least 1, got {global_batch}")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    for name in ("peak_tflops", "bandwidth_gbps"):
+        if not getattr(assumptions, name) > 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(assumptions, name):g}")
+    if assumptions.latency_us < 0:
+        raise UsageError(f"--latency_us must not be negative, got {assumptions.latency_us:g}")
+    if not schedules:
+        raise UsageError("give at least one pipeline schedule (gpipe, 1f1b)")
+    for schedule in schedules:
+        if schedule not in SCHEDULES:
+            raise UsageError(f"unknown pipeline schedule {schedule!r}; choose from "
+                             f"{', '.join(SCHEDULES)}")
+    if pipeline_microbatches is not None and pipeline_microbatches < 1:
+        raise UsageError(f"--pipeline_microbatches must be at least 1, got "
+                         f"{pipeline_microbatches}")
+    if pipeline_stages is None:  # the defaults: planned where they divide, silently
+        return
+    for stages in pipeline_stages:
+        if stages < 1:
+            raise UsageError(f"pipeline sizes must be at least 1, got {stages}")
+        for spec in specs:
+            if stages > 1 and spec.layers is None:
+                raise UsageError(f"{spec.label} has no layer stack to split into pipeline "
+                                 f"stages (pipelines are planned for --model lm)")
+            if stages > 1 and spec.layers % stages:
+                raise UsageError(f"{spec.label}'s {spec.layers} layers do not split into "
+                                 f"{stages} pipeline stages; choose pipeline sizes that divide "
+                                 f"{spec.layers}")
+
+
+def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
+         device_counts: Sequence[int] = (8,), strategies: Sequence[str] | None = None, *,
+         memory_gib: float = DEFAULT_MEMORY_GIB, global_batch: int = DEFAULT_GLOBAL_BATCH,
+         optimizer: str = "adam", assumptions: Assumptions = Assumptions(),
+         overrides: dict | None = None, pipeline_stages: Sequence[int] | None = None,
+         schedules: Sequence[str] = SCHEDULES, pipeline_microbatches: int | None = None,
+         progress: TextIO | None = None) -> list[PlanRow]:
+    """Every row of the plan; progress lines go to `progress` (default stderr). Needs at least
+    max(device_counts) CPU devices: call `jaxdist.cluster.configure_cpu_devices(max(
+    device_counts))` before JAX starts.
+
+    `strategies` default: `DEFAULT_STRATEGIES[model]`. For a model with a layer stack (the LM)
+    every pipeline size of `pipeline_stages` (default `PIPELINE_STAGES`, where they divide n and
+    the depth) is planned under each of `schedules`, with `pipeline_microbatches` (default 2 S).
+    """
+    progress = progress or sys.stderr
+    if strategies is None:
+        strategies = DEFAULT_STRATEGIES.get(model, STRATEGIES)
+    validate_inputs(model, sizes, device_counts, strategies, memory_gib, global_batch,
+                    optimizer, assumptions, overrides=overrides, pipeline_stages=pipeline_stages,
+                    schedules=schedules, pipeline_microbatches=pipeline_microbatches)
+    import jax
+
+    from jaxdist.parallel import parse_mesh_shape
+
+    devices = jax.devices("cpu")
+    if max(device_counts) > len(devices):
+        raise UsageError(
+            f"planning for {max(device_counts)} devices needs as many virtual CPU devices, but "
+            f"JAX started with {len(devices)}; call configure_cpu_devices({max(device_counts)}) "
+            f"before JAX starts (python -m jaxdist.plan does)")
+    tx = make_tx(optimizer)
+    todo = []
+    for size in sizes:
+        layers = model_spec(model, size, overrides).layers
+        for n in device_counts:
+            for s in strategies:
+                for mesh in candidate_meshes(s, n, layers, pipeline_stages):
+                    pipelined = parse_mesh_shape(mesh).get("pipeline", 1) > 1
+                    todo += [(size, n, s, mesh, sch) for sch in (schedules if pipelined
+                                                                 else ("",))]
+    rows, began = [], time.perf_counter()
+    label = lambda size: model_spec(model, size, overrides).label  # noqa: E731
+    for i, (size, n, strategy, mesh, schedule) in enumerate(todo, 1):
+        print(f"plan: [{i}/{len(todo)}] {label(size)} n={n} {strategy} {mesh}"
+              + (f" {schedule}" if schedule else "") + " ...", end="", file=progress, flush=True)
+        start = time.perf_counter()
+        row = plan_config(model, size, n, strategy, mesh, memory_gib=memory_gib,
+                          global_batch=global_batch, tx=tx, assumptions=assumptions,
+                          devices=devices, overrides=overrides, schedule=schedule or "gpipe",
+                          microbatches=pipeline_microbatches)
+        rows.append(row)
+        peak = 0 if row.skipped else row.memory.peak_estimate
+        done = ("skipped" if row.skipped else
+                f"peak {peak / GIB:.2f} GiB" if peak >= GIB / 10 else f"peak {peak / MIB:.1f} MiB")
+        done += "" if row.skipped else f", step {row.step_s * 1e3:.1f} ms"
+        print(f" {time.perf_counter() - start:.1f} s ({done})", file=progress, flush=True)
+    print(f"plan: {len(todo)} configs in {time.perf_counter() - began:.0f} s", file=progress,
+          flush=True)
+    return rows
+
+
+def recommend(rows: Sequence[PlanRow]) -> dict[tuple[str, int], PlanRow | None]:
+    """(model, n) -> the fastest row that fits (ties: the smaller peak), or None."""
+    best: dict[tuple[str, int], PlanRow | None] = {}
+    for row in rows:
+        key = (row.model, row.n)
+        best.setdefault(key, None)
+        if row.skipped or not row.fits:
+            continue
+        current = best[key]
+        if current is None or (row.step_s, row.memory.peak_estimate) < (
+                current.step_s, current.memory.peak_estimate):
+            best[key] = row
+    return best
