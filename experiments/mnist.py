@@ -20,6 +20,7 @@ from pathlib import Path
 from jaxdist.errors import UsageError
 from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: F401 - usual names
 from jaxdist.models.classification import mnist_loss as loss_fn
+from jaxdist.models.registry import get_model, model_names
 from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES as STRATEGIES
 from jaxdist.train import run_config
 from jaxdist.train.run_config import (
@@ -79,26 +80,16 @@ def get_config(variant: str = "") -> MnistConfig:
     return with_variant(MnistConfig(), variant)
 
 
-MODELS = ("cnn", "wide_cnn", "vit")
+MODELS = model_names(task="image_classification")  # cnn, wide_cnn, vit: the registry's
 
 
 def model_builder(cfg: MnistConfig):
-    """(name for messages, a function that builds the model)."""
-    from flax import nnx
-
-    from jaxdist.models import MnistCNN, ViT, WideCNN, param_count, vit_config
-
-    if cfg.model == "vit":
-        vit = vit_config(cfg.vit_size)
-        name = f"ViT-{cfg.vit_size} ({param_count(vit) / 1e6:.2f}M params)"
-        return name, lambda: ViT(vit, rngs=nnx.Rngs(cfg.seed))
-    if cfg.model == "wide_cnn":
-        return "wide CNN", lambda: WideCNN(rngs=nnx.Rngs(cfg.seed))
-    if cfg.compute_dtype == "bfloat16":
-        import jax.numpy as jnp
-
-        return "CNN (bf16 compute)", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed), dtype=jnp.bfloat16)
-    return "CNN", lambda: MnistCNN(rngs=nnx.Rngs(cfg.seed))
+    """(name for messages, a function that builds the model): the registry's `cfg.model`, at
+    `cfg.vit_size` where it has sizes, computing in `cfg.compute_dtype` (the CNN's option)."""
+    spec = get_model(cfg.model)
+    options = {} if cfg.compute_dtype == "float32" else {"compute_dtype": cfg.compute_dtype}
+    variant = spec.variant(cfg.vit_size if spec.sizes else None, **options)
+    return variant.title, variant.model_fn(cfg.seed)
 
 
 def make_trainer(cfg: MnistConfig, devices, tx):

@@ -16,10 +16,11 @@ from conftest import needs_devices
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import plan
 from jaxdist.models import ViT, vit_config
-from jaxdist.models.lm import GPT, lm_config, lm_loss, param_count
+from jaxdist.models.lm import REMAT_POLICIES, GPT, lm_config, lm_loss, param_count, train_flops
 from jaxdist.observe import collective_ledger
 from jaxdist.parallel import ShardedTrainer, make_mesh
 from jaxdist.parallel.pipeline import schedule_1f1b
+from jaxdist.config import parse_config
 from jaxdist.core.step import init_state
 
 MESHES = [("fsdp", "fsdp=8"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")]
@@ -138,12 +139,12 @@ def test_flops_are_read_from_a_dict_or_a_list_of_dicts():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "gpt"], "unknown model 'gpt'"),
+    (["--model", "gpt"], "argument --model: invalid choice: 'gpt'"),
     (["--model", "lm", "--lm_size", "huge"], "unknown LM size 'huge'"),
     (["--model", "lm", "--lm_size", "test", "--pipeline_stages", "3"],
      "lm-test's 4 layers do not split into 3 pipeline stages"),
-    (["--model", "lm", "--pipeline_stages", "two"], "--pipeline_stages takes comma-separated"),
-    (["--model", "lm", "--remat", "most"], "unknown remat policy 'most'"),
+    (["--model", "lm", "--pipeline_stages", "two"], "argument --pipeline_stages: invalid"),
+    (["--model", "lm", "--remat", "most"], "argument --remat: invalid choice: 'most'"),
     (["--model", "lm", "--schedules", "gpipe,zb"], "unknown pipeline schedule 'zb'"),
     (["--model", "lm", "--pipeline_microbatches", "0"], "--pipeline_microbatches must be at least 1"),
     (["--model", "lm", "--seq_len", "0"], "LM sizes must be positive"),
@@ -151,17 +152,46 @@ def test_flops_are_read_from_a_dict_or_a_list_of_dicts():
     (["--vit_size", "small,huge"], "unknown ViT size 'huge'"),
     (["--strategies", "dp,zero3"], "unknown strategy 'zero3'"),
     (["--devices", "8,0"], "device counts must be at least 1, got 0"),
-    (["--devices", "eight"], "--devices takes comma-separated integers"),
+    (["--devices", "eight"], "argument --devices: invalid"),
+    (["--devices", ""], "give at least one device count"),
     (["--memory_gib", "0"], "the memory budget must be positive"),
     (["--memory_gib", "-2"], "the memory budget must be positive"),
     (["--optimizer", "lion"], "unknown optimizer 'lion'"),
     (["--devices", "64"], "needs as many virtual CPU devices, but JAX started with 8"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--config", "smoke"], "the planner has no config variants"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
     assert plan.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert "error: " in err and message in err and "\n" not in err
+
+
+def test_every_flag_is_a_field_of_the_plan_config_with_its_help():
+    """One typed config, parsed like every recipe's: each field is a flag with a docstring, the
+    models offered are the registry's models with named sizes, the defaults are the planner's."""
+    import dataclasses
+    import typing
+
+    from jaxdist.config import field_docs, literal_choices
+
+    fields = {f.name for f in dataclasses.fields(plan.PlanConfig)}
+    assert fields == {
+        "model", "vit_size", "lm_size", "remat", "seq_len", "pipeline_stages",
+        "pipeline_microbatches", "schedules", "devices", "memory_gib", "bandwidth_gbps",
+        "latency_us", "peak_tflops", "global_batch", "strategies", "optimizer"}
+    assert set(field_docs(plan.PlanConfig)) == fields
+    hints = typing.get_type_hints(plan.PlanConfig)
+    assert literal_choices(hints["model"]) == plan.MODELS == ("vit", "lm")
+    assert literal_choices(hints["remat"]) == REMAT_POLICIES
+    assert typing.get_args(typing.get_args(hints["schedules"])[0]) == plan.SCHEDULES
+    cfg = parse_config(lambda variant: plan.PlanConfig(), [
+        "--model", "lm", "--lm_size", "test,1.3b", "--devices", "8,16", "--memory_gib", "80",
+        "--pipeline_stages", "2", "--schedules", "1f1b", "--remat", "dots"])
+    assert (cfg.sizes, cfg.devices, cfg.memory_gib, cfg.pipeline_stages, cfg.schedules) == (
+        ("test", "1.3b"), (8, 16), 80.0, (2,), ("1f1b",))
+    assert cfg.overrides == {"remat": "dots"}
+    assert plan.PlanConfig().sizes == (plan.DEFAULT_SIZES["vit"],)
 
 
 @needs_devices(2)
@@ -231,7 +261,8 @@ def test_planned_lm_memory_matches_the_real_step_compiled_on_8_devices_within_10
         lm_planned, strategy, mesh, schedule):
     row = lm_planned[strategy, mesh, schedule]
     assert not row.skipped, row.reason
-    cfg = lm_config(LM_SIZE, remat=plan.DEFAULT_LM_REMAT)
+    cfg = plan.planned_model("lm", LM_SIZE).config
+    assert cfg == lm_config(LM_SIZE, remat=plan.DEFAULT_LM_REMAT)
     model_fn = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     options = dict(pipeline_microbatches=LM_M, pipeline_schedule=schedule) if schedule else {}
     trainer = ShardedTrainer(model_fn, optax.adam(1e-3), lm_loss, mesh=make_mesh(mesh),
@@ -251,7 +282,7 @@ def test_the_1f1b_step_has_no_conditional_so_its_ledger_is_what_every_stage_send
     trainer = ShardedTrainer(lambda: GPT(lm_config("test"), rngs=nnx.Rngs(0)), plan.make_tx("adam"),
                              lm_loss, mesh=make_mesh("data=4,pipeline=2"), strategy="dp",
                              pipeline_schedule="1f1b", pipeline_microbatches=4)
-    analysis = plan.analyze_step(trainer, plan.model_spec("lm", "test").batch(16))
+    analysis = plan.analyze_step(trainer, plan.planned_model("lm", "test").batch(16))
     assert " conditional(" not in analysis.hlo
     units = len(schedule_1f1b(2, 4))
     assert analysis.ledger.count("collective-permute") >= 2 * units
@@ -266,15 +297,14 @@ def test_lm_model_flops_agree_with_xla_where_its_cost_analysis_counts_right():
     """XLA's cost analysis counts a scan's body once (the layer stack): with one layer it is
     right, and the planner's model FLOPs (matmuls only) are within 10% of it."""
     for remat in ("none", "full"):
-        spec = plan.model_spec("lm", "tiny", {"depth": 1, "remat": remat})
-        trainer = ShardedTrainer(spec.model_fn, plan.make_tx("adam"), spec.loss_fn,
+        spec = plan.planned_model("lm", "tiny", {"depth": 1, "remat": remat})
+        trainer = ShardedTrainer(spec.model_fn(), plan.make_tx("adam"), spec.loss_fn,
                                  mesh=make_mesh("data=8"), strategy="dp")
         xla = plan.analyze_step(trainer, spec.batch(LM_BATCH)).flops
         assert spec.step_flops(LM_BATCH) / 8 == pytest.approx(xla, rel=0.10), remat
     # a deeper stack: more FLOPs in the model, the same count from XLA's scan body
     cfg = lm_config("tiny", remat="full")
-    assert plan.lm_step_flops(cfg, 1000) > plan.lm_step_flops(lm_config("tiny", depth=1,
-                                                                        remat="full"), 1000)
+    assert train_flops(cfg, 1000) > train_flops(lm_config("tiny", depth=1, remat="full"), 1000)
 
 
 def test_the_lm_meshes_add_pipelines_where_they_divide_the_devices_and_the_depth():

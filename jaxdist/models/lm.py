@@ -93,6 +93,25 @@ def flops_per_token(cfg: LMConfig) -> float:
     return 6 * (param_count(cfg) - cfg.embed) + 12 * cfg.depth * cfg.seq_len * cfg.embed
 
 
+def train_flops(cfg: LMConfig, tokens: int) -> float:
+    """Training FLOPs of `tokens` tokens, all devices together: `flops_per_token` plus the
+    forward the backward pass computes again under the remat policy.
+
+    Again per token: full, the blocks' forward but for the last matmul, whose output no gradient
+    needs, 2 (N_layers - L E F) + 4 L T E; dots_no_batch, attention's scores and mixing, 4 L T E;
+    dots and none, only elementwise work, not counted. A pipeline's extra work (GPipe's idle
+    ticks, 1F1B's masked units) is its bubble, not counted here. Matmuls only: XLA's count of one
+    layer (where its cost analysis is right) is 3-4% higher, from elementwise work. XLA's own
+    cost analysis undercounts the LM: it counts the body of a `lax.scan` (the layer stack, a
+    pipeline's ticks) once."""
+    layer_params = param_count(cfg) - param_count(dataclasses.replace(cfg, depth=0))
+    attention = 4 * cfg.depth * cfg.seq_len * cfg.embed  # scores and mixing, forward
+    block_forward = 2 * layer_params + attention
+    again = {"none": 0, "dots": 0, "dots_no_batch": attention,
+             "full": block_forward - 2 * cfg.depth * cfg.mlp * cfg.embed}[cfg.remat]
+    return float(tokens) * (flops_per_token(cfg) + again)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
     value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
     return nnx.Param(value, sharding_names=names, eager_sharding=False)

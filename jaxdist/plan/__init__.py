@@ -22,27 +22,29 @@ layer stack split over S stages) under both schedules, GPipe and 1F1B; a pipelin
 is per device, i.e. per stage. See docs/planning.md.
 
 The package, one concern a module: `analysis` (compile one step, read memory, collectives and
-FLOPs), `cost` (the step-time model, `Assumptions`), `models` (what is compiled per model and
-size), `search` (candidate meshes, one row per config, the plan, the recommendation), `report`
-(the text) and `cli` (`python -m jaxdist.plan`).
+FLOPs), `cost` (the step-time model, `Assumptions`), `models` (the registry's models at the
+planner's defaults), `search` (candidate meshes, one row per config, the plan, the
+recommendation), `report` (the text) and `cli` (`python -m jaxdist.plan`, its flags one
+`PlanConfig`).
 """
 
 from jaxdist.plan.analysis import (FAST_COMPILE, StepAnalysis, abstract_batch, analyze_step,
                                    flops_per_device)
 from jaxdist.plan.cost import (GIB, MIB, Assumptions, comm_seconds, compute_seconds,
                                ring_steps)
-from jaxdist.plan.models import DEFAULT_LM_REMAT, MODELS, ModelSpec, lm_step_flops, model_spec
+from jaxdist.plan.models import (DEFAULT_LM_REMAT, DEFAULT_SIZES, MODELS, PLAN_DEFAULTS,
+                                 planned_model)
 from jaxdist.plan.search import (DEFAULT_STRATEGIES, NOT_PLANNED, PIPELINE_STAGES, SCHEDULES,
                                  STRATEGIES, PlanRow, candidate_meshes, make_tx, plan,
                                  plan_config, recommend, validate_inputs)
 from jaxdist.plan.report import format_plan
-from jaxdist.plan.cli import main
+from jaxdist.plan.cli import PlanConfig, main
 
 __all__ = [
-    "DEFAULT_LM_REMAT", "DEFAULT_STRATEGIES", "FAST_COMPILE", "GIB", "MIB", "MODELS",
-    "NOT_PLANNED", "PIPELINE_STAGES", "SCHEDULES", "STRATEGIES", "Assumptions", "ModelSpec",
-    "PlanRow", "StepAnalysis", "abstract_batch", "analyze_step", "candidate_meshes",
-    "comm_seconds", "compute_seconds", "flops_per_device", "format_plan", "lm_step_flops",
-    "main", "make_tx", "model_spec", "plan", "plan_config", "recommend", "ring_steps",
+    "DEFAULT_LM_REMAT", "DEFAULT_SIZES", "DEFAULT_STRATEGIES", "FAST_COMPILE", "GIB", "MIB",
+    "MODELS", "NOT_PLANNED", "PIPELINE_STAGES", "PLAN_DEFAULTS", "SCHEDULES", "STRATEGIES",
+    "Assumptions", "PlanConfig", "PlanRow", "StepAnalysis", "abstract_batch", "analyze_step",
+    "candidate_meshes", "comm_seconds", "compute_seconds", "flops_per_device", "format_plan",
+    "main", "make_tx", "plan", "plan_config", "planned_model", "recommend", "ring_steps",
     "validate_inputs",
 ]

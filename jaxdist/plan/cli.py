@@ -1,120 +1,122 @@
-"""`python -m jaxdist.plan`: the flags, checked before any compile, then the plan printed."""
+"""`python -m jaxdist.plan`: the flags (one typed config, `PlanConfig`, parsed by the project's
+`jaxdist.config.parse_config`), checked before any compile, then the plan printed."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Literal, Sequence, TextIO
 
-import jaxdist.plan as _package
-from jaxdist.errors import UsageError
+from jaxdist.errors import EXIT_USAGE, UsageError
 from jaxdist.plan.cost import (DEFAULT_BANDWIDTH_GBPS, DEFAULT_LATENCY_US, DEFAULT_PEAK_TFLOPS,
                                Assumptions)
-from jaxdist.plan.models import DEFAULT_LM_REMAT, MODELS
+from jaxdist.plan.models import DEFAULT_SIZES
 from jaxdist.plan.report import format_plan
 from jaxdist.plan.search import (DEFAULT_GLOBAL_BATCH, DEFAULT_MEMORY_GIB, DEFAULT_STRATEGIES,
-                                 PIPELINE_STAGES, SCHEDULES, STRATEGIES, plan, validate_inputs)
+                                 SCHEDULES, STRATEGIES, plan, validate_inputs)
 
-DEFAULT_SIZES = {"vit": "small", "lm": "125m"}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, like every other UsageError
-        raise UsageError(message)
+DESCRIPTION = ("Pre-flight planner: memory, communication and step time per strategy and mesh, "
+               "before any run.")
+LM_ONLY = ("remat", "seq_len", "pipeline_stages", "pipeline_microbatches")
 
 
-def _ints(text: str, flag: str = "--devices") -> list[int]:
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, e.g. 8,16,32; got {text!r}")
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """What to plan, on how many devices, under which stated assumptions: one flag per field."""
+
+    model: Literal["vit", "lm"] = "vit"
+    """model family (a registered model with named sizes, `jaxdist.models.registry`)"""
+    vit_size: tuple[str, ...] = (DEFAULT_SIZES["vit"],)
+    """one or more ViT sizes, comma separated: tiny, small, base, large"""
+    lm_size: tuple[str, ...] = (DEFAULT_SIZES["lm"],)
+    """one or more LM sizes, comma separated: test, tiny, small, 125m, 350m, 1.3b, 7b"""
+    remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None
+    """LM only: remat policy of each block (default full)"""
+    seq_len: int | None = None
+    """LM only: sequence length instead of the size's own"""
+    pipeline_stages: tuple[int, ...] | None = None
+    """LM only: pipeline sizes S, comma separated (default 2,4 where they divide n and the depth;
+    1: no pipeline rows)"""
+    pipeline_microbatches: int | None = None
+    """LM only: microbatches M of every pipeline row (default 2 S)"""
+    schedules: tuple[Literal["gpipe", "1f1b"], ...] = SCHEDULES
+    """LM only: pipeline schedules planned, comma separated: gpipe, 1f1b"""
+    devices: tuple[int, ...] = (8,)
+    """device counts, comma separated (e.g. 8,16,32)"""
+    memory_gib: float = DEFAULT_MEMORY_GIB
+    """memory budget per device, GiB"""
+    bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS
+    """network bandwidth per device per direction, Gbit/s"""
+    latency_us: float = DEFAULT_LATENCY_US
+    """latency (alpha) of one ring step, microseconds"""
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS
+    """assumed peak compute per device, TFLOP/s (a stated assumption)"""
+    global_batch: int = DEFAULT_GLOBAL_BATCH
+    """examples per step, all devices together"""
+    strategies: tuple[str, ...] | None = None
+    """model-parallel strategies, comma separated: dp, zero1, fsdp, tp, sp, fsdp_tp (default: all;
+    the ViT: all but sp, which is tp for a model without activation names)"""
+    optimizer: str = "adam"
+    """optimizer whose state is planned: sgd, momentum, nesterov, adam, adamw, rmsprop"""
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        """The sizes of `model` (the flag named after it)."""
+        return tuple(s.strip() for s in getattr(self, f"{self.model}_size") if s.strip())
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The LM config fields the flags replace."""
+        return {k: getattr(self, k) for k in ("remat", "seq_len") if getattr(self, k) is not None}
+
+    @property
+    def assumptions(self) -> Assumptions:
+        return Assumptions(peak_tflops=self.peak_tflops, latency_us=self.latency_us,
+                           bandwidth_gbps=self.bandwidth_gbps)
 
 
-def _names(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+def get_config(variant: str = "") -> PlanConfig:
+    """The defaults; the planner has no named variants."""
+    if variant:
+        raise ValueError(f"the planner has no config variants, got --config {variant}")
+    return PlanConfig()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jaxdist.plan", description=_package.__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit", help="model family: vit or lm")
-    p.add_argument("--vit_size", default=DEFAULT_SIZES["vit"],
-                   help="one or more ViT sizes, comma separated: tiny, small, base, large")
-    p.add_argument("--lm_size", default=DEFAULT_SIZES["lm"],
-                   help="one or more LM sizes, comma separated: test, tiny, small, 125m, 350m, "
-                        "1.3b, 7b")
-    p.add_argument("--remat", default=None,
-                   help=f"LM only: remat policy of each block, none, full, dots, dots_no_batch "
-                        f"(default {DEFAULT_LM_REMAT})")
-    p.add_argument("--seq_len", type=int, default=None,
-                   help="LM only: sequence length instead of the size's own")
-    p.add_argument("--pipeline_stages", default=None,
-                   help=f"LM only: pipeline sizes S, comma separated (default "
-                        f"{','.join(map(str, PIPELINE_STAGES))} where they divide n and the "
-                        f"depth; 1: no pipeline rows)")
-    p.add_argument("--pipeline_microbatches", type=int, default=None,
-                   help="LM only: microbatches M of every pipeline row (default 2 S)")
-    p.add_argument("--schedules", default=",".join(SCHEDULES),
-                   help="LM only: pipeline schedules planned, comma separated: gpipe, 1f1b")
-    p.add_argument("--devices", default="8", help="device counts, comma separated (e.g. 8,16,32)")
-    p.add_argument("--memory_gib", type=float, default=DEFAULT_MEMORY_GIB,
-                   help="memory budget per device, GiB")
-    p.add_argument("--bandwidth_gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS,
-                   help="network bandwidth per device per direction, Gbit/s")
-    p.add_argument("--latency_us", type=float, default=DEFAULT_LATENCY_US,
-                   help="latency (alpha) of one ring step, microseconds")
-    p.add_argument("--peak_tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
-                   help="assumed peak compute per device, TFLOP/s (a stated assumption)")
-    p.add_argument("--global_batch", type=int, default=DEFAULT_GLOBAL_BATCH)
-    p.add_argument("--strategies", default=None,
-                   help="comma separated, from " + ", ".join(STRATEGIES) + " (default: all; "
-                        "the ViT: all but sp, which is tp for a model without activation names)")
-    p.add_argument("--optimizer", default="adam")
-    return p
+def plan_options(cfg: PlanConfig) -> dict[str, Any]:
+    """`plan`'s and `validate_inputs`' arguments from the flags; UsageError for LM-only flags
+    given to another model."""
+    given = [f"--{k}" for k in LM_ONLY if getattr(cfg, k) is not None]
+    if cfg.model != "lm" and given:
+        raise UsageError(f"{', '.join(given)}: options of --model lm, not --model {cfg.model}")
+    strategies = (DEFAULT_STRATEGIES.get(cfg.model, STRATEGIES) if cfg.strategies is None
+                  else tuple(s.strip() for s in cfg.strategies if s.strip()))
+    return dict(model=cfg.model, sizes=cfg.sizes, device_counts=cfg.devices,
+                strategies=strategies, memory_gib=cfg.memory_gib, global_batch=cfg.global_batch,
+                optimizer=cfg.optimizer, assumptions=cfg.assumptions, overrides=cfg.overrides,
+                pipeline_stages=cfg.pipeline_stages, schedules=cfg.schedules,
+                pipeline_microbatches=cfg.pipeline_microbatches)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Parses the flags, plans, prints the plan to `out` (default stdout); the exit status: 0, or
+    2 for bad input (one line on stderr)."""
+    from jaxdist.config import parse_config
+
     out = out or sys.stdout
     try:
-        args = build_parser().parse_args(argv)
-        counts = _ints(args.devices)
-        lm_flags = {"--remat": args.remat, "--seq_len": args.seq_len,
-                    "--pipeline_stages": args.pipeline_stages,
-                    "--pipeline_microbatches": args.pipeline_microbatches}
-        overrides: dict[str, Any] = {}
-        if args.model == "lm":
-            sizes = _names(args.lm_size)
-            if args.remat is not None:
-                overrides["remat"] = args.remat
-            if args.seq_len is not None:
-                overrides["seq_len"] = args.seq_len
-        else:
-            sizes = _names(args.vit_size)
-            given = [flag for flag, value in lm_flags.items() if value is not None]
-            if given and args.model in MODELS:
-                raise UsageError(f"{', '.join(given)}: options of --model lm, not "
-                                 f"--model {args.model}")
-        strategies = (DEFAULT_STRATEGIES.get(args.model, STRATEGIES) if args.strategies is None
-                      else _names(args.strategies))
-        stages = (None if args.pipeline_stages is None
-                  else _ints(args.pipeline_stages, "--pipeline_stages"))
-        schedules = _names(args.schedules)
-        assumptions = Assumptions(peak_tflops=args.peak_tflops, latency_us=args.latency_us,
-                                  bandwidth_gbps=args.bandwidth_gbps)
-        options = dict(overrides=overrides, pipeline_stages=stages, schedules=schedules,
-                       pipeline_microbatches=args.pipeline_microbatches)
-        validate_inputs(args.model, sizes, counts, strategies, args.memory_gib,
-                        args.global_batch, args.optimizer, assumptions, **options)
+        cfg = parse_config(get_config, argv, description=DESCRIPTION)
+    except SystemExit as e:  # --help (0), or a bad flag already reported in one line (2)
+        return int(e.code or 0)
+    try:
+        options = plan_options(cfg)
+        validate_inputs(**options)
         from jaxdist.cluster import configure_cpu_devices
 
-        configure_cpu_devices(max(counts))  # before anything asks JAX for devices
-        rows = plan(args.model, sizes, counts, strategies, memory_gib=args.memory_gib,
-                    global_batch=args.global_batch, optimizer=args.optimizer,
-                    assumptions=assumptions, **options)
+        configure_cpu_devices(max(cfg.devices))  # before anything asks JAX for devices
+        rows = plan(**options)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(rows, memory_gib=args.memory_gib, global_batch=args.global_batch,
-                      optimizer=args.optimizer, assumptions=assumptions), file=out)
+        return EXIT_USAGE
+    print(format_plan(rows, memory_gib=cfg.memory_gib, global_batch=cfg.global_batch,
+                      optimizer=cfg.optimizer, assumptions=cfg.assumptions), file=out)
     return 0
-
-

@@ -12,7 +12,7 @@ from jaxdist.errors import UsageError
 from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
 from jaxdist.plan.analysis import analyze_step
 from jaxdist.plan.cost import GIB, MIB, Assumptions, comm_seconds, compute_seconds
-from jaxdist.plan.models import MODELS, model_spec
+from jaxdist.plan.models import MODELS, inputs, planned_model
 
 DEFAULT_MEMORY_GIB = 16.0
 DEFAULT_GLOBAL_BATCH = 256
@@ -128,9 +128,10 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     from jaxdist.parallel.pipeline import bubble_fraction
     from jaxdist.parallel.rules import batch_ways, rules_for
 
-    spec = model_spec(model, size, overrides)
-    row = PlanRow(spec.label, n, strategy, mesh_shape, inputs=spec.inputs,
-                  flops_from="xla" if spec.layers is None else "model")
+    planned = planned_model(model, size, overrides)
+    layers = planned.pipeline_layers
+    row = PlanRow(planned.label, n, strategy, mesh_shape, inputs=inputs(planned),
+                  flops_from="xla" if planned.spec.train_flops is None else "model")
     if devices is None:
         devices = jax.devices("cpu")
     try:
@@ -146,28 +147,29 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
             row.bubble = bubble_fraction(stages, m, schedule)
             if (strategy, schedule) in NOT_PLANNED:
                 raise UsageError(NOT_PLANNED[strategy, schedule])
-            if spec.layers is None:
-                raise UsageError(f"{spec.label} has no layer stack to split into pipeline stages")
-            if spec.layers % stages:
-                raise UsageError(f"{spec.label}'s {spec.layers} layers do not split into "
+            if layers is None:
+                raise UsageError(f"{planned.label} has no layer stack to split into pipeline "
+                                 f"stages")
+            if layers % stages:
+                raise UsageError(f"{planned.label}'s {layers} layers do not split into "
                                  f"{stages} pipeline stages")
             if global_batch % (ways * m):
                 raise UsageError(f"global batch {global_batch} does not split into {m} "
                                  f"microbatches on each of {ways} data-parallel groups")
             options = dict(pipeline_microbatches=m, pipeline_schedule=schedule)
-        trainer = ShardedTrainer(spec.model_fn, tx, spec.loss_fn, mesh=mesh, strategy=strategy,
-                                 **options)
+        trainer = ShardedTrainer(planned.model_fn(), tx, planned.loss_fn, mesh=mesh,
+                                 strategy=strategy, **options)
     except UsageError as e:
         row.reason = f"skipped: {e}"
         return row
     try:
-        analysis = analyze_step(trainer, spec.batch(global_batch))
+        analysis = analyze_step(trainer, planned.batch(global_batch))
     except Exception as e:  # noqa: BLE001 - one failed config must not end a long plan
         first = (str(e).strip().splitlines() or [""])[0][:160]
         row.reason = f"skipped: compile failed: {type(e).__name__}: {first}"
         return row
     budget = memory_gib * GIB
-    model_flops = spec.step_flops(global_batch)
+    model_flops = planned.step_flops(global_batch)
     flops = analysis.flops if model_flops is None else model_flops / n
     # Every 1F1B unit runs one masked program (no conditional), so the HLO's ledger, with the
     # loop's trip count, is what each stage sends.
@@ -203,7 +205,7 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
         raise UsageError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
     if not sizes:
         raise UsageError("give at least one model size")
-    specs = [model_spec(model, size, overrides) for size in sizes]
+    variants = [planned_model(model, size, overrides) for size in sizes]
     if not device_counts:
         raise UsageError("give at least one device count, e.g. --devices 8,16")
     for n in device_counts:
@@ -239,14 +241,15 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
     for stages in pipeline_stages:
         if stages < 1:
             raise UsageError(f"pipeline sizes must be at least 1, got {stages}")
-        for spec in specs:
-            if stages > 1 and spec.layers is None:
-                raise UsageError(f"{spec.label} has no layer stack to split into pipeline "
+        for variant in variants:
+            layers = variant.pipeline_layers
+            if stages > 1 and layers is None:
+                raise UsageError(f"{variant.label} has no layer stack to split into pipeline "
                                  f"stages (pipelines are planned for --model lm)")
-            if stages > 1 and spec.layers % stages:
-                raise UsageError(f"{spec.label}'s {spec.layers} layers do not split into "
+            if stages > 1 and layers % stages:
+                raise UsageError(f"{variant.label}'s {layers} layers do not split into "
                                  f"{stages} pipeline stages; choose pipeline sizes that divide "
-                                 f"{spec.layers}")
+                                 f"{layers}")
 
 
 def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
@@ -283,7 +286,7 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     tx = make_tx(optimizer)
     todo = []
     for size in sizes:
-        layers = model_spec(model, size, overrides).layers
+        layers = planned_model(model, size, overrides).pipeline_layers
         for n in device_counts:
             for s in strategies:
                 for mesh in candidate_meshes(s, n, layers, pipeline_stages):
@@ -291,7 +294,7 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
                     todo += [(size, n, s, mesh, sch) for sch in (schedules if pipelined
                                                                  else ("",))]
     rows, began = [], time.perf_counter()
-    label = lambda size: model_spec(model, size, overrides).label  # noqa: E731
+    label = lambda size: planned_model(model, size, overrides).label  # noqa: E731
     for i, (size, n, strategy, mesh, schedule) in enumerate(todo, 1):
         print(f"plan: [{i}/{len(todo)}] {label(size)} n={n} {strategy} {mesh}"
               + (f" {schedule}" if schedule else "") + " ...", end="", file=progress, flush=True)
