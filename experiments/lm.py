@@ -19,23 +19,20 @@ import dataclasses
 import math
 import sys
 import time
+from typing import Literal
 
 from jaxdist.errors import UsageError
 from jaxdist.models.lm import GPT, LM_SIZES, REMAT_POLICIES, lm_config, lm_eval
-from jaxdist.parallel.pipeline import SCHEDULES
-from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES
-from jaxdist.train import run_config
+from jaxdist.train import CheckpointConfig, EvalConfig, run_config
 from jaxdist.train.optim import OptimizerConfig
 from jaxdist.train.run_config import (
+    ParallelConfig,
     RunConfig,
     check_best_metric,
     check_directory,
     eval_metric_names,
-    fit_options,
-    log_dir,
     run_main,
     trainer_options,
-    validate_run,
 )
 
 
@@ -43,51 +40,39 @@ from jaxdist.train.run_config import (
 class LmConfig(RunConfig):
     """The shared run flags and the LM's model, text and sampling."""
 
-    strategy: str = "dp"
     lm_size: str = "tiny"
+    """model size (125m and up are for the planner: a run of them starts only where the
+    planner's estimate of its step fits the devices' memory)"""
     seq_len: int = 0
+    """tokens (bytes) per sequence (0: the size's own)"""
     remat: str = "none"
+    """activation checkpointing policy of each block"""
     text: str = ""
+    """your text instead of the stdlib's source: files, directories or globs, comma-separated"""
     validation_fraction: float = 0.05
+    """share of files (by a hash of the path) held out for validation"""
     cache_dir: str | None = None
+    """where prepared token files go (default $JAXDIST_CACHE_DIR/text)"""
     pipeline_microbatches: int = 0
-    pipeline_schedule: str = "gpipe"
+    """microbatches per step on a mesh with pipeline > 1 (0: 2 x stages)"""
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    """gpipe, or 1f1b (at most S microbatches' activations per stage)"""
+    sample_bytes: int = 200
+    """bytes of text to generate at the end (0: none)"""
+    prompt: str = "def "
+    """what the generated sample continues"""
+    temperature: float = 0.8
+    """sampling temperature of the sample"""
+    parallel: ParallelConfig = ParallelConfig(strategy="dp")
     global_batch: int = 32
     epochs: float = 0.45  # ~1,100 steps: about 9 minutes on 8 virtual devices of 2 cores
-    eval_every: int = 0
-    eval_examples: int = 512
-    eval_batch: int = 64
-    sample_bytes: int = 200
-    prompt: str = "def "
-    temperature: float = 0.8
-    keep_best: int = 0
-    best_metric: str = "val_loss"
-    best_mode: str = "min"
-    checkpoint_every: int = 200
+    # every N steps (0: four times per run), on N sequences of the validation split (0: all)
+    eval: EvalConfig = EvalConfig(every=0, examples=512, batch=64, prefix="val")
+    checkpoint: CheckpointConfig = CheckpointConfig(every=200, keep_best=0, best_metric="val_loss",
+                                                    best_mode="min")
     optimizer: OptimizerConfig = OptimizerConfig(
         name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_fraction=0.05,
         weight_decay=0.1)
-
-
-HELP = {
-    "lm_size": "model size: " + ", ".join(f"{k}" for k in LM_SIZES) + " (125m and up are "
-               "for the planner: a run of them starts only where the planner's estimate of its "
-               "step fits the devices' memory)",
-    "seq_len": "tokens (bytes) per sequence (0: the size's own)",
-    "remat": "activation checkpointing policy of each block: " + ", ".join(REMAT_POLICIES),
-    "text": "your text instead of the stdlib's source: files, directories or globs, "
-            "comma-separated",
-    "validation_fraction": "share of files (by a hash of the path) held out for validation",
-    "cache_dir": "where prepared token files go (default $JAXDIST_CACHE_DIR/text)",
-    "pipeline_microbatches": "microbatches per step on a mesh with pipeline > 1 (0: 2 x stages)",
-    "pipeline_schedule": "gpipe, or 1f1b (at most S microbatches' activations per stage)",
-    "eval_every": "evaluate every N steps (0: four times per run)",
-    "eval_examples": "sequences of the validation split per evaluation (0: all)",
-    "eval_batch": "sequences per evaluation batch",
-    "sample_bytes": "bytes of text to generate at the end (0: none)",
-    "prompt": "what the generated sample continues",
-    "temperature": "sampling temperature of the sample",
-}
 
 
 def with_variant(cfg: LmConfig, variant: str) -> LmConfig:
@@ -109,14 +94,17 @@ def validate(cfg: LmConfig, num_devices: int) -> None:
     """The shared flags' checks, then the LM's own, before any text is read."""
     from flax import nnx
 
-    if cfg.strategy in DATA_PARALLEL_STRATEGIES:
+    from jaxdist import STRATEGIES
+
+    if STRATEGIES[cfg.parallel.strategy].parallelism == "data":
         raise UsageError(f"the LM trains under the sharding strategies (dp, zero1, fsdp, tp, sp, "
-                         f"fsdp_tp), not {cfg.strategy}")
-    validate_run(cfg, num_devices)
-    if cfg.eval_batch < 1 or cfg.eval_batch % num_devices:
-        raise UsageError(f"eval batch {cfg.eval_batch} does not divide over {num_devices} devices")
-    if cfg.seq_len < 0 or cfg.sample_bytes < 0 or cfg.eval_every < 0 or cfg.eval_examples < 0:
-        raise UsageError("seq_len, sample_bytes, eval_every and eval_examples must be >= 0")
+                         f"fsdp_tp), not {cfg.parallel.strategy}")
+    cfg.validate(num_devices)
+    if cfg.eval.batch < 1 or cfg.eval.batch % num_devices:
+        raise UsageError(f"eval batch {cfg.eval.batch} does not divide over {num_devices} "
+                         f"devices")
+    if cfg.seq_len < 0 or cfg.sample_bytes < 0:
+        raise UsageError("seq_len and sample_bytes must be >= 0")
     if cfg.pipeline_microbatches < 0:
         raise UsageError("pipeline_microbatches must be >= 0")
     if cfg.temperature <= 0:
@@ -126,10 +114,9 @@ def validate(cfg: LmConfig, num_devices: int) -> None:
     check_directory("cache_dir", cfg.cache_dir)
     model_cfg = lm_cfg(cfg)  # a size or shape that does not exist fails here
     check_best_metric(cfg, eval_metric_names(lm_eval, lambda: GPT(model_cfg, rngs=nnx.Rngs(0)),
-                                             _eval_batch(model_cfg.seq_len), EVAL_PREFIX))
+                                             _eval_batch(model_cfg.seq_len), cfg.eval.prefix))
 
 
-EVAL_PREFIX = "val"  # fit names the validation metrics val_loss, val_bits_per_byte
 # sizes from here on (125m and up) are the planner's: a run first checks that its step fits
 PLANNED_PARAMS = 100e6
 
@@ -168,7 +155,7 @@ def check_memory(cfg: LmConfig, devices) -> None:
         fits = ", ".join(s for s in LM_SIZES if param_count(lm_config(s)) < PLANNED_PARAMS)
         raise UsageError(
             f"LM-{cfg.lm_size} needs about {need / GIB:.1f} GiB per device for this step "
-            f"(the planner's estimate: {cfg.strategy} over {mesh}, global batch "
+            f"(the planner's estimate: {cfg.parallel.strategy} over {mesh}, global batch "
             f"{cfg.global_batch}, remat {cfg.remat}), more than a device has here "
             f"({have / GIB:.1f} GiB: {where}); train a smaller --lm_size ({fits}) or more "
             f"devices, or plan it with python -m jaxdist.plan --model lm --lm_size {cfg.lm_size}")
@@ -177,14 +164,18 @@ def check_memory(cfg: LmConfig, devices) -> None:
 def make_trainer(cfg: LmConfig, devices, tx):
     from flax import nnx
 
-    from jaxdist import Trainer
+    from jaxdist import Pipeline, Trainer
     from jaxdist.models.lm import GPT, lm_eval, lm_loss
+    from jaxdist.parallel.mesh import parse_mesh_shape
 
     model_cfg = lm_cfg(cfg)
+    options = trainer_options(cfg)
+    if parse_mesh_shape(cfg.parallel.mesh or "").get("pipeline", 1) > 1:
+        options["strategy"] = Pipeline(rules=cfg.parallel.strategy,
+                                       microbatches=cfg.pipeline_microbatches or None,
+                                       schedule=cfg.pipeline_schedule)
     return Trainer(lambda: GPT(model_cfg, rngs=nnx.Rngs(cfg.seed)), tx, lm_loss,
-                   devices=devices, eval_fn=lm_eval,
-                   pipeline_microbatches=cfg.pipeline_microbatches or None,
-                   pipeline_schedule=cfg.pipeline_schedule, **trainer_options(cfg))
+                   devices=devices, eval_fn=lm_eval, **options)
 
 
 def train(cfg: LmConfig) -> dict:
@@ -196,26 +187,24 @@ def train(cfg: LmConfig) -> dict:
     from jaxdist.cluster import select_devices
     from jaxdist.models.lm import flops_per_token, generate, param_count
     from jaxdist.observe.flops import default_peak_tflops
-    from jaxdist.parallel import default_mesh, make_mesh
-    from jaxdist.train import epoch_end_steps, make_optimizer
+    from jaxdist import STRATEGIES, Schedule, make_mesh, make_optimizer
 
     start = time.perf_counter()
-    devices = select_devices(cfg.devices or None)
+    devices = select_devices(cfg.parallel.devices or None)
     validate(cfg, len(devices))
-    mesh = cfg.mesh or default_mesh(cfg.strategy, len(devices))
+    mesh = cfg.parallel.mesh or STRATEGIES[cfg.parallel.strategy].default_mesh(len(devices))
     make_mesh(mesh, devices)  # a bad mesh fails before any text is read
     check_memory(cfg, devices)
     model_cfg = lm_cfg(cfg)
     leader = jax.process_index() == 0
     corpus = data.load_text([p for p in cfg.text.split(",") if p] if cfg.text else None,
                             cfg.cache_dir, validation_fraction=cfg.validation_fraction,
-                            progress=cfg.progress and leader)
+                            progress=cfg.observe.progress and leader)
     seq = model_cfg.seq_len
     train_data = corpus.dataset("train", seq_len=seq, global_batch=cfg.global_batch,
                                 seed=cfg.seed)
-    val_data = corpus.dataset("validation", seq_len=seq, global_batch=cfg.eval_batch)
-    ends = epoch_end_steps(len(train_data), cfg.global_batch, cfg.epochs)
-    total_steps = min(ends[-1], cfg.max_steps) if cfg.max_steps else ends[-1]
+    val_data = corpus.dataset("validation", seq_len=seq, global_batch=cfg.eval.batch)
+    total_steps = Schedule.of(train_data, epochs=cfg.epochs, steps=cfg.max_steps or None).total
     tx = make_optimizer(cfg.optimizer, total_steps)
     trainer = make_trainer(cfg, devices, tx)
     name = f"LM-{cfg.lm_size} ({param_count(model_cfg) / 1e6:.2f}M params, seq {seq})"
@@ -223,24 +212,23 @@ def train(cfg: LmConfig) -> dict:
         pipeline = (f", {cfg.pipeline_schedule} pipeline" if trainer.mesh.shape["pipeline"] > 1
                     else "")
         print(f"training the {name} on {len(devices)} {devices[0].platform} device(s), strategy "
-              f"{cfg.strategy} over mesh {mesh}{pipeline}, global batch {cfg.global_batch} x "
+              f"{cfg.parallel.strategy} over mesh {mesh}{pipeline}, global batch {cfg.global_batch} x "
               f"{seq} tokens, {total_steps} steps, {cfg.optimizer.name} lr "
               f"{cfg.optimizer.learning_rate} ({cfg.optimizer.schedule})", flush=True)
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
-    run = fit(trainer, train_data, eval_data=val_data, eval_prefix=EVAL_PREFIX,
-              eval_every=eval_every, eval_examples=cfg.eval_examples or None,
-              data_meta={"seq_len": seq}, **{**fit_options(cfg), "epochs": cfg.epochs},
-              run_meta={"model": f"lm-{cfg.lm_size}", "model_name": name, "mesh": mesh,
-                        "pipeline_schedule": cfg.pipeline_schedule,
-                        "optimizer": cfg.optimizer.name,
-                        "learning_rate": cfg.optimizer.learning_rate})
-    summary = {"wall_seconds": time.perf_counter() - start, "workdir": cfg.workdir,
-               "logdir": log_dir(cfg)}
+    options = cfg.fit_options()
+    options["eval"] = dataclasses.replace(cfg.eval, every=cfg.eval.every or max(1, total_steps // 4))
+    run = fit(trainer, train_data, eval_data=val_data, **options,
+              meta={"model": f"lm-{cfg.lm_size}", "model_name": name, "mesh": mesh,
+                    "pipeline_schedule": cfg.pipeline_schedule, "optimizer": cfg.optimizer.name,
+                    "learning_rate": cfg.optimizer.learning_rate})
+    summary = {"wall_seconds": time.perf_counter() - start, "workdir": cfg.checkpoint.workdir,
+               "logdir": cfg.logdir}
     if run.stopped:
         return {**summary, "stopped_at": run.stopped_at}
     tokens_per_second = run.images_per_second * seq
-    peak, peak_note = ((cfg.peak_tflops, f"{cfg.peak_tflops:g} TFLOP/s per device "
-                        "(--peak_tflops)") if cfg.peak_tflops else default_peak_tflops())
+    peak_tflops = cfg.observe.peak_tflops
+    peak, peak_note = ((peak_tflops, f"{peak_tflops:g} TFLOP/s per device (--peak_tflops)")
+                       if peak_tflops else default_peak_tflops())
     mfu = tokens_per_second * flops_per_token(model_cfg) / (peak * 1e12 * len(devices))
     sample = ""
     if cfg.sample_bytes:
@@ -256,7 +244,7 @@ def train(cfg: LmConfig) -> dict:
             "train_bits_per_byte": final.get("train_loss", math.nan) / math.log(2),
             "tokens_per_second": tokens_per_second, "mfu": mfu, "peak_note": peak_note,
             "first_step_seconds": run.first_step_seconds, "devices": len(devices),
-            "platform": devices[0].platform, "strategy": cfg.strategy, "mesh": mesh,
+            "platform": devices[0].platform, "strategy": cfg.parallel.strategy, "mesh": mesh,
             "steps": total_steps, "sample": sample, "history": run.history,
             "state": run.state, "trainer": trainer}
 
@@ -280,9 +268,8 @@ def format_summary(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(argv, get_config, description=__doc__.split("\n\n")[0], train=train,
-                    summary=format_summary, help_text=HELP, choices={
-                        "lm_size": tuple(LM_SIZES), "remat": REMAT_POLICIES,
-                        "pipeline_schedule": SCHEDULES})
+                    summary=format_summary,
+                    choices={"lm_size": tuple(LM_SIZES), "remat": REMAT_POLICIES})
 
 
 if __name__ == "__main__":

@@ -16,23 +16,20 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from jaxdist.errors import UsageError
 from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: F401 - usual names
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist.models.registry import get_model, model_names
-from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES as STRATEGIES
-from jaxdist.train import run_config
+from jaxdist.train import CheckpointConfig, EvalConfig, run_config
 from jaxdist.train.run_config import (
     RunConfig,
     check_best_metric,
     check_directory,
     eval_metric_names,
-    fit_options,
-    log_dir,
     run_main,
     trainer_options,
-    validate_run,
     with_staleness,
 )
 
@@ -46,27 +43,20 @@ class MnistConfig(RunConfig):
     """The shared run flags (`jaxdist.train.run_config`) and MNIST's model and data."""
 
     model: str = "cnn"
-    vit_size: str = "tiny"
-    augment: str = "none"
+    """cnn (the classic CNN), wide_cnn, or vit"""
+    vit_size: Literal["tiny", "small", "base", "large"] = "tiny"
+    """ViT size"""
+    augment: Literal["none", "shift"] = "none"
+    """training-set augmentation: none, or shift (random shifts of up to 2 pixels)"""
     data_dir: str | None = None
+    """TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets, then
+    ../shared/data/tensorflow_datasets beside the repository)"""
     download: bool = False
-    compute_dtype: str = "float32"
-    eval_batch: int = 2000
-    eval_examples: int = 0
-
-
-
-HELP = {
-    "model": "cnn (the classic CNN), wide_cnn, or vit",
-    "vit_size": "ViT size (tiny, small, base, large)",
-    "augment": "training-set augmentation: none, or shift (random shifts of up to 2 pixels)",
-    "data_dir": "TFDS data dir (default: $TFDS_DATA_DIR, then ~/tensorflow_datasets, then "
-                "../shared/data/tensorflow_datasets beside the repository)",
-    "download": "download and prepare MNIST if missing (needs internet and jaxdist[prepare])",
-    "compute_dtype": "CNN: float32, or bfloat16 compute with float32 master weights",
-    "eval_batch": "examples per evaluation batch",
-    "eval_examples": "evaluate on the first N test examples (0: all)",
-}
+    """download and prepare MNIST if missing (needs internet and jaxdist[prepare])"""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """CNN: float32, or bfloat16 compute with float32 master weights"""
+    eval: EvalConfig = EvalConfig(batch=2000, prefix="test")
+    checkpoint: CheckpointConfig = CheckpointConfig(keep_best=1, best_metric="test_accuracy")
 
 
 def with_variant(cfg: MnistConfig, variant: str) -> MnistConfig:
@@ -97,25 +87,28 @@ def make_trainer(cfg: MnistConfig, devices, tx):
     from jaxdist import Trainer
 
     _, build = model_builder(cfg)
-    model = build() if cfg.strategy in STRATEGIES else build  # model-parallel: born sharded
+    model = build() if _data_parallel(cfg) else build  # model-parallel: born sharded
     return Trainer(model, tx, loss_fn, devices=devices, eval_fn=eval_fn, **trainer_options(cfg))
 
 
 def validate(cfg: MnistConfig, num_devices: int) -> None:
     """The shared flags' checks, then MNIST's own, before any data is loaded."""
-    validate_run(cfg, num_devices)
-    if cfg.eval_batch < 1 or cfg.eval_batch % num_devices:
-        raise UsageError(f"eval batch {cfg.eval_batch} does not divide over {num_devices} devices")
+    cfg.validate(num_devices)
+    if cfg.eval.batch < 1 or cfg.eval.batch % num_devices:
+        raise UsageError(f"eval batch {cfg.eval.batch} does not divide over {num_devices} "
+                         f"devices")
     if cfg.compute_dtype != "float32" and cfg.model != "cnn":
         raise UsageError("--compute_dtype is implemented for the CNN")
-    if cfg.eval_examples < 0:
-        raise UsageError(f"eval_examples must be >= 0 (0: all), got {cfg.eval_examples}")
     check_directory("data_dir", cfg.data_dir)
     check_best_metric(cfg, eval_metric_names(eval_fn, model_builder(cfg)[1], _eval_batch(),
-                                             EVAL_PREFIX))
+                                             cfg.eval.prefix))
 
 
-EVAL_PREFIX = "test"  # fit names the metrics test_accuracy, test_loss
+def _data_parallel(cfg: MnistConfig) -> bool:
+    """Whether the strategy replicates the model (it is built whole, then placed)."""
+    from jaxdist import STRATEGIES
+
+    return STRATEGIES[cfg.parallel.strategy].parallelism == "data"
 
 
 def _eval_batch():
@@ -134,53 +127,50 @@ def train(cfg: MnistConfig) -> dict:
     from jaxdist import data, fit
     from jaxdist.cluster import select_devices
     from jaxdist.data.augment import make_augment
-    from jaxdist.parallel import default_mesh, make_mesh
-    from jaxdist.train import epoch_end_steps, make_optimizer
+    from jaxdist import STRATEGIES, Schedule, make_mesh, make_optimizer
 
     start = time.perf_counter()
-    devices = select_devices(cfg.devices or None)
+    devices = select_devices(cfg.parallel.devices or None)
     validate(cfg, len(devices))
-    mesh = cfg.mesh or default_mesh(cfg.strategy, len(devices))
-    if cfg.strategy not in STRATEGIES:  # a bad mesh fails before any data is read
+    strategy = STRATEGIES[cfg.parallel.strategy]
+    mesh = cfg.parallel.mesh or strategy.default_mesh(len(devices))
+    if not _data_parallel(cfg):  # a bad mesh fails before any data is read
         make_mesh(mesh, devices)
-    show = cfg.progress and jax.process_index() == 0
+    show = cfg.observe.progress and jax.process_index() == 0
     train_split, test_split = (data.load_split("mnist", split, cfg.data_dir, download=cfg.download,
                                                progress=show, fallbacks=DATA_FALLBACKS)
                                for split in ("train", "test"))
     augment = make_augment(cfg.augment)
     train_data = data.from_arrays(
         (train_split.images, train_split.labels), global_batch=cfg.global_batch, seed=cfg.seed,
-        name="mnist/train",
+        name="mnist/train", settings={"augment": cfg.augment},
         augment=(lambda ex, rng: (augment(ex[0], rng), ex[1])) if augment else None)
     test_data = data.from_arrays((test_split.images, test_split.labels),
-                                 global_batch=cfg.eval_batch, name="mnist/test")
-    ends = epoch_end_steps(len(train_data), cfg.global_batch, cfg.epochs)
-    total_steps = min(ends[-1], cfg.max_steps) if cfg.max_steps else ends[-1]
+                                 global_batch=cfg.eval.batch, name="mnist/test")
+    total_steps = Schedule.of(train_data, epochs=cfg.epochs, steps=cfg.max_steps or None).total
     tx = with_staleness(cfg, make_optimizer(cfg.optimizer, total_steps))
     model_name, _ = model_builder(cfg)
     trainer = make_trainer(cfg, devices, tx)
     if jax.process_index() == 0:
-        layout = f" over mesh {mesh}" if cfg.strategy not in STRATEGIES else ""
+        layout = f" over mesh {mesh}" if not _data_parallel(cfg) else ""
         print(f"training the MNIST {model_name} on {len(devices)} {devices[0].platform} device(s), "
-              f"strategy {cfg.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} "
+              f"strategy {cfg.parallel.strategy}{layout}, global batch {cfg.global_batch}, {total_steps} "
               f"steps, {cfg.optimizer.name} lr {cfg.optimizer.learning_rate} "
               f"({cfg.optimizer.schedule})", flush=True)
-    run = fit(trainer, train_data, eval_data=test_data, eval_prefix=EVAL_PREFIX,
-              eval_examples=cfg.eval_examples or None,
-              data_meta={"augment": cfg.augment}, **fit_options(cfg), run_meta={
-                  "model": cfg.model, "model_name": model_name, "mesh": cfg.mesh,
-                  "epochs": cfg.epochs, "grad_reduce": cfg.grad_reduce,
-                  "local_steps": cfg.local_steps, "optimizer": cfg.optimizer.name,
-                  "learning_rate": cfg.optimizer.learning_rate})
+    run = fit(trainer, train_data, eval_data=test_data, **cfg.fit_options(), meta={
+        "model": cfg.model, "model_name": model_name, "mesh": cfg.parallel.mesh,
+        "epochs": cfg.epochs, "grad_reduce": cfg.parallel.grad_reduce,
+        "local_steps": cfg.parallel.local_steps, "optimizer": cfg.optimizer.name,
+        "learning_rate": cfg.optimizer.learning_rate})
     summary = {"wall_seconds": time.perf_counter() - start, "goodput": run.goodput,
-               "workdir": cfg.workdir, "logdir": log_dir(cfg)}
+               "workdir": cfg.checkpoint.workdir, "logdir": cfg.logdir}
     if run.stopped:
         return {**summary, "stopped_at": run.stopped_at}
     final = run.history[-1]
     return {**summary, "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
             "train_seconds": run.train_seconds, "first_step_seconds": run.first_step_seconds,
             "images_per_second": run.images_per_second, "devices": len(devices),
-            "platform": devices[0].platform, "strategy": cfg.strategy, "steps": total_steps,
+            "platform": devices[0].platform, "strategy": cfg.parallel.strategy, "steps": total_steps,
             "history": run.history, "state": run.state, "dp": trainer}
 
 
@@ -197,13 +187,9 @@ def format_summary(s: dict) -> str:
 
 def main(argv: list[str] | None = None, configs=None, description: str | None = None) -> int:
     """Parses flags over `configs` (default: this module's `get_config`), trains, prints."""
-    from jaxdist.models import VIT_SIZES
-
     return run_main(argv, configs or get_config, description=description or
-                    __doc__.split("\n\n")[0], train=train, summary=format_summary, choices={
-                        "model": MODELS, "augment": ("none", "shift"),
-                        "compute_dtype": ("float32", "bfloat16"), "vit_size": tuple(VIT_SIZES)},
-                    help_text=HELP)
+                    __doc__.split("\n\n")[0], train=train, summary=format_summary,
+                    choices={"model": MODELS})
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ import sys
 
 from experiments import mnist
 from jaxdist.train.optim import OptimizerConfig
+from jaxdist.train.run_config import ParallelConfig
 
 
 def get_config(variant: str = "") -> mnist.MnistConfig:
     """The ViT recipe, or 'smoke' (a few steps)."""
     cfg = mnist.MnistConfig(
-        model="vit", vit_size="tiny", strategy="fsdp_tp", mesh="data=2,fsdp=2,tensor=2",
+        model="vit", vit_size="tiny",
+        parallel=ParallelConfig(strategy="fsdp_tp", mesh="data=2,fsdp=2,tensor=2"),
         global_batch=128, epochs=10, augment="shift",
         optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
                                   warmup_fraction=0.05, weight_decay=0.05))

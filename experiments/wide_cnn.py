@@ -9,15 +9,15 @@ Every flag of `experiments.mnist` applies (checkpoints, resume, preemption, mult
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from experiments import mnist
+from jaxdist.config import replace_flags
 
 
 def get_config(variant: str = "") -> mnist.MnistConfig:
     """The wide-CNN recipe (the CNN's optimizer, 4 epochs), or 'smoke' (a few steps)."""
-    cfg = dataclasses.replace(mnist.MnistConfig(), model="wide_cnn", strategy="fsdp", epochs=4)
+    cfg = replace_flags(mnist.MnistConfig(), model="wide_cnn", strategy="fsdp", epochs=4)
     return mnist.with_variant(cfg, variant)
 
 

@@ -2,7 +2,8 @@
 
 An experiment's config is a frozen dataclass tree. `parse_config` turns every leaf field into a
 flag named after it (`--global_batch 256`); a nested config's `name` field takes the nested
-field's own name (`--optimizer adam`). A field's help is the docstring written under it, its
+field's own name (`--optimizer adam`), and a field may name its flag itself
+(`metadata={"flag": "checkpoint_every"}` on `CheckpointConfig.every`). A field's help is the docstring written under it, its
 choices are its `Literal` type's values: the config class is the one place a flag is described.
 Bad values exit with one line and status 2 (`EXIT_USAGE`).
 """
@@ -38,9 +39,11 @@ def _flag_names(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             for flag, path in _flag_names(kind, f.name).items():
+                if flag in names:
+                    raise ValueError(f"two config fields map to --{flag}")
                 names[flag] = (f.name, *path)
         else:
-            flag = prefix if (f.name == "name" and prefix) else f.name
+            flag = f.metadata.get("flag") or (prefix if (f.name == "name" and prefix) else f.name)
             if flag in names:
                 raise ValueError(f"two config fields map to --{flag}")
             names[flag] = (f.name,)
@@ -136,6 +139,17 @@ def _replace(cfg: Any, path: tuple[str, ...], value: Any) -> Any:
         return dataclasses.replace(cfg, **{path[0]: value})
     inner = _replace(getattr(cfg, path[0]), path[1:], value)
     return dataclasses.replace(cfg, **{path[0]: inner})
+
+
+def replace_flags(cfg: Any, **flags: Any) -> Any:
+    """`cfg` with the fields behind these flags replaced, wherever they sit in the tree:
+    `replace_flags(cfg, workdir="runs/a", hang_timeout=60)`."""
+    names = _flag_names(type(cfg))
+    for flag, value in flags.items():
+        if flag not in names:
+            raise TypeError(f"{type(cfg).__name__} has no flag --{flag}")
+        cfg = _replace(cfg, names[flag], value)
+    return cfg
 
 
 def parse_config(

@@ -73,9 +73,11 @@ def main(out: str, strategy: str, steps: int, workdir: str | None = None) -> Non
     run = jaxdist.fit(trainer, jaxdist.data.from_arrays((x, y), global_batch=64, seed=0),
                       steps=steps, eval_data=EvalData(jaxdist.data.from_arrays(arrays(256, 1),
                                                                                global_batch=64)),
-                      workdir=workdir, checkpoint_every=10, progress_every=0,
-                      callbacks=[SignalBeforeSave()],
-                      hang_timeout=float(os.environ.get("FIT_HANG_TIMEOUT", "300")))
+                      checkpoint=jaxdist.CheckpointConfig(workdir=workdir, every=10),
+                      observe=jaxdist.ObserveConfig(
+                          progress_every=0,
+                          hang_timeout=float(os.environ.get("FIT_HANG_TIMEOUT", "300"))),
+                      callbacks=[SignalBeforeSave()])
     state = leaves(trainer.canonical(run.state))
     if jax.process_index() == 0:
         if run.stopped:

@@ -8,6 +8,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+import jaxdist
+
+# a run that prints nothing and watches for no hang: what most tests of fit want
+QUIET = jaxdist.ObserveConfig(progress=False, hang_timeout=0)
+
 FEATURES, CLASSES = 16, 4
 
 

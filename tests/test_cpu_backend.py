@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist import DataParallel
+from jaxdist import Trainer
 from jaxdist.cluster import XLA_OWN_CPU_KERNELS, devices
 from jaxdist.models import MnistCNN
-from jaxdist.observe.metrics import flops_per_step
+from jaxdist.observe.flops import flops_per_step
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN is XLA:CPU's")
 
@@ -60,8 +60,8 @@ def test_after_the_backend_started_the_flags_are_left_alone(monkeypatch):
 
 
 def _cnn_trainer_and_batch():
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, strategy="jit",
-                      devices=2)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, strategy="jit",
+                 devices=2)
     rng = np.random.default_rng(0)
     batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
                             rng.integers(0, 10, 64).astype(np.int32)))
@@ -96,8 +96,8 @@ def test_gradient_accumulation_keeps_every_convolution_on_onednn_in_a_quarter_of
     """4 microbatches of the CNN: 4 x 5 oneDNN convolutions and no loop-nest one (in a loop body
     XLA:CPU compiled conv2's input gradient as one: 80x slower), activations of one microbatch."""
     def compiled_step(microbatches):
-        dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, devices=1,
-                          microbatches=microbatches)
+        dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(3e-3), loss_fn, devices=1,
+                     microbatches=microbatches)
         batch = dp.shard_batch((np.zeros((512, 28, 28, 1), np.uint8), np.zeros(512, np.int32)))
         return dp.lower(dp.init(), batch).compile()
 

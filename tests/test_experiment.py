@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, SHARED_TFDS
 from experiments import mnist
 from jaxdist.errors import EXIT_USAGE
+from task import QUIET
 
 
 def run_module(args, timeout=240, env=None, module="experiments.mnist"):
@@ -173,8 +174,8 @@ def test_one_epoch_of_the_cnn_reaches_97_percent_test_accuracy(mnist):
                                       make_optimizer(cfg.optimizer, steps))
     run = jaxdist.fit(trainer, data, epochs=cfg.epochs,
                       eval_data=jaxdist.data.from_arrays((test.images, test.labels),
-                                                         global_batch=cfg.eval_batch),
-                      progress=False, hang_timeout=0, log=lambda _: None)
+                                                         global_batch=cfg.eval.batch),
+                      observe=QUIET, log=lambda _: None)
     [epoch] = run.history
     assert epoch["step"] == steps == 469
     assert epoch["test_accuracy"] >= 0.97, epoch

@@ -16,12 +16,14 @@ from flax import nnx
 
 from conftest import REPO, needs_devices
 from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist import STRATEGIES, DataParallel, UsageError
+import jaxdist
+from jaxdist import STRATEGIES, Trainer, UsageError
 from jaxdist.errors import TransientError
 from jaxdist.io import Checkpointer, integrity
 from jaxdist.io.checkpoint import CheckpointUnavailable
 from jaxdist.models import MnistCNN
-from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, train_loop
+from jaxdist.train.guard import GuardConfig, NonFiniteGuard, RollBack, TrainingDiverged
+from task import QUIET
 
 
 def _batch(rng, n=64):
@@ -46,13 +48,13 @@ def _save(directory, steps, state, **kw):
 
 @needs_devices(8)
 def test_a_checkpoint_saved_under_pmap_on_8_restores_under_jit_on_4_and_1(tmp_path, rng):
-    dp8 = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy="pmap",
-                       devices=8)
+    dp8 = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy="pmap",
+                  devices=8)
     state, _ = dp8.step(dp8.init(), _batch(rng))
     saved = dp8.canonical(state)
     _save(tmp_path, [1], saved)
     for n in (4, 1):
-        dp = DataParallel(MnistCNN(rngs=nnx.Rngs(1)), optax.adam(1e-3), loss_fn, devices=n)
+        dp = Trainer(MnistCNN(rngs=nnx.Rngs(1)), optax.adam(1e-3), loss_fn, devices=n)
         restored, _ = Checkpointer(tmp_path).restore(1, dp.canonical(dp.init()))
         for got, want in zip(_leaves(restored), _leaves(saved)):
             np.testing.assert_array_equal(got, want)
@@ -60,9 +62,9 @@ def test_a_checkpoint_saved_under_pmap_on_8_restores_under_jit_on_4_and_1(tmp_pa
 
 
 def test_a_checkpoint_of_another_optimizer_is_a_clear_error_not_a_fallback(tmp_path):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
     _save(tmp_path, [1], dp.canonical(dp.init()))
-    other = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    other = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     with pytest.raises(UsageError, match="does not fit"):
         Checkpointer(tmp_path).restore_latest(other.canonical(other.init()))
     assert Checkpointer(tmp_path).all_steps() == [1]  # still there
@@ -72,7 +74,7 @@ def test_a_checkpoint_of_another_optimizer_is_a_clear_error_not_a_fallback(tmp_p
                                     "remove the commit record"])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
         tmp_path, damage, capsys):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
     state = dp.canonical(dp.init())
     _save(tmp_path, [10, 20], state)
     newest = tmp_path / "20" / "state"
@@ -116,7 +118,7 @@ class _FailingReads:
 
 
 def _two_steps(tmp_path):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, devices=1)
     state = dp.canonical(dp.init())
     _save(tmp_path, [10, 20], state)
     return state
@@ -198,7 +200,7 @@ _CRASH_WHILE_DELETING = """
 import os, signal, sys
 import optax
 from flax import nnx
-from jaxdist import DataParallel
+from jaxdist import Trainer
 from jaxdist.errors import TransientError
 from jaxdist.io import Checkpointer, integrity
 from jaxdist.io.checkpoint import CheckpointUnavailable
@@ -213,7 +215,7 @@ def crash_inside_step_1(path, *, dir_fd=None):  # kill -9 at the first file remo
     return unlink(path, dir_fd=dir_fd)
 os.unlink = crash_inside_step_1
 
-dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), mnist_loss, devices=1)
+dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), mnist_loss, devices=1)
 ckpt = Checkpointer(sys.argv[1], every=1, keep=1)
 for step in (1, 2):  # saving 2 deletes 1
     ckpt.save(step, dp.canonical(dp.init()))
@@ -231,14 +233,14 @@ def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_whole_checkpoint
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]  # it did die mid-delete
     ckpt = Checkpointer(tmp_path)
     assert ckpt.all_steps() == [2]
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     ckpt.restore(2, dp.canonical(dp.init()))
     ckpt.close()
     assert not list(tmp_path.glob(".deleting/*"))  # the half-removed step is cleared at start
 
 
 def test_keep_best_keeps_the_most_accurate_checkpoint_beside_the_newest(tmp_path):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=1)
     state = dp.canonical(dp.init())
     ckpt = Checkpointer(tmp_path, every=1, keep=2, keep_best=1, best_metric="test_accuracy")
     for step, accuracy in zip([1, 2, 3, 4, 5], [0.90, 0.97, 0.80, 0.85, 0.70]):
@@ -250,10 +252,10 @@ def test_keep_best_keeps_the_most_accurate_checkpoint_beside_the_newest(tmp_path
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [n for n, s in STRATEGIES.items() if s.parallelism == "data"])
 def test_a_nan_in_one_replicas_shard_skips_the_update_on_every_replica(strategy, rng):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy=strategy,
-                      devices=8)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn, strategy=strategy,
+                 devices=8)
     state, _ = dp.step(dp.init(), _batch(rng))
     before = _leaves(dp.canonical(state).params)
     images, labels = _batch(rng)
@@ -270,36 +272,49 @@ def test_a_nan_in_one_replicas_shard_skips_the_update_on_every_replica(strategy,
 
 
 def _cnn_sgd():
-    return DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01), loss_fn, devices=1)
+    return Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01), loss_fn, devices=1)
 
 
-def _nan_run(dp, rng, bad_steps, guard, steps=8):
+def _nan_batches(rng, bad_steps, steps=8):
     batches = []
     for step in range(1, steps + 1):
         images, labels = _batch(rng, 32)
         if step in bad_steps:
             images[:] = np.nan
         batches.append((images, labels))
-    return train_loop(dp, dp.init(), iter(batches), epoch_ends=[steps], progress=False,
-                   log=lambda _: None, guard=guard)
+    return batches
 
 
-def test_after_k_consecutive_nonfinite_steps_the_guard_rolls_back_to_before_them(rng):
-    dp, calls = _cnn_sgd(), []
-
-    def rollback(first_bad):
-        calls.append(first_bad)
-        return dp.init()
-
-    guard = NonFiniteGuard(limit=3, rollback=rollback, log=lambda _: None)
-    _nan_run(dp, rng, bad_steps={2, 4, 5, 6}, guard=guard)
-    assert calls == [4]  # steps 4, 5, 6 in a row; the lone step 2 only skipped
+def test_after_k_consecutive_nonfinite_steps_the_guard_asks_to_roll_back_to_before_them(rng):
+    dp = _cnn_sgd()
+    guard = NonFiniteGuard(GuardConfig(nonfinite_limit=3), log=lambda _: None)
+    steps = jaxdist.training_steps(dp, dp.init(), iter(_nan_batches(rng, {2, 4, 5, 6})),
+                                   start=0, stop=8)
+    rollbacks, reply = [], None
+    while True:
+        try:
+            info = steps.send(reply)
+        except StopIteration:
+            break
+        reply = None
+        try:
+            if info.metrics is not None:
+                guard.on_metrics(*info.metrics)
+        except RollBack as e:
+            rollbacks.append(e.first_bad_step)
+            reply = dp.init()  # what fit takes from the last checkpoint before the window
+    assert rollbacks == [4]  # steps 4, 5, 6 in a row; the lone step 2 only skipped
     assert guard.skipped == 4
 
 
 def test_without_a_checkpoint_the_guard_stops_with_a_clear_message(rng):
+    images, labels = _batch(rng, 256)
+    images = images.astype(np.float32)
+    images[:] = np.nan
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
-        _nan_run(_cnn_sgd(), rng, bad_steps={3, 4, 5}, guard=NonFiniteGuard(limit=3))
+        jaxdist.fit(_cnn_sgd(), jaxdist.data.from_arrays((images, labels), global_batch=32),
+                    steps=8, guard=GuardConfig(nonfinite_limit=3), observe=QUIET,
+                    log=lambda _: None)
 
 
 class DropoutNet(nnx.Module):
@@ -317,8 +332,8 @@ def test_the_rng_stream_is_checkpointed_so_dropout_resumes_exactly(tmp_path, rng
     batches = [_batch(rng, 32) for _ in range(6)]
 
     def trainer():
-        return DataParallel(DropoutNet(nnx.Rngs(0, dropout=1)), optax.adam(1e-2), loss_fn,
-                            devices=2)
+        return Trainer(DropoutNet(nnx.Rngs(0, dropout=1)), optax.adam(1e-2), loss_fn,
+                       devices=2)
 
     dp = trainer()
     state = dp.init()

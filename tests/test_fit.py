@@ -17,7 +17,7 @@ import jaxdist
 from conftest import REPO
 from jaxdist.io import Checkpointer
 from runs import Run
-from task import MLP, arrays, eval_fn, leaves, loss_fn
+from task import QUIET, MLP, arrays, eval_fn, leaves, loss_fn
 
 WORKER = str(REPO / "tests" / "fit_worker.py")
 STEPS = 120
@@ -112,8 +112,10 @@ def test_the_guard_rolls_back_to_the_last_checkpoint_after_k_nonfinite_steps(tmp
 
     data.batches = with_nans
     lines = []
-    run = jaxdist.fit(trainer, data, steps=30, workdir=tmp_path, checkpoint_every=10,
-                      nonfinite_limit=3, progress=False, hang_timeout=0, log=lines.append)
+    run = jaxdist.fit(trainer, data, steps=30,
+                      checkpoint=jaxdist.CheckpointConfig(workdir=str(tmp_path), every=10),
+                      guard=jaxdist.GuardConfig(nonfinite_limit=3), observe=QUIET,
+                      log=lines.append)
     assert any("rolled back to the checkpoint of step 10" in line for line in lines), lines
     assert not run.stopped and all(np.isfinite(a).all() for a in leaves(run.state.params))
 
@@ -123,10 +125,12 @@ def test_keep_best_keeps_the_checkpoint_best_by_the_metric_named_lowest_first(tm
     trainer = jaxdist.Trainer(MLP(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, devices=2,
                               eval_fn=eval_fn)
     run = jaxdist.fit(trainer, jaxdist.data.from_arrays((x, y), global_batch=64), steps=40,
-                      eval_every=10, eval_data=jaxdist.data.from_arrays(arrays(256, 1),
-                                                                        global_batch=64),
-                      workdir=tmp_path, keep=1, keep_best=1, best_metric="test_loss",
-                      best_mode="min", progress=False, hang_timeout=0, log=lambda _: None)
+                      eval=jaxdist.EvalConfig(every=10),
+                      eval_data=jaxdist.data.from_arrays(arrays(256, 1), global_batch=64),
+                      checkpoint=jaxdist.CheckpointConfig(workdir=str(tmp_path), keep=1,
+                                                          keep_best=1, best_metric="test_loss",
+                                                          best_mode="min"),
+                      observe=QUIET, log=lambda _: None)
     losses = {r["step"]: r["test_loss"] for r in run.history}
     ckpt = Checkpointer(tmp_path / "checkpoints", keep=1, keep_best=1, best_metric="test_loss",
                         best_mode="min")
@@ -155,7 +159,7 @@ def test_callbacks_see_the_start_every_step_its_metrics_the_evaluations_and_the_
     x, y = arrays(512)
     trainer = jaxdist.Trainer(MLP(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=2)
     run = jaxdist.fit(trainer, jaxdist.data.from_arrays((x, y), global_batch=64), steps=20,
-                      callbacks=[Record()], progress=False, hang_timeout=0, log=lambda _: None)
+                      callbacks=[Record()], observe=QUIET, log=lambda _: None)
     assert run.stopped and run.stopped_at == 7
     assert seen[0] == ("start", 0) and seen[-1] == ("end", 7)
     assert [e[1] for e in seen if e[0] == "step"] == list(range(1, 8))
@@ -169,8 +173,8 @@ def test_resuming_with_another_seed_is_refused(tmp_path):
     def run(seed):
         trainer = jaxdist.Trainer(MLP(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=2)
         return jaxdist.fit(trainer, jaxdist.data.from_arrays((x, y), global_batch=64, seed=seed),
-                           steps=4, workdir=tmp_path, checkpoint_every=2, progress=False,
-                           hang_timeout=0, log=lambda _: None)
+                           steps=4, observe=QUIET, log=lambda _: None,
+                           checkpoint=jaxdist.CheckpointConfig(workdir=str(tmp_path), every=2))
 
     run(0)
     with pytest.raises(jaxdist.UsageError, match="trained with seed 0, this run has 1"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
 import re
 import socket
@@ -14,7 +15,11 @@ import threading
 import pytest
 
 from conftest import REPO
-from jaxdist.observe import metrics as M
+from jaxdist.observe.flops import default_peak_tflops, flops_per_step, mfu
+from jaxdist.observe.goodput import Goodput
+from jaxdist.observe.watchdog import ProgressStatus, Watchdog, diagnose_hang
+from jaxdist.observe.writer import MetricsWriter, read_records
+from task import QUIET
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def run(tmp_path_factory, mnist):
 
 
 def _by_kind(logdir):
-    records = M.read_records(logdir)
+    records = read_records(logdir)
     kinds: dict[str, list] = {}
     for r in records:
         kinds.setdefault(r["kind"], []).append(r)
@@ -85,7 +90,7 @@ def test_goodput_parts_sum_to_no_more_than_the_wall_time(run):
 
 def test_nested_goodput_measurements_count_only_to_the_innermost_category():
     now = [0.0]
-    g = M.Goodput(start=0.0, clock=lambda: now[0])
+    g = Goodput(start=0.0, clock=lambda: now[0])
     with g.measure("eval"):
         now[0] += 2
         with g.measure("checkpoint"):
@@ -116,7 +121,7 @@ def test_the_plot_command_writes_non_empty_pngs_including_scaling_across_device_
     other = tmp_path / "four"
     other.mkdir()
     with open(other / "metrics.jsonl", "w") as f:
-        for r in M.read_records(run):
+        for r in read_records(run):
             if r["kind"] == "meta":
                 r["devices"] = 4
             if "images_per_second" in r:
@@ -137,17 +142,17 @@ def test_flops_are_read_from_dict_and_list_cost_analyses():
         def cost_analysis(self):
             return self.analysis
 
-    assert M.flops_per_step(Compiled({"flops": 10.0, "bytes accessed": 3})) == 10.0
-    assert M.flops_per_step(Compiled([{"flops": 10.0}, {"flops": 5.0}])) == 15.0
-    assert M.flops_per_step(Compiled(None)) is None
-    assert M.flops_per_step(Compiled({})) is None
-    assert M.mfu(1e12, 2.0, 4.0) == pytest.approx(0.5)
-    peak, note = M.default_peak_tflops()
+    assert flops_per_step(Compiled({"flops": 10.0, "bytes accessed": 3})) == 10.0
+    assert flops_per_step(Compiled([{"flops": 10.0}, {"flops": 5.0}])) == 15.0
+    assert flops_per_step(Compiled(None)) is None
+    assert flops_per_step(Compiled({})) is None
+    assert mfu(1e12, 2.0, 4.0) == pytest.approx(0.5)
+    peak, note = default_peak_tflops()
     assert peak > 0 and "TFLOP/s" in note
 
 
 def test_the_writer_on_other_processes_writes_nothing(tmp_path):
-    writer = M.MetricsWriter(tmp_path / "logs", enabled=False)
+    writer = MetricsWriter(tmp_path / "logs", enabled=False)
     writer.write("train", 1, {"loss": 1.0})
     writer.close()
     assert not (tmp_path / "logs").exists()
@@ -156,25 +161,25 @@ def test_the_writer_on_other_processes_writes_nothing(tmp_path):
 def test_the_hang_message_names_the_process_that_is_behind_with_its_step_and_phase():
     statuses = {0: {"step": 57, "phase": "step"}, 1: {"step": 41, "phase": "data"},
                 2: {"step": 57, "phase": "step"}, 3: {"step": 57, "phase": "checkpoint"}}
-    assert M.diagnose_hang(statuses, 300, 4) == (
+    assert diagnose_hang(statuses, 300, 4) == (
         "no progress for 300 s; process 1 is behind at step 41 (phase data), others at step 57")
 
 
 def test_at_the_same_step_the_process_in_another_phase_is_named_and_silent_ones_too():
     statuses = {0: {"step": 9, "phase": "step"}, 1: {"step": 9, "phase": "step"},
                 2: {"step": 9, "phase": "eval"}}
-    message = M.diagnose_hang(statuses, 61, expected=4)
+    message = diagnose_hang(statuses, 61, expected=4)
     assert "process 2 is behind at step 9 (phase eval), others at step 9" in message
     assert "process(es) 3 never reported" in message
     same = {p: {"step": 5, "phase": "step"} for p in range(2)}
-    assert M.diagnose_hang(same, 10) == "no progress for 10 s; all 2 processes at step 5 (phase step)"
+    assert diagnose_hang(same, 10) == "no progress for 10 s; all 2 processes at step 5 (phase step)"
 
 
 def test_the_watchdog_of_a_single_process_reports_a_stall_and_writes_a_status_file(tmp_path):
-    status = M.ProgressStatus(tmp_path)
+    status = ProgressStatus(tmp_path)
     status.update("data", 12)
     messages, reported = [], threading.Event()
-    dog = M.Watchdog(status, timeout=0.3, interval=0.05,
+    dog = Watchdog(status, timeout=0.3, interval=0.05,
                      log=lambda m: (messages.append(m), reported.set())).start()
     reported.wait(300)  # ends at the first report; the limit is only a fail-safe
     dog.stop()
@@ -196,7 +201,7 @@ def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_on
         configure_cpu_devices(1)
         pid = int(sys.argv[1])
         jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=pid)
-        from jaxdist.observe.metrics import KV_PREFIX, ProgressStatus, Watchdog, _kv_client
+        from jaxdist.observe.watchdog import KV_PREFIX, _kv_client
         status = ProgressStatus()
         status.update(*(("step", 57) if pid == 0 else ("data", 41)))
         status.publish()
@@ -238,16 +243,16 @@ def test_a_process_that_stopped_beating_is_named_as_not_responding_whatever_its_
     now = 1000.0
     statuses = {0: {"step": 41, "phase": "step", "beat": now - 1},
                 1: {"step": 41, "phase": "step", "beat": now - 25}}
-    assert M.diagnose_hang(statuses, 20, 2, now=now, silent_after=10) == (
+    assert diagnose_hang(statuses, 20, 2, now=now, silent_after=10) == (
         "no progress for 20 s; process 1 is not responding (last heard 25 s ago, at step 41, "
         "phase step)")
 
 
 def test_the_exit_action_writes_the_verdict_and_every_stack_then_exits_75(tmp_path, capsys):
-    status = M.ProgressStatus(tmp_path)
+    status = ProgressStatus(tmp_path)
     status.update("eval", 7)
     exits, done = [], threading.Event()
-    dog = M.Watchdog(status, timeout=0.3, interval=0.05, action="exit",
+    dog = Watchdog(status, timeout=0.3, interval=0.05, action="exit",
                      exit=lambda code: (exits.append(code), done.set())).start()
     done.wait(300)  # ends at the action; the limit is only a fail-safe
     dog.stop()
@@ -274,9 +279,9 @@ def val_run(tmp_path_factory):
                               eval_fn=eval_fn)
     lines = []
     jaxdist.fit(trainer, jaxdist.data.from_arrays(arrays(512), global_batch=64), steps=16,
-                eval_every=8, eval_data=jaxdist.data.from_arrays(arrays(128, 1), global_batch=64),
-                eval_prefix="val", logdir=logdir, progress=False, hang_timeout=0,
-                log=lines.append)
+                eval_data=jaxdist.data.from_arrays(arrays(128, 1), global_batch=64),
+                eval=jaxdist.EvalConfig(every=8, prefix="val"),
+                observe=dataclasses.replace(QUIET, logdir=str(logdir)), log=lines.append)
     return [line for line in lines if line.startswith("epoch ")], logdir
 
 
@@ -344,7 +349,7 @@ def test_token_data_reports_tokens_per_second_in_the_epoch_line_and_the_records(
     assert (data.unit, data.units_per_example) == ("tokens", seq)
     lines = []
     run = jaxdist.fit(jaxdist.Trainer(Bigram(nnx.Rngs(0)), optax.adam(1e-2), loss_fn, devices=2),
-                      data, steps=6, logdir=tmp_path, progress=False, hang_timeout=0,
+                      data, steps=6, observe=dataclasses.replace(QUIET, logdir=str(tmp_path)),
                       log=lines.append)
     [line] = [line for line in lines if line.startswith("epoch ")]
     assert re.fullmatch(r"epoch 1 \| step 6 \| train loss [\d.]+ \| [\d,]+ tokens/s", line), line

@@ -13,13 +13,13 @@ from flax import nnx
 import jaxdist
 from conftest import needs_devices
 from experiments.mnist import get_config, loss_fn
-from jaxdist import DataParallel
+from jaxdist import Trainer
 from jaxdist.io import Checkpointer
 from jaxdist.launch import free_port
 from jaxdist.models import MnistCNN
 from jaxdist.train import make_optimizer
 from runs import STEP_EVENTS, Run
-from task import MLP, arrays
+from task import QUIET, MLP, arrays
 from task import leaves as task_leaves
 from task import loss_fn as task_loss
 
@@ -51,7 +51,7 @@ def _assert_interrupted_mid_run(out):
 def _restored(workdir, step):
     ckpt = Checkpointer(workdir / "checkpoints")
     tx = make_optimizer(get_config().optimizer, STEPS)  # the run's optimizer: same state tree
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, devices=1)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, devices=1)
     state, meta = ckpt.restore(step, dp.canonical(dp.init()))
     ckpt.close()
     return state, meta
@@ -142,14 +142,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(mnist, tmp_
 def _local_sgd(devices=4, diloco=False):
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True) if diloco else None
     return jaxdist.Trainer(MLP(nnx.Rngs(0, dropout=1)), optax.adam(3e-3), task_loss,
-                           strategy="local_sgd", devices=devices, local_steps=4,
-                           outer_optimizer=outer)
+                           strategy=jaxdist.LocalSGD(every=4, outer=outer), devices=devices)
 
 
 def _task_fit(trainer, workdir=None, callbacks=(), log=lambda _: None):
     return jaxdist.fit(trainer, jaxdist.data.from_arrays(arrays(), global_batch=64, seed=0),
-                       steps=16, workdir=workdir, checkpoint_every=100, callbacks=callbacks,
-                       progress=False, hang_timeout=0, log=log)
+                       steps=16, callbacks=callbacks, observe=QUIET, log=log,
+                       checkpoint=jaxdist.CheckpointConfig(
+                           workdir=None if workdir is None else str(workdir), every=100))
 
 
 class _StopAt(jaxdist.Callback):

@@ -20,7 +20,7 @@ from conftest import REPO
 from jaxdist.errors import EXIT_USAGE, UsageError
 from jaxdist.io import workdir as workdir_lock
 from runs import Run
-from task import MLP, arrays, loss_fn
+from task import QUIET, MLP, arrays, loss_fn
 
 # holds the work dir named by argv[1] until a signal ends it
 HOLDER = ("import signal, sys\nfrom jaxdist.io.workdir import hold\nwith hold(sys.argv[1]):\n"
@@ -36,8 +36,8 @@ def _holder(workdir) -> Run:
 def _fit(workdir, steps=2):
     trainer = jaxdist.Trainer(MLP(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, devices=2)
     return jaxdist.fit(trainer, jaxdist.data.from_arrays(arrays(256), global_batch=64),
-                       steps=steps, workdir=workdir, checkpoint_every=1, progress=False,
-                       hang_timeout=0, log=lambda _: None)
+                       steps=steps, observe=QUIET, log=lambda _: None,
+                       checkpoint=jaxdist.CheckpointConfig(workdir=str(workdir), every=1))
 
 
 def _in_use(pid: int) -> str:

@@ -53,6 +53,8 @@ class Dataset:
         process_index, process_count: this process's share (default: JAX's).
         unit, units_per_example: what throughput counts ("img/s" by default; `from_tokens`
             counts "tokens", seq_len of them per example).
+        settings: more settings that define the data (augmentation, sequence length): part of
+            `meta`, so a checkpoint refuses to resume with other values.
     """
 
     source: RandomAccess
@@ -69,6 +71,7 @@ class Dataset:
     augment: Callable[[Any, np.random.Generator], Any] | None = None
     unit: str = "img"
     units_per_example: int = 1
+    settings: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.process_index is None:
@@ -90,7 +93,7 @@ class Dataset:
     def meta(self) -> dict:
         """What a checkpoint's data position means: resuming with other values reads other data."""
         return {"data": self.name, "examples": len(self), "global_batch": self.global_batch,
-                "seed": self.seed}
+                "seed": self.seed, **self.settings}
 
     def _read(self, index: int) -> Any:
         try:

@@ -161,7 +161,9 @@ def from_tokens(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
             return inputs[0], targets[0]
 
     kw = {"unit": "tokens", "units_per_example": seq_len, **kw}
-    return Dataset(Windows(), global_batch, seed, name=name, gather=gather, **kw)
+    settings = {"seq_len": seq_len, **kw.pop("settings", {})}  # a resume with another refused
+    return Dataset(Windows(), global_batch, seed, name=name, gather=gather, settings=settings,
+                   **kw)
 
 
 def load_text(patterns: str | Sequence[str] | None = None, cache_dir: str | Path | None = None,

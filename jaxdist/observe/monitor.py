@@ -1,28 +1,62 @@
-"""`TrainMonitor`: metrics records, goodput, MFU, the profiler and the hang watchdog behind the
-few hooks the training loop calls. Nothing here blocks on a step still running: the loop hands
+"""`TrainMonitor`: metrics records, goodput, MFU, the profiler and the hang watchdog, as one
+`Callback` built from `ObserveConfig`. Nothing here blocks on a step still running: the loop hands
 over a step's metrics when it reads them anyway (one step late), and step times are the
 intervals between those reads."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal
 
 import jax
 
 from jaxdist.cluster.compile_cache import compiled_by_this_process_only
+from jaxdist.core.callback import Callback, throughput_key
+from jaxdist.errors import UsageError
 from jaxdist.observe.flops import default_peak_tflops, flops_per_step, lowered_step, mfu
 from jaxdist.observe.goodput import Goodput, format_goodput
 from jaxdist.observe.watchdog import ProgressStatus, Watchdog
 from jaxdist.observe.writer import MetricsWriter
 
 
-def throughput_key(unit: str) -> str:
-    """The record key of a throughput in `unit` per second: "images_per_second" for "img" (every
-    record has it: examples per second), else "<unit>_per_second" (e.g. "tokens_per_second")."""
-    return "images_per_second" if unit == "img" else f"{unit}_per_second"
+@dataclasses.dataclass(frozen=True)
+class ObserveConfig:
+    """What a run reports and watches: progress lines, metrics, the profiler, the hang watchdog."""
+
+    logdir: str | None = None
+    """metrics.jsonl, TensorBoard event files, status files and profiles (default: <workdir>/logs
+    with a work dir, else none)"""
+    progress: bool = True
+    """show progress: a bar on a terminal, else plain lines (see --progress_every)"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines when output is not a terminal (0: a line every step)"""
+    profile_steps: str = ""
+    """A,B: capture a jax.profiler trace of steps A..B into <logdir>/profile"""
+    peak_tflops: float = 0.0
+    """peak TFLOP/s per device for the MFU estimate (0: a per-platform assumption)"""
+    hang_timeout: float = 300.0
+    """seconds without progress (3x before the first step) before the hang watchdog acts (0: off)"""
+    hang_action: Literal["exit", "report"] = "exit"
+    """exit: write stacks and the verdict to <logdir>/status and exit 75 so the launcher or
+    scheduler restarts the job; report: only print the verdict"""
+
+    def validate(self) -> None:
+        if min(self.peak_tflops, self.hang_timeout, self.progress_every) < 0:
+            raise UsageError("peak_tflops, hang_timeout and progress_every must be >= 0")
+        if self.hang_action not in ("exit", "report"):
+            raise UsageError(f"hang_action must be exit or report, got {self.hang_action!r}")
+        try:
+            parse_step_range(self.profile_steps)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def wanted(self, logdir: str | None) -> bool:
+        """Whether a run needs a monitor: something to write, or a watchdog to run."""
+        return bool(logdir) or self.hang_timeout > 0
 
 
 def parse_step_range(text: str) -> tuple[int, int] | None:
@@ -39,7 +73,7 @@ def parse_step_range(text: str) -> tuple[int, int] | None:
     return first, last
 
 
-class TrainMonitor:
+class TrainMonitor(Callback):
     """What `fit` reports to: metrics records, goodput, MFU, the profiler and the hang watchdog.
 
     Steps are numbered like checkpoints: step N is the N-th step (the state's step after it).
@@ -56,14 +90,24 @@ class TrainMonitor:
         log: where the leader's one-line notes go (the MFU assumption, the goodput summary).
         unit: (name, count per example) the data's throughput is counted in: train and epoch
             records carry `throughput_key(name)` beside `images_per_second` (examples).
+        examples_per_step: the global batch (each step's throughput).
     """
+
+    @classmethod
+    def from_config(cls, cfg: ObserveConfig, *, logdir: str | os.PathLike | None, start: float,
+                    meta: dict | None, unit: tuple[str, int], examples_per_step: int,
+                    log: Callable[[str], None] = print) -> "TrainMonitor":
+        return cls(logdir, start=start, peak_tflops=cfg.peak_tflops,
+                   profile_steps=parse_step_range(cfg.profile_steps),
+                   hang_timeout=cfg.hang_timeout, hang_action=cfg.hang_action, meta=meta,
+                   unit=unit, examples_per_step=examples_per_step, log=log)
 
     def __init__(self, logdir: str | os.PathLike | None = None, *, start: float | None = None,
                  peak_tflops: float = 0.0, profile_steps: tuple[int, int] | None = None,
                  hang_timeout: float = 0.0, hang_action: str = "exit",
                  meta: dict | None = None,
                  log: Callable[[str], None] = print, writer: MetricsWriter | None = None,
-                 unit: tuple[str, int] = ("img", 1)):
+                 unit: tuple[str, int] = ("img", 1), examples_per_step: int = 0):
         self.logdir = Path(logdir) if logdir else None
         self.leader = jax.process_index() == 0
         self.writer = writer or (MetricsWriter(self.logdir) if self.logdir else None)
@@ -74,8 +118,10 @@ class TrainMonitor:
                                             else default_peak_tflops())
         self.flops: float | None = None
         self.compile_seconds = 0.0
-        self.step_images = 0
+        self.step_images = examples_per_step
         self.unit = unit
+        self.trainer = None
+        self.closed: dict[str, float] | None = None
         self.profile_steps = profile_steps
         if profile_steps and self.logdir is None:
             raise ValueError("profiling needs a logdir")
@@ -86,7 +132,6 @@ class TrainMonitor:
                          if hang_timeout > 0 else None)
         self._first_step = None
         self._last_read = None
-        self._started = False
         if meta is not None:
             self.record("meta", 0, {**meta, "process_count": jax.process_count()})
 
@@ -95,34 +140,41 @@ class TrainMonitor:
         if self.writer is not None:
             self.writer.write(kind, step, values, **kw)
 
+    @contextlib.contextmanager
     def measure(self, category: str):
-        return self.goodput.measure(category)
+        """Time in `category` (data, compile, step, eval, checkpoint) counts toward goodput, and
+        the watchdog's status names it as the phase the process is in."""
+        self.phase("step" if category == "compile" else category)
+        with self.goodput.measure(category):
+            yield
 
     def phase(self, phase: str, step: int | None = None) -> None:
         self.status.update(phase, step)
 
-    # -- hooks called by fit
-    def start_step(self, index: int, start_step: int) -> None:
-        """Before step `index + 1` is dispatched (`index`: steps done so far)."""
-        if not self._started:
-            self._started = True
-            before = self.goodput.clock() - self.goodput.start - sum(
-                self.goodput.seconds.values())
-            self.goodput.add("restart" if start_step else "startup", max(0.0, before))
-            self.status.update(step=start_step)
-        if self.profile_steps and index + 1 == self.profile_steps[0] and not self._profiling:
-            self.profile_dir = self.logdir / "profile"
-            if jax.process_count() > 1:
-                self.profile_dir = self.profile_dir / f"process_{jax.process_index()}"
-            jax.profiler.start_trace(str(self.profile_dir), create_perfetto_trace=True)
-            self._profiling = True
-        self.phase("step")
+    # -- the Callback hooks
+    def on_fit_start(self, trainer: Any, state: Any, step: int) -> None:
+        """Everything before the first step was start-up (or, resumed, restart) time."""
+        self.trainer = trainer
+        before = self.goodput.clock() - self.goodput.start - sum(self.goodput.seconds.values())
+        self.goodput.add("restart" if step else "startup", max(0.0, before))
+        self.status.update(step=step)
+        self._start_profile_before(step + 1)
 
-    def dispatched(self, index: int, metrics: Any) -> None:
-        """After step `index + 1` was dispatched: ends a profile whose last step it is (waiting
-        for it: a profile is worth one blocked step)."""
-        if self._profiling and index + 1 >= self.profile_steps[1]:
-            self.stop_profile(metrics)
+    def on_step_end(self, step: int, state: Any) -> None:
+        """Ends a profile whose last step this is (waiting for it: a profile is worth one
+        blocked step), or starts one whose first step is next."""
+        if self._profiling and step >= self.profile_steps[1]:
+            self.stop_profile(state)
+        self._start_profile_before(step + 1)
+
+    def _start_profile_before(self, step: int) -> None:
+        if not self.profile_steps or step != self.profile_steps[0] or self._profiling:
+            return
+        self.profile_dir = self.logdir / "profile"
+        if jax.process_count() > 1:
+            self.profile_dir = self.profile_dir / f"process_{jax.process_index()}"
+        jax.profiler.start_trace(str(self.profile_dir), create_perfetto_trace=True)
+        self._profiling = True
 
     def stop_profile(self, wait_for: Any = None) -> None:
         if not self._profiling:
@@ -134,8 +186,9 @@ class TrainMonitor:
         self.log(f"profile of steps {self.profile_steps[0]}-{self.profile_steps[1]} in "
                  f"{self.profile_dir} (open with TensorBoard's profile plugin or Perfetto)")
 
-    def first_step(self, step: int, seconds: float, trainer: Any, state: Any, batch: Any) -> None:
+    def on_first_step(self, step: int, seconds: float, state: Any, batch: Any) -> None:
         """The first step (number `step`) ran in `seconds`; looks up its FLOPs and collectives."""
+        trainer = self.trainer
         self.compile_seconds, self._first_step = seconds, step
         self._last_read = time.perf_counter()
         self.status.update(step=step)
@@ -166,14 +219,14 @@ class TrainMonitor:
         self.log(f"MFU assumes a peak of {self.peak_note}; set --peak_tflops to change it"
                  + ("" if self.flops else " (XLA gave no FLOP count: no MFU)"))
 
-    def step_done(self, step: int, values: dict[str, float], images: int) -> None:
+    def on_metrics(self, step: int, values: dict[str, float]) -> None:
         """Step `step`'s metrics were read on the host (one step late)."""
+        images = self.step_images
         now = time.perf_counter()
         if step == self._first_step or self._last_read is None:
             seconds = self.compile_seconds
         else:
             seconds, self._last_read = now - self._last_read, now
-        self.step_images = images or self.step_images
         self.status.update(step=step)
         if self.writer is None:
             return
@@ -183,15 +236,16 @@ class TrainMonitor:
         out[throughput_key(self.unit[0])] = out["images_per_second"] * self.unit[1]
         self.record("train", step, out)
 
-    def epoch_end(self, record: dict, eval_keys: Sequence[str] = ()) -> None:
-        """The loop's epoch record; `eval_keys`, the evaluation's metrics in it, go to an "eval"
-        record (TensorBoard `eval/<name>`), the rest to an "epoch" record."""
+    def on_epoch_end(self, record: dict, state: Any) -> None:
+        """The epoch record; the evaluation's metrics in it (`record["eval_keys"]`) go to an
+        "eval" record (TensorBoard `eval/<name>`), the rest to an "epoch" record."""
         report = self.goodput.report()
         if self.writer is None:
             return
         step = record["step"]
-        evals = {k: record[k] for k in eval_keys if k in record}
-        epoch = {k: v for k, v in record.items() if k not in evals and k != "step"}
+        evals = {k: record[k] for k in record.get("eval_keys", ()) if k in record}
+        epoch = {k: v for k, v in record.items()
+                 if k not in evals and k not in ("step", "eval_keys", "stopped")}
         epoch["compile_seconds"] = self.compile_seconds
         if self.flops and self.step_images and record.get("images_per_second"):
             steps_per_second = record["images_per_second"] / self.step_images
@@ -202,8 +256,22 @@ class TrainMonitor:
         self.record("goodput", step, report)
         self.writer.flush()
 
+    def on_fit_end(self, run: Any) -> None:
+        """The run's goodput is the monitor's (it closes here, after the final save)."""
+        run.goodput = self.close(run.last_step)
+
+    def __enter__(self) -> "TrainMonitor":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
     def close(self, step: int | None = None) -> dict[str, float]:
-        """Stops the profiler and watchdog, writes the final goodput; returns it."""
+        """Stops the profiler and watchdog, writes the final goodput; returns it (once: a second
+        call returns the first one's report)."""
+        if self.closed is not None:
+            return self.closed
         self.stop_profile()
         self.phase("done", step)
         if self.watchdog is not None:
@@ -214,4 +282,5 @@ class TrainMonitor:
                         {**report, "final": True})
             self.writer.close()
             self.log(format_goodput(report))
+        self.closed = report
         return report

@@ -1,4 +1,4 @@
-"""PNG figures from runs' metrics.jsonl (written by `jaxdist.observe.metrics.MetricsWriter`).
+"""PNG figures from runs' metrics.jsonl (written by `jaxdist.observe.writer.MetricsWriter`).
 
     python -m jaxdist.observe.plots RUN_DIR [RUN_DIR ...] --out DIR
 
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from jaxdist.observe.metrics import read_records
+from jaxdist.observe.writer import read_records
 from jaxdist.config import ArgumentParser
 
 

@@ -31,9 +31,9 @@ class StepAnalysis:
 
 def flops_per_device(compiled: Any, lowered: Any = None) -> float:
     """FLOPs of one run of `compiled` on one device (the partitioned program), from XLA's cost
-    analysis (`jaxdist.observe.metrics.flops_per_step`, which needs `lowered` to count oneDNN
+    analysis (`jaxdist.observe.flops.flops_per_step`, which needs `lowered` to count oneDNN
     calls); 0 where the backend gives none."""
-    from jaxdist.observe.metrics import flops_per_step
+    from jaxdist.observe.flops import flops_per_step
 
     return flops_per_step(compiled, lowered) or 0.0
 

@@ -1,27 +1,35 @@
-"""The train step, optimizers and loop."""
+"""The training loop, its services (each a `Callback` with its own config) and optimizers."""
 
-from jaxdist.train.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig, make_optimizer, make_schedule
-from jaxdist.core.step import TrainState, init_state, make_eval_step, make_train_step
-from jaxdist.train.callbacks import Callback, Preemption
+from jaxdist.core.callback import Callback
+from jaxdist.observe.monitor import ObserveConfig, TrainMonitor
+from jaxdist.train.checkpointing import CheckpointConfig, Checkpointing
+from jaxdist.train.evaluation import EvalConfig, Evaluation
 from jaxdist.train.fit import Run, fit
-from jaxdist.train.loop import NonFiniteGuard, TrainingDiverged, epoch_end_steps, train_loop
+from jaxdist.train.guard import GuardConfig, NonFiniteGuard, TrainingDiverged
+from jaxdist.train.loop import Schedule, StepInfo, training_steps
+from jaxdist.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxdist.train.preemption import Preemption
+from jaxdist.train.reporting import ProgressReport
 
 __all__ = [
     "Callback",
+    "CheckpointConfig",
+    "Checkpointing",
+    "EvalConfig",
+    "Evaluation",
+    "GuardConfig",
     "NonFiniteGuard",
-    "Preemption",
-    "Run",
-    "TrainingDiverged",
-    "epoch_end_steps",
-    "fit",
-    "train_loop",
-    "OPTIMIZERS",
-    "SCHEDULES",
+    "ObserveConfig",
     "OptimizerConfig",
-    "TrainState",
-    "init_state",
-    "make_eval_step",
+    "Preemption",
+    "ProgressReport",
+    "Run",
+    "Schedule",
+    "StepInfo",
+    "TrainMonitor",
+    "TrainingDiverged",
+    "fit",
     "make_optimizer",
     "make_schedule",
-    "make_train_step",
+    "training_steps",
 ]

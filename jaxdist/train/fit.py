@@ -1,40 +1,37 @@
 """`fit(trainer, data, ...)`: the training loop with its services, for any model and any data.
 
-    result = jaxdist.fit(trainer, train_data, epochs=8, eval_data=test_data, workdir="runs/a")
+    run = jaxdist.fit(trainer, train_data, epochs=8, eval_data=test_data,
+                      checkpoint=CheckpointConfig(workdir="runs/a"))
 
-With a work dir, `fit` holds it for this job alone (a second job on it is refused;
-`jaxdist.io.workdir`), saves asynchronous orbax checkpoints every `checkpoint_every` steps and at
-every evaluation (keeping the newest `keep`, and `keep_best` by `best_metric`), resumes from the
-newest one every process can read when run again (bitwise: global batch k depends only on
-(seed, k), the state holds the RNG streams, and under local SGD each replica's own state is
-kept), refuses a checkpoint whose data settings differ, saves and returns
-on SIGTERM/SIGINT (all processes at one step), rolls back after `nonfinite_limit` non-finite steps
-in a row, and writes metrics, TensorBoard events, goodput, MFU, profiles and hang-watchdog status
-to `<workdir>/logs`. Every hook a user needs is a `Callback`.
+`fit` only composes: the steps come from `training_steps`, and every service is a `Callback`
+built from its own config — `Evaluation` (`EvalConfig`), `Checkpointing` (`CheckpointConfig`:
+resume, cadence, keep-best, the rollback target), `NonFiniteGuard` (`GuardConfig`),
+`TrainMonitor` and `ProgressReport` (`ObserveConfig`: metrics, TensorBoard, goodput, MFU,
+profiles, the hang watchdog) and `Preemption` (SIGTERM/SIGINT: all processes stop at one step,
+with a checkpoint). With a work dir, `fit` holds it for this job alone (`jaxdist.io.workdir`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import numpy as np
 
-from jaxdist.errors import UsageError
+from jaxdist.core.callback import Callback, throughput_key
 from jaxdist.io.workdir import hold
-from jaxdist.progress import PLAIN_EVERY_SECONDS
-from jaxdist.train.callbacks import Callback, Preemption
-from jaxdist.train.loop import (
-    FitResult,
-    NonFiniteGuard,
-    TrainingDiverged,
-    epoch_end_steps,
-    train_loop,
-)
+from jaxdist.observe.monitor import ObserveConfig, TrainMonitor
+from jaxdist.train.checkpointing import CheckpointConfig, Checkpointing
+from jaxdist.train.evaluation import EvalConfig, Evaluation
+from jaxdist.train.guard import GuardConfig, NonFiniteGuard, RollBack, TrainingDiverged
+from jaxdist.train.loop import STOP, Schedule, training_steps, unmeasured
+from jaxdist.train.preemption import Preemption
+from jaxdist.train.reporting import ProgressReport
 
 
 class Data(Protocol):
@@ -56,12 +53,33 @@ class EvalData(Protocol):
 
 
 @dataclasses.dataclass
-class Run(FitResult):
-    """`FitResult` plus where the run started and stopped, and its goodput."""
+class Run:
+    """What `fit` returns.
 
+    Attributes:
+        state: the final state, in the strategy's layout.
+        history: one record per epoch end (evaluation point): epoch, step, the train loss,
+            epoch_seconds, images_per_second (examples), `<unit>_per_second` and the eval
+            metrics.
+        first_step_seconds: wall time of the first step (dominated by compilation), from its batch
+            in hand to its metrics on the host.
+        train_seconds: wall time of all steps after the first, evaluation excluded.
+        images_per_second: global examples (images, sequences) per second over `train_seconds`.
+        stopped: a signal or a callback stopped it before the last step, at `stopped_at`.
+        last_step: the step it ended at (the key of its last checkpoint).
+        goodput: seconds per category (from the monitor; None without one).
+    """
+
+    state: Any
+    history: list[dict] = dataclasses.field(default_factory=list)
+    first_step_seconds: float = 0.0
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    stopped: bool = False
     start_step: int = 0
     stopped_at: int | None = None
     total_steps: int = 0
+    last_step: int = 0
     goodput: dict | None = None
     wall_seconds: float = 0.0
 
@@ -73,289 +91,149 @@ def fit(
     epochs: float | None = None,
     steps: int | None = None,
     eval_data: EvalData | None = None,
-    eval_every: int | None = None,
-    eval_batch: int | None = None,
-    eval_examples: int | None = None,
-    eval_prefix: str = "test",
-    workdir: str | Path | None = None,
-    checkpoint_every: int = 500,
-    keep: int = 3,
-    keep_best: int = 0,
-    best_metric: str | None = None,
-    best_mode: str = "max",
-    restore_step: int | None = None,
-    data_meta: dict | None = None,
-    nonfinite_limit: int = 20,
-    progress: bool = True,
-    progress_every: float = PLAIN_EVERY_SECONDS,
-    logdir: str | Path | None = None,
-    profile_steps: tuple[int, int] | None = None,
-    hang_timeout: float = 300.0,
-    hang_action: str = "exit",
-    peak_tflops: float = 0.0,
-    run_meta: dict | None = None,
+    eval: EvalConfig = EvalConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    observe: ObserveConfig = ObserveConfig(),
+    guard: GuardConfig = GuardConfig(),
     callbacks: Sequence[Callback] = (),
-    log=print,
+    meta: dict | None = None,
+    log: Callable[[str], None] = print,
 ) -> Run:
     """Trains `trainer` on `data` for `epochs` (or `steps`; both: the fewer), with the services.
 
     Args:
         eval_data: evaluated with the trainer's `eval_fn` at every epoch end (or every
-            `eval_every` steps, and at the end). `eval_fn` returns sums over the batch's examples,
+            `eval.every` steps, and at the end). `eval_fn` returns sums over the batch's examples,
             padding masked out (the batch comes with its mask last); with a "count" sum, the
-            others are reported as means, named `<eval_prefix>_<name>`.
-        workdir: checkpoints go to `<workdir>/checkpoints` and logs to `<workdir>/logs`; a
-            rerun resumes (at `restore_step`, default the newest step all processes can read).
-            One job at a time: another job's fit on it raises `UsageError` naming the holder.
-        data_meta: more settings that define the data (augmentation, ...); a resume with other
-            values is refused, like one with another global batch or seed.
-        logdir: metrics.jsonl, TensorBoard events, status files, profiles (default
-            `<workdir>/logs`, or none without a work dir).
-        hang_timeout: seconds without progress (3x before the first step completed) before the
-            watchdog acts (0: off).
-        hang_action: "exit": every live process writes its stacks and the verdict (which
-            process is behind, in which phase) to `<logdir>/status` and exits with
-            `jaxdist.errors.EXIT_HANG`, for the launcher or scheduler to restart the job;
-            "report": only print the verdict.
-        callbacks: user hooks (see `Callback`).
-
-    Returns:
-        a `Run`: the final state, per-evaluation history, timings, and `stopped_at` when a
-        signal or a callback stopped it early.
+            others are reported as means, named `<eval.prefix>_<name>`.
+        checkpoint: with a `workdir`, checkpoints go to `<workdir>/checkpoints` and logs to
+            `<workdir>/logs`; a rerun resumes. One job at a time: another job's fit on it raises
+            `UsageError` naming the holder. The data's `meta` is saved with each checkpoint,
+            and a resume with other values is refused.
+        observe: progress, the log dir, the profiler, MFU's peak, the hang watchdog.
+        guard: the non-finite limit (a rollback to the last checkpoint before the window, or
+            `TrainingDiverged` without one).
+        callbacks: user hooks (see `Callback`), called after the services.
+        meta: more fields for the run's metadata record (model, ...).
     """
     start = time.perf_counter()
+    for config in (eval, checkpoint, observe, guard):
+        config.validate()
+    schedule = Schedule.of(data, epochs=epochs, steps=steps, eval_every=eval.every or None)
     leader = jax.process_index() == 0
     say = log if leader else (lambda _: None)
-    epoch_ends = _epoch_ends(data, epochs, steps, eval_every)
-    total_steps = epoch_ends[-1]
-    if logdir is None and workdir is not None:
-        logdir = Path(workdir) / "logs"
-    # a second job on this work dir ends here, before it writes anything
-    with hold(workdir) if workdir is not None else contextlib.nullcontext():
-        monitor = _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops,
-                           trainer, data, total_steps,
-                           {"eval_prefix": eval_prefix, **(run_meta or {})})
-        measure = monitor.measure if monitor is not None else (
-            lambda _: contextlib.nullcontext())
-        meta_now = {**dict(data.meta), **dict(data_meta or {})}
+    workdir = checkpoint.workdir
+    logdir = observe.logdir or (str(Path(workdir) / "logs") if workdir else None)
+    unit = (getattr(data, "unit", "img"), getattr(data, "units_per_example", 1))
+    with contextlib.ExitStack() as stack:
+        if workdir is not None:  # a second job on this work dir ends here, before any write
+            stack.enter_context(hold(workdir))
+        monitor = None
+        if observe.wanted(logdir):
+            run_meta = {"devices": len(trainer.devices), "platform": trainer.devices[0].platform,
+                        "strategy": trainer.strategy, "global_batch": data.global_batch,
+                        "steps": schedule.total, "eval_prefix": eval.prefix, **(meta or {})}
+            monitor = stack.enter_context(TrainMonitor.from_config(
+                observe, logdir=logdir, start=start, meta=run_meta if logdir else None,
+                unit=unit, examples_per_step=data.global_batch))
+        measure = monitor.measure if monitor is not None else unmeasured
         # from here on SIGTERM/SIGINT stop the run with a checkpoint: during set-up and restore,
         # the first compile, evaluation and saves in flight, not only between steps
-        preemption = Preemption()
-        with preemption:
-            return _fit(trainer, data, preemption=preemption, epoch_ends=epoch_ends,
-                        total_steps=total_steps, monitor=monitor, measure=measure,
-                        meta_now=meta_now, say=say, log=log, start=start, eval_data=eval_data,
-                        eval_batch=eval_batch, eval_examples=eval_examples,
-                        eval_prefix=eval_prefix, workdir=workdir,
-                        checkpoint_every=checkpoint_every, keep=keep, keep_best=keep_best,
-                        best_metric=best_metric, best_mode=best_mode, restore_step=restore_step,
-                        nonfinite_limit=nonfinite_limit, progress=progress,
-                        progress_every=progress_every, callbacks=callbacks)
+        preemption = stack.enter_context(Preemption())
+        state, start_step, checkpointing = trainer.init(), 0, None
+        if workdir is not None:
+            checkpointing = stack.enter_context(Checkpointing(
+                checkpoint, trainer, data_meta=dict(data.meta), epoch_ends=schedule.epoch_ends,
+                log=say, measure=measure))
+            state, start_step = checkpointing.restore(state)
+            preemption.reached = checkpointing.reached_preemption  # processes agree via orbax
+        services: list[Callback] = [
+            Evaluation(eval, eval_data, trainer, preemption=preemption, measure=measure)
+        ] if eval_data is not None else []
+        services += [s for s in (checkpointing, monitor) if s is not None]
+        services += [ProgressReport(total_steps=schedule.total,
+                                    examples_per_step=data.global_batch, unit=unit,
+                                    show=observe.progress and leader,
+                                    every=observe.progress_every, log=say),
+                     preemption, *callbacks, NonFiniteGuard(guard, log=say)]
+        run = _train(trainer, data, state, start_step, schedule, services, unit, measure,
+                     rollback=checkpointing.state_before if checkpointing else _diverged)
+    run.wall_seconds = time.perf_counter() - start
+    return run
 
 
-def _fit(trainer, data, *, preemption, epoch_ends, total_steps, monitor, measure, meta_now, say,
-         log, start, eval_data, eval_batch, eval_examples, eval_prefix, workdir,
-         checkpoint_every, keep, keep_best, best_metric, best_mode, restore_step,
-         nonfinite_limit, progress, progress_every, callbacks) -> "Run":
-    state, start_step, checkpointer = trainer.init(), 0, None
-    if workdir is not None:
-        from jaxdist.io import Checkpointer
+def _diverged(rollback: RollBack):
+    raise TrainingDiverged(f"{rollback}; stopping. Lower the learning rate, check the data, or "
+                           f"train with a work dir to roll back")
 
-        checkpointer = Checkpointer(Path(workdir) / "checkpoints", every=checkpoint_every,
-                                    keep=keep, keep_best=keep_best, best_metric=best_metric,
-                                    best_mode=best_mode)
-        restored = _resume(checkpointer, restore_step, trainer, state)
-        start_step = restored.step
-        if restored.step:
-            _check_same_data(restored.meta, meta_now, start_step)
-            state = _placed(trainer, restored)
-            say(f"resuming at step {start_step} from {checkpointer.directory}")
-    position = start_step  # global batches consumed: the key of the next checkpoint
 
-    def save(step, state, metrics=None):
-        if monitor is not None:
-            monitor.phase("checkpoint")
-        with measure("checkpoint"):
-            checkpointer.save(step, trainer.canonical(state), replicas=trainer.replicas(state),
-                              meta={**meta_now, "data_position": step}, metrics=metrics)
-
-    def evaluate(state):
-        """The metrics, or None when a signal interrupted it (one process: between batches)."""
-        batches = _with_masks(eval_data.eval_batches(eval_batch, limit=eval_examples))
-        try:
-            sums = trainer.evaluate(state, preemption.interruptible(batches))
-        except Preemption.Interrupted:
-            return None
-        metrics = _means(sums, eval_prefix)
-        if checkpointer is not None:  # evaluation points are always saved, with their metrics
-            save(position, state, metrics)
-        return metrics
-
-    def rollback(first_bad_step):
-        if checkpointer is not None:
-            checkpointer.wait()
-            fresh = trainer.init()
-            restored = checkpointer.resume(trainer.canonical(fresh),
-                                           replicas_like=trainer.replicas(fresh),
-                                           below=first_bad_step)
-            if restored.step:
-                say(f"rolled back to the checkpoint of step {restored.step}; training goes on "
-                    f"from batch {position + 1}, skipping the batches in between")
-                return _placed(trainer, restored)
-        raise TrainingDiverged(
-            f"{nonfinite_limit} consecutive non-finite steps from step {first_bad_step} on and no "
-            f"checkpoint before them to roll back to; lower the learning rate or check the data")
-
-    guard = NonFiniteGuard(limit=nonfinite_limit, rollback=rollback, log=say)
-    if checkpointer is not None:  # several processes agree on the stop step through orbax
-        preemption.reached = checkpointer.reached_preemption
-
-    class Position(Callback):
-        """Global batches consumed, after each step: the key of the next checkpoint."""
-
-        def on_step_end(self, step, state):
-            nonlocal position
-            position = step
-            return False
-
-    hooks = [Position(), preemption, *callbacks]
+def _train(trainer, data, state, start_step: int, schedule: Schedule, hooks: list[Callback],
+           unit: tuple[str, int], measure, rollback) -> Run:
+    """Drives `training_steps` epoch by epoch, calling every hook; returns the `Run`."""
     for cb in hooks:
         cb.on_fit_start(trainer, state, start_step)
-    result = None
-    try:
-        result = train_loop(
-            trainer, state, data.batches(start_step), epoch_ends=epoch_ends,
-            start_step=start_step, evaluate=evaluate if eval_data is not None else None,
-            progress=progress, progress_every=progress_every, log=log,
-            callbacks=[*hooks, _Checkpointing(checkpointer, save, epoch_ends,
-                                              evaluated=eval_data is not None)]
-            if checkpointer is not None else hooks,
-            guard=guard, monitor=monitor, unit=_unit(data))
-        if not result.stopped and not result.history and eval_data is not None:
-            # resumed at the end: nothing left to train, still report where it ended
-            metrics = evaluate(result.state)
-            if metrics is None:  # a signal during it
-                result.stopped = True
-            else:
-                result.history.append({"epoch": len(epoch_ends), "step": position,
-                                       "train_loss": float("nan"), **metrics})
-        if checkpointer is not None:
-            with measure("checkpoint"):
-                save(position, result.state)  # stopped early, or the end (a no-op if saved)
-                checkpointer.close()
-            checkpointer = None
-    finally:
-        if checkpointer is not None:  # an error: still finish the saves in flight
-            checkpointer.close()
-        goodput = monitor.close(position) if monitor is not None else None
-    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(FitResult)}
-    run = Run(**fields, start_step=start_step,
-              stopped_at=position if result.stopped else None, total_steps=total_steps,
-              goodput=goodput, wall_seconds=time.perf_counter() - start)
+    run = Run(state, start_step=start_step, total_steps=schedule.total, last_step=start_step)
+    batches = data.batches(start_step)
+    epochs, loss, trained = len(schedule.epoch_ends), math.nan, 0
+    for epoch, end in enumerate(schedule.epoch_ends, start=1):
+        if end <= run.last_step or run.stopped:
+            continue
+        for cb in hooks:
+            cb.on_epoch_start(epoch, epochs, run.last_step)
+        clock, examples, reply = time.perf_counter(), 0, None
+        steps = training_steps(trainer, state, batches, start=run.last_step, stop=end,
+                               measure=measure)
+        while True:
+            try:
+                info = steps.send(reply)
+            except StopIteration:
+                break
+            state, reply = info.state, None
+            if info.first_step_seconds is not None:
+                run.first_step_seconds = info.first_step_seconds
+                for cb in hooks:  # before the epoch clock starts: it may compile for FLOPs
+                    cb.on_first_step(info.step, info.first_step_seconds, state, info.batch)
+                clock = time.perf_counter()
+            elif info.step > run.last_step:
+                examples += data.global_batch
+            if info.metrics is not None:
+                loss = info.metrics[1]["loss"]
+                try:
+                    for cb in hooks:
+                        cb.on_metrics(*info.metrics)
+                except RollBack as e:
+                    state = reply = rollback(e)
+            if info.step == run.last_step:  # the last step's metrics, read after it
+                continue
+            run.last_step = info.step
+            if any([bool(cb.on_step_end(info.step, state)) for cb in hooks]):
+                run.stopped, reply = True, STOP  # every hook saw the step: a list, no short cut
+        seconds = time.perf_counter() - clock
+        run.train_seconds, trained = run.train_seconds + seconds, trained + examples
+        record = {"epoch": epoch, "step": run.last_step, "train_loss": loss,
+                  "epoch_seconds": seconds,
+                  "images_per_second": examples / seconds if seconds else 0.0}
+        _end_epoch(run, record, state, hooks, unit)
+    if not run.history and not run.stopped:  # resumed at the end: still report where it ended
+        _end_epoch(run, {"epoch": epochs, "step": run.last_step, "train_loss": math.nan,
+                         "epoch_seconds": 0.0, "images_per_second": 0.0}, state, hooks, unit)
+    run.state = state
+    run.images_per_second = trained / run.train_seconds if run.train_seconds else 0.0
+    run.stopped_at = run.last_step if run.stopped else None
     for cb in hooks:
         cb.on_fit_end(run)
     return run
 
 
-class _Checkpointing(Callback):
-    """Saves every `checkpoint_every` steps and at epoch ends (which, with evaluation, save after
-    it, with its metrics)."""
-
-    def __init__(self, checkpointer, save, epoch_ends, evaluated: bool):
-        self.checkpointer, self.save, self.epoch_ends = checkpointer, save, set(epoch_ends)
-        self.evaluated = evaluated
-
-    def on_step_end(self, step, state):
-        at_epoch_end = step in self.epoch_ends
-        if (self.checkpointer.due(step) and not at_epoch_end) or (
-                at_epoch_end and not self.evaluated):
-            self.save(step, state)
-        return False
-
-
-def _epoch_ends(data: Data, epochs: float | None, steps: int | None,
-                eval_every: int | None) -> list[int]:
-    if epochs is None and steps is None:
-        raise UsageError("fit needs epochs= or steps=")
-    if epochs is not None and epochs <= 0:
-        raise UsageError(f"epochs must be positive, got {epochs}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"steps must be at least 1, got {steps}")
-    if eval_every is not None and eval_every < 1:
-        raise UsageError(f"eval_every must be at least 1, got {eval_every}")
-    if epochs is None:
-        epochs = steps * data.global_batch / len(data)
-    ends = epoch_end_steps(len(data), data.global_batch, epochs)
-    if steps is not None:
-        ends = sorted({min(e, steps) for e in ends})
-    if eval_every is not None:
-        ends = sorted(set(range(eval_every, ends[-1], eval_every)) | {ends[-1]})
-    return ends
-
-
-def _with_masks(batches):
-    """(batch, mask) -> the batch with its mask last: (*batch, mask), or batch["mask"]."""
-    for batch, mask in batches:
-        if isinstance(batch, dict):
-            yield {**batch, "mask": mask}
-        elif isinstance(batch, tuple):
-            yield (*batch, mask)
-        else:
-            yield batch, mask
-
-
-def _means(sums: dict[str, float], prefix: str) -> dict[str, float]:
-    count = sums.get("count")
-    named = (lambda k: f"{prefix}_{k}") if prefix else (lambda k: k)
-    if not count:
-        return {named(k): v for k, v in sums.items()}
-    return {named(k): v / count for k, v in sums.items() if k != "count"}
-
-
-def _resume(checkpointer, restore_step: int | None, trainer, state):
-    """The `Restored` of the chosen step, else of the newest one all processes can read."""
-    like, replicas_like = trainer.canonical(state), trainer.replicas(state)
-    if restore_step is None or restore_step < 0:
-        return checkpointer.resume(like, replicas_like=replicas_like)
-    if restore_step not in checkpointer.all_steps():
-        raise UsageError(f"no checkpoint of step {restore_step} in {checkpointer.directory}; "
-                         f"it has {checkpointer.all_steps()}")
-    return checkpointer.resume(like, replicas_like=replicas_like, step=restore_step)
-
-
-def _placed(trainer, restored):
-    """A restored state in the trainer's layout: each replica's own where they were saved."""
-    if restored.replicas is not None:
-        return trainer.place_replicas(restored.replicas)
-    return trainer.place(restored.state)
-
-
-def _check_same_data(saved: dict, now: dict, step: int) -> None:
-    for key, value in now.items():
-        if key in saved and saved[key] != value:
-            raise UsageError(f"the checkpoint of step {step} was trained with {key} "
-                             f"{saved[key]}, this run has {value}; resume with the same {key} "
-                             f"or use another work dir")
-
-
-def _unit(data) -> tuple[str, int]:
-    """What the data's throughput counts (`Dataset.unit`): ("img", 1) unless it says."""
-    return getattr(data, "unit", "img"), getattr(data, "units_per_example", 1)
-
-
-def _monitor(logdir, start, profile_steps, hang_timeout, hang_action, peak_tflops, trainer,
-             data, total_steps, run_meta):
-    """The run's TrainMonitor, or None when there is neither a logdir nor a watchdog."""
-    if not logdir and not hang_timeout:
-        return None
-    from jaxdist.observe.metrics import TrainMonitor
-
-    meta = None
-    if logdir:
-        devices = trainer.devices
-        meta = {"devices": len(devices), "platform": devices[0].platform,
-                "strategy": trainer.strategy, "global_batch": data.global_batch,
-                "steps": total_steps, **dict(run_meta or {})}
-    return TrainMonitor(logdir, start=start, peak_tflops=peak_tflops,
-                        profile_steps=profile_steps, hang_timeout=hang_timeout,
-                        hang_action=hang_action, meta=meta, unit=_unit(data))
+def _end_epoch(run: Run, record: dict, state: Any, hooks: list[Callback],
+               unit: tuple[str, int]) -> None:
+    record[throughput_key(unit[0])] = record["images_per_second"] * unit[1]
+    if run.stopped:
+        record["stopped"] = True
+    if any([bool(cb.on_epoch_end(record, state)) for cb in hooks]):
+        run.stopped = True
+    evaluated = {k: record[k] for k in record.get("eval_keys", ())}
+    if evaluated:
+        for cb in hooks:
+            cb.on_eval(record["step"], evaluated)
+    run.history.append({k: v for k, v in record.items() if k not in ("eval_keys", "stopped")})

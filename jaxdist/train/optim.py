@@ -4,43 +4,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, get_args
 
 import optax
 
 from jaxdist.errors import UsageError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "onecycle", "step")
+
+
+Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"]
+LrSchedule = Literal["constant", "cosine", "warmup_cosine", "onecycle", "step"]
+OPTIMIZERS, SCHEDULES = get_args(Optimizer), get_args(LrSchedule)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """What `make_optimizer` builds. Step counts are derived from epochs by the caller.
+    """What `make_optimizer` builds. Step counts are derived from epochs by the caller."""
 
-    Attributes:
-        name: one of OPTIMIZERS.
-        learning_rate: peak learning rate.
-        schedule: one of SCHEDULES. `warmup_cosine` and `onecycle` warm up over `warmup_steps`.
-        warmup_fraction: fraction of training spent warming up (warmup_cosine, onecycle).
-        momentum: for momentum/nesterov/rmsprop.
-        weight_decay: decoupled (AdamW-style) for adam/adamw, added to the gradient (L2) otherwise.
-        clip_norm: clip the global gradient norm to this value; 0 disables clipping.
-        b1, b2, eps: Adam/RMSProp constants.
-        step_decay: multiply the rate by this at each of `step_boundaries` (fractions of training).
-    """
-
-    name: str = "adam"
+    name: Optimizer = "adam"
+    """optax optimizer"""
     learning_rate: float = 3e-3
-    schedule: str = "onecycle"
+    """peak learning rate"""
+    schedule: LrSchedule = "onecycle"
+    """learning-rate schedule (warmup_cosine and onecycle warm up over --warmup_fraction)"""
     warmup_fraction: float = 0.2
+    """fraction of training spent warming up (warmup_cosine, onecycle)"""
     momentum: float = 0.9
+    """momentum of momentum, nesterov and rmsprop"""
     weight_decay: float = 0.0
+    """decoupled (AdamW-style) for adam/adamw, added to the gradient (L2) otherwise"""
     clip_norm: float = 0.0
+    """clip the global gradient norm to this value (0: no clipping)"""
     b1: float = 0.9
+    """Adam's first-moment decay"""
     b2: float = 0.999
+    """Adam's (and RMSProp's) second-moment decay"""
     eps: float = 1e-8
+    """Adam's and RMSProp's epsilon"""
     step_decay: float = 0.1
+    """schedule step: multiply the rate by this at each of --step_boundaries"""
     step_boundaries: tuple[float, ...] = (0.5, 0.75)
+    """schedule step: where the rate drops, as fractions of training"""
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

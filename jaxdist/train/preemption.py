@@ -1,8 +1,4 @@
-"""The hooks of `fit`: a few named methods instead of closures threaded through the loop.
-
-`fit`'s own services (checkpoint cadence, preemption) are callbacks too, so a user's hook sees
-exactly what they see. Every method runs on every process; only the leader should print.
-"""
+"""`Preemption`: SIGTERM/SIGINT end a run with a checkpoint, all processes at one step."""
 
 from __future__ import annotations
 
@@ -12,30 +8,7 @@ from typing import Any
 
 import jax
 
-
-class Callback:
-    """Override what you need; every hook is optional.
-
-    - `on_fit_start(trainer, state, step)`: before the first step (`step`: steps already done,
-      > 0 after a resume).
-    - `on_step_end(step, state) -> bool`: after step `step` was dispatched; `state` is on the
-      devices (reading it waits for the step). True asks `fit` to stop: it saves (with a work dir)
-      and returns.
-    - `on_metrics(step, metrics)`: step `step`'s metrics as Python floats, read one step late so
-      the host never stalls the devices.
-    - `on_eval(step, metrics)`: after each evaluation.
-    - `on_fit_end(result)`: with the `FitResult`, also when `fit` stopped early.
-    """
-
-    def on_fit_start(self, trainer: Any, state: Any, step: int) -> None: ...
-
-    def on_step_end(self, step: int, state: Any) -> bool | None: ...
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_fit_end(self, result: Any) -> None: ...
+from jaxdist.core.callback import Callback
 
 
 class Preemption(Callback):
