@@ -19,7 +19,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxdist.models.classification import mnist_loss as loss_fn  # noqa: E402
-from jaxdist import DataParallel  # noqa: E402
+from jaxdist import Trainer  # noqa: E402
 from jaxdist.data import load_split, train_batches  # noqa: E402
 from jaxdist.models import MnistCNN  # noqa: E402
 from jaxdist.parallel.backends import to_host  # noqa: E402
@@ -27,8 +27,8 @@ from jaxdist.parallel.backends import to_host  # noqa: E402
 
 def main(out: str, strategy: str, steps: int) -> None:
     split = load_split("mnist", "train", progress=False)
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05, momentum=0.9), loss_fn,
-                      strategy=strategy)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05, momentum=0.9), loss_fn,
+                 strategy=strategy)
     batches = train_batches(split, 64, seed=0, process_index=jax.process_index(),
                             process_count=jax.process_count())
     state = dp.init()

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist import DataParallel, UsageError
+from jaxdist import Jit, LocalSGD, ShardMap, Trainer, UsageError
 from jaxdist.comm import (
     int8_reduce,
     mean_reduce,
@@ -125,8 +125,8 @@ def _batches(rng, steps=3, batch=64):
 
 
 def _train(batches, tx=None, **kwargs):
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), tx or optax.sgd(0.05, momentum=0.9), loss_fn,
-                      devices=N, **kwargs)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), tx or optax.sgd(0.05, momentum=0.9), loss_fn,
+                 devices=N, **kwargs)
     state = dp.init()
     for batch in batches:
         state, metrics = dp.step(state, batch)
@@ -140,7 +140,7 @@ def _assert_close(a, b, **tol):
 def test_fp32_reduce_mode_equals_plain_data_parallelism(rng):
     batches = _batches(rng)
     plain, _ = _train(batches, strategy="shard_map")
-    reduced, _ = _train(batches, strategy="shard_map", grad_reducer=mean_reduce())
+    reduced, _ = _train(batches, strategy=ShardMap(reducer=mean_reduce()))
     _assert_close(plain, reduced, rtol=1e-6, atol=1e-7)
 
 
@@ -153,9 +153,8 @@ def test_gradient_accumulation_equals_the_whole_batch(rng):
 
 def test_compression_composes_with_gradient_accumulation_and_learns(rng):
     batches = _batches(rng, steps=6) * 3
-    _, first = _train(batches[:1], strategy="shard_map", grad_reducer=int8_reduce(),
-                      microbatches=2)
-    _, last = _train(batches, strategy="shard_map", grad_reducer=int8_reduce(), microbatches=2)
+    _, first = _train(batches[:1], strategy=ShardMap(reducer=int8_reduce()), microbatches=2)
+    _, last = _train(batches, strategy=ShardMap(reducer=int8_reduce()), microbatches=2)
     assert float(last["loss"]) < float(first["loss"])
 
 
@@ -179,21 +178,19 @@ def test_stale_gradients_arrive_tau_steps_late():
 
 def test_diloco_with_outer_sgd_of_rate_one_is_plain_parameter_averaging(rng):
     batches = _batches(rng, steps=4)
-    plain, _ = _train(batches, strategy="local_sgd", local_steps=2)
-    outer, _ = _train(batches, strategy="local_sgd", local_steps=2, outer_optimizer=optax.sgd(1.0))
+    plain, _ = _train(batches, strategy=LocalSGD(every=2))
+    outer, _ = _train(batches, strategy=LocalSGD(every=2, outer=optax.sgd(1.0)))
     _assert_close(plain, outer, rtol=1e-5, atol=1e-6)
-    nesterov, _ = _train(batches, strategy="local_sgd", local_steps=2,
-                         outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+    nesterov, _ = _train(batches, strategy=LocalSGD(
+        every=2, outer=optax.sgd(0.7, momentum=0.9, nesterov=True)))
     assert not np.allclose(nesterov["fc1"]["kernel"][...], plain["fc1"]["kernel"][...])
 
 
 def test_a_reducer_outside_shard_map_is_a_usage_error():
-    with pytest.raises(UsageError, match="shard_map"):
-        DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="jit",
-                     devices=N, grad_reducer=int8_reduce())
-    with pytest.raises(UsageError, match="local_sgd"):
-        DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="jit",
-                     devices=N, outer_optimizer=optax.sgd(0.7))
+    with pytest.raises(UsageError, match="an option of ShardMap"):
+        Jit(reducer=int8_reduce())
+    with pytest.raises(UsageError, match="an option of LocalSGD"):
+        ShardMap(outer=optax.sgd(0.7))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import needs_devices
 from jaxdist.models import MnistCNN
-from jaxdist.parallel import ShardedTrainer, make_mesh
+from jaxdist import Trainer, make_mesh
 from jaxdist.parallel.rules import ReplicationWarning
 
 
@@ -50,10 +50,10 @@ def _bytes_on_one_device(tree):
 
 
 def _trainer(strategy, mesh, model=PlainMLP):
-    return ShardedTrainer(lambda: model(nnx.Rngs(0)), optax.adam(1e-3), loss_fn,
-                          mesh=make_mesh(mesh, jax.devices()[:math.prod(
-                              int(p.split("=")[1]) for p in mesh.split(",")) if mesh else 1]),
-                          strategy=strategy)
+    return Trainer(lambda: model(nnx.Rngs(0)), optax.adam(1e-3), loss_fn,
+                   mesh=make_mesh(mesh, jax.devices()[:math.prod(
+                       int(p.split("=")[1]) for p in mesh.split(",")) if mesh else 1]),
+                   strategy=strategy)
 
 
 @needs_devices(8)
@@ -105,9 +105,9 @@ def test_fsdp_of_the_mnist_cnn_splits_what_divides_without_a_warning():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReplicationWarning)
-        trainer = ShardedTrainer(lambda: MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3),
-                                 lambda m, b: m(b).mean(), mesh=make_mesh("fsdp=8"),
-                                 strategy="fsdp")
+        trainer = Trainer(lambda: MnistCNN(rngs=nnx.Rngs(0)), optax.adam(1e-3),
+                          lambda m, b: m(b).mean(), mesh=make_mesh("fsdp=8"),
+                          strategy="fsdp")
     state = trainer.init()
     fc1 = state.params["fc1"]["kernel"].value
     assert fc1.sharding.shard_shape(fc1.shape) == (40, 50)  # 320 rows over 8 devices

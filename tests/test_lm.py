@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from jaxdist import Trainer, UsageError
+from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.lm import GPT, generate, lm_config, lm_eval, lm_loss, param_count
 from jaxdist.parallel.pipeline import peak_in_flight, schedule_1f1b, FORWARD, BACKWARD, LAST
 
@@ -30,11 +30,11 @@ def _batches():
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def _train(strategy="dp", mesh="", **kw):
+def _train(strategy="dp", mesh=""):
     """Losses and final parameters after STEPS plain-SGD steps (SGD: an exact comparison
     without Adam's division amplifying float rounding)."""
     trainer = Trainer(_model, optax.sgd(0.5), lm_loss, strategy=strategy, mesh=mesh or None,
-                      devices=_devices(mesh), eval_fn=lm_eval, **kw)
+                      devices=_devices(mesh), eval_fn=lm_eval)
     state = trainer.init()
     losses = []
     for batch in _batches():
@@ -62,27 +62,30 @@ def _assert_equal(got, want):
 
 
 CASES = [
-    ("dp", "data=8", {}),
-    ("zero1", "data=8", {}),
-    ("fsdp", "fsdp=8", {}),
-    ("fsdp", "data=2,fsdp=4", {}),
-    ("tp", "data=4,tensor=2", {}),
-    ("sp", "data=2,tensor=4", {}),
-    ("fsdp_tp", "fsdp=4,tensor=2", {}),
-    ("dp", "data=2,pipeline=4", {}),
-    ("fsdp", "fsdp=2,pipeline=2,data=2", {"pipeline_schedule": "1f1b"}),
-    ("fsdp_tp", "fsdp=2,pipeline=2,tensor=2", {"pipeline_schedule": "1f1b"}),
-    ("sp", "data=2,pipeline=2,tensor=2", {"pipeline_microbatches": 2}),
+    ("dp", "data=8"),
+    ("zero1", "data=8"),
+    ("fsdp", "fsdp=8"),
+    ("fsdp", "data=2,fsdp=4"),
+    ("tp", "data=4,tensor=2"),
+    ("sp", "data=2,tensor=4"),
+    ("fsdp_tp", "fsdp=4,tensor=2"),
+    ("dp", "data=2,pipeline=4"),  # a name on a pipelined mesh: Pipeline's default options
+    (Pipeline(rules="fsdp", schedule="1f1b"), "fsdp=2,pipeline=2,data=2"),
+    (Pipeline(rules="fsdp_tp", schedule="1f1b"), "fsdp=2,pipeline=2,tensor=2"),
+    (Pipeline(rules="sp", microbatches=2), "data=2,pipeline=2,tensor=2"),
 ]
 
 
+def _case_id(strategy, mesh):
+    if isinstance(strategy, Pipeline):
+        strategy = f"{strategy.name}-{strategy.schedule}-M{strategy.microbatches or 'default'}"
+    return f"{strategy}-{mesh}"
+
+
 @needs_devices(8)
-@pytest.mark.parametrize("strategy,mesh,options", CASES,
-                         ids=[f"{s}-{m}-{'-'.join(map(str, o.values())) or 'default'}"
-                              for s, m, o in CASES])
-def test_every_strategy_and_mesh_equals_one_device_after_three_steps(one_device, strategy, mesh,
-                                                                     options):
-    losses, params, _, _ = _train(strategy, mesh, **options)
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[_case_id(*case) for case in CASES])
+def test_every_strategy_and_mesh_equals_one_device_after_three_steps(one_device, strategy, mesh):
+    losses, params, _, _ = _train(strategy, mesh)
     _assert_equal((losses, params), one_device)
 
 
@@ -93,8 +96,8 @@ def test_1f1b_equals_gpipe_equals_the_sequential_model_for_outputs_gradients_and
     model = _model()
     want_loss, want_grads = jax.value_and_grad(lambda m: lm_loss(m, batch)[0])(model)
     for schedule in ("gpipe", "1f1b"):
-        trainer = Trainer(_model, optax.sgd(0.5), lm_loss, strategy="dp", mesh="pipeline=4", devices=4,
-                          pipeline_microbatches=8, pipeline_schedule=schedule, eval_fn=lm_eval)
+        trainer = Trainer(_model, optax.sgd(0.5), lm_loss, mesh="pipeline=4", devices=4,
+                          strategy=Pipeline(microbatches=8, schedule=schedule), eval_fn=lm_eval)
         state = trainer.init()
         # outputs: evaluation runs the pipelined forward
         got = trainer.evaluate(state, [(*batch, np.ones(BATCH, np.float32))])
@@ -106,7 +109,7 @@ def test_1f1b_equals_gpipe_equals_the_sequential_model_for_outputs_gradients_and
                              nnx.state(_model(), nnx.Param))
         for g, w in zip(jax.tree.leaves(moved), jax.tree.leaves(nnx.state(want_grads))):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
-        _assert_equal(_train("dp", "pipeline=4", pipeline_schedule=schedule)[:2], one_device)
+        _assert_equal(_train(Pipeline(schedule=schedule), "pipeline=4")[:2], one_device)
 
 
 @pytest.mark.parametrize("stages,microbatches", [(2, 2), (4, 8), (4, 16), (3, 7)])
@@ -127,8 +130,8 @@ def _pipeline_temp_bytes(schedule: str, microbatches: int, per_microbatch: int =
     """Temporary bytes per device (activations live there) of the compiled train step on
     pipeline=4, from XLA's buffer assignment (`memory_analysis()`), for `microbatches`
     microbatches of `per_microbatch` sequences each."""
-    trainer = Trainer(_model, optax.sgd(0.5), lm_loss, strategy="dp", mesh="pipeline=4", devices=4,
-                      pipeline_microbatches=microbatches, pipeline_schedule=schedule)
+    trainer = Trainer(_model, optax.sgd(0.5), lm_loss, mesh="pipeline=4", devices=4,
+                      strategy=Pipeline(microbatches=microbatches, schedule=schedule))
     tokens = jax.ShapeDtypeStruct((microbatches * per_microbatch, SEQ), jnp.int32,
                                   sharding=trainer.batch_sharding)
     compiled = trainer.lower(trainer.abstract_state(), (tokens, tokens)).compile()
@@ -155,10 +158,12 @@ def test_1f1b_holds_at_most_s_microbatches_activations_per_stage_in_the_compiled
 def test_bad_pipeline_settings_are_clear_errors():
     with pytest.raises(UsageError, match="layers.* dimension 4 does not divide over mesh axes pipeline"):
         _train("dp", "pipeline=8")
-    with pytest.raises(UsageError, match="unknown pipeline schedule 'zigzag'"):
-        _train("dp", "pipeline=2,data=4", pipeline_schedule="zigzag")
+    with pytest.raises(UsageError, match="schedule must be one of 'gpipe', '1f1b', got 'zigzag'"):
+        Pipeline(schedule="zigzag")
     with pytest.raises(UsageError, match="microbatch"):
-        _train("dp", "pipeline=2,data=4", pipeline_microbatches=3)
+        _train(Pipeline(microbatches=3), "pipeline=2,data=4")
+    with pytest.raises(UsageError, match="Pipeline needs a mesh with pipeline > 1"):
+        _train(Pipeline(), "data=8")
 
 
 def test_the_model_sizes_span_one_million_to_seven_billion_parameters():

@@ -14,14 +14,14 @@ from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist.models import ViT, vit_config
 from jaxdist.observe import collective_ledger, memory_report, total_bytes
 from jaxdist.observe.ledger import group_size, shape_bytes, wire_factor
-from jaxdist.parallel import ShardedTrainer, make_mesh
+from jaxdist import Trainer, make_mesh
 
 VIT = vit_config("tiny", embed=64, depth=2, heads=4, mlp=128, patch=7)
 
 
 def _compiled(strategy, shape, batch=64):
-    trainer = ShardedTrainer(lambda: ViT(VIT, rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn,
-                             mesh=make_mesh(shape), strategy=strategy)
+    trainer = Trainer(lambda: ViT(VIT, rngs=nnx.Rngs(0)), optax.adam(1e-3), loss_fn,
+                      mesh=make_mesh(shape), strategy=strategy)
     state = trainer.abstract_state()
     batch = (jax.ShapeDtypeStruct((batch, 28, 28, 1), np.float32, sharding=trainer.batch_sharding),
              jax.ShapeDtypeStruct((batch,), np.int32, sharding=trainer.batch_sharding))

@@ -18,7 +18,7 @@ from jaxdist import plan
 from jaxdist.models import ViT, vit_config
 from jaxdist.models.lm import REMAT_POLICIES, GPT, lm_config, lm_loss, param_count, train_flops
 from jaxdist.observe import collective_ledger
-from jaxdist.parallel import ShardedTrainer, make_mesh
+from jaxdist import Pipeline, Trainer, make_mesh
 from jaxdist.parallel.pipeline import schedule_1f1b
 from jaxdist.config import parse_config
 from jaxdist.core.step import init_state
@@ -72,8 +72,8 @@ def test_planned_memory_matches_the_real_step_compiled_on_8_devices_within_10_pe
     # independently: the trainer's own step, run once on the 8 devices with real arrays (jit,
     # default compiler options); lowering it again then returns that same cached executable
     model_fn = lambda: ViT(vit_config("tiny", **SHALLOW), rngs=nnx.Rngs(0))  # noqa: E731
-    trainer = ShardedTrainer(model_fn, optax.adam(1e-3), loss_fn, mesh=make_mesh(mesh),
-                             strategy=strategy)
+    trainer = Trainer(model_fn, optax.adam(1e-3), loss_fn, mesh=make_mesh(mesh),
+                      strategy=strategy)
     state = trainer.place(init_state(model_fn(), optax.adam(1e-3))[1])  # eager: no init compile
     rng = np.random.default_rng(0)
     batch = trainer.shard_batch((rng.integers(0, 255, (BATCH, 28, 28, 1), dtype=np.uint8),
@@ -264,9 +264,8 @@ def test_planned_lm_memory_matches_the_real_step_compiled_on_8_devices_within_10
     cfg = plan.planned_model("lm", LM_SIZE).config
     assert cfg == lm_config(LM_SIZE, remat=plan.DEFAULT_LM_REMAT)
     model_fn = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-    options = dict(pipeline_microbatches=LM_M, pipeline_schedule=schedule) if schedule else {}
-    trainer = ShardedTrainer(model_fn, optax.adam(1e-3), lm_loss, mesh=make_mesh(mesh),
-                             strategy=strategy, **options)
+    value = Pipeline(rules=strategy, microbatches=LM_M, schedule=schedule) if schedule else strategy
+    trainer = Trainer(model_fn, optax.adam(1e-3), lm_loss, mesh=make_mesh(mesh), strategy=value)
     state = trainer.place(init_state(model_fn(), optax.adam(1e-3))[1])
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, (LM_BATCH, cfg.seq_len + 1))
     batch = trainer.shard_batch((tokens[:, :-1].astype(np.int32),
@@ -279,9 +278,9 @@ def test_the_1f1b_step_has_no_conditional_so_its_ledger_is_what_every_stage_send
     order on XLA:CPU (and be counted at every unit by the ledger). So the HLO has no conditional,
     the ppermutes run twice per unit of `schedule_1f1b(S, M)`, and the row's wire bytes are the
     ledger's."""
-    trainer = ShardedTrainer(lambda: GPT(lm_config("test"), rngs=nnx.Rngs(0)), plan.make_tx("adam"),
-                             lm_loss, mesh=make_mesh("data=4,pipeline=2"), strategy="dp",
-                             pipeline_schedule="1f1b", pipeline_microbatches=4)
+    trainer = Trainer(lambda: GPT(lm_config("test"), rngs=nnx.Rngs(0)), plan.make_tx("adam"),
+                      lm_loss, mesh=make_mesh("data=4,pipeline=2"),
+                      strategy=Pipeline(schedule="1f1b", microbatches=4))
     analysis = plan.analyze_step(trainer, plan.planned_model("lm", "test").batch(16))
     assert " conditional(" not in analysis.hlo
     units = len(schedule_1f1b(2, 4))
@@ -298,8 +297,8 @@ def test_lm_model_flops_agree_with_xla_where_its_cost_analysis_counts_right():
     right, and the planner's model FLOPs (matmuls only) are within 10% of it."""
     for remat in ("none", "full"):
         spec = plan.planned_model("lm", "tiny", {"depth": 1, "remat": remat})
-        trainer = ShardedTrainer(spec.model_fn(), plan.make_tx("adam"), spec.loss_fn,
-                                 mesh=make_mesh("data=8"), strategy="dp")
+        trainer = Trainer(spec.model_fn(), plan.make_tx("adam"), spec.loss_fn,
+                          mesh=make_mesh("data=8"), strategy="dp")
         xla = plan.analyze_step(trainer, spec.batch(LM_BATCH)).flops
         assert spec.step_flops(LM_BATCH) / 8 == pytest.approx(xla, rel=0.10), remat
     # a deeper stack: more FLOPs in the model, the same count from XLA's scan body

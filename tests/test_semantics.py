@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from jaxdist import DataParallel, UsageError
+from jaxdist import Jit, LocalSGD, Pmap, ShardMap, Trainer, UsageError
 
 FEATURES = 16
 
@@ -37,9 +37,9 @@ def _batches(k, n=64, seed=0):
              rng.integers(0, 4, n).astype(np.int32)) for _ in range(k)]
 
 
-def _train(strategy, devices, batches, rate=0.0, **kw):
-    dp = DataParallel(MLP(rate, nnx.Rngs(0)), optax.adam(1e-2), loss_fn, strategy=strategy,
-                      devices=devices, **kw)
+def _train(strategy, devices, batches, rate=0.0):
+    dp = Trainer(MLP(rate, nnx.Rngs(0)), optax.adam(1e-2), loss_fn, strategy=strategy,
+                 devices=devices)
     state = dp.init()
     for batch in batches:
         state, _ = dp.step(state, batch)
@@ -62,15 +62,14 @@ def test_a_model_with_batchnorm_equals_one_device_under_every_strategy(strategy)
 @needs_devices(8)
 def test_per_device_batch_statistics_are_an_opt_out_and_differ_from_the_global_ones():
     batches = _batches(3)
-    per_device = _train("shard_map", 8, batches, sync_batch_stats=False)
-    same = _train("pmap", 8, batches, sync_batch_stats=False)
+    per_device = _train(ShardMap(batch_stats="per_device"), 8, batches)
+    same = _train(Pmap(batch_stats="per_device"), 8, batches)
     one = _train("jit", 1, batches)
     for a, b in zip(per_device, same):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(not np.allclose(a, b, rtol=1e-3) for a, b in zip(per_device, one))
-    with pytest.raises(UsageError, match="per-device statistics"):
-        DataParallel(MLP(0.0, nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="jit", devices=8,
-                     sync_batch_stats=False)
+    with pytest.raises(UsageError, match="Jit has no option 'batch_stats'"):
+        Jit(batch_stats="per_device")
 
 
 class Probe(nnx.Variable):
@@ -92,9 +91,9 @@ class DropoutProbe(nnx.Module):
 @needs_devices(8)
 @pytest.mark.parametrize("strategy", ["shard_map", "pmap", "local_sgd"])
 def test_dropout_masks_are_independent_across_replicas(strategy):
-    dp = DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.0),
-                      lambda m, b: m(b).mean(), strategy=strategy, devices=8,
-                      **({"local_steps": 1000} if strategy == "local_sgd" else {}))  # no averaging
+    value = LocalSGD(every=1000) if strategy == "local_sgd" else strategy  # no averaging
+    dp = Trainer(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.0),
+                 lambda m, b: m(b).mean(), strategy=value, devices=8)
     state, _ = dp.step(dp.init(), np.ones((64, 1), np.float32))
     seen = np.asarray(dp.canonical(state).rest["seen"].value)
     # the mean over 8 replicas of a unit's keep/scale (0 or 2): only 0 or 2 if every replica
@@ -106,8 +105,8 @@ def test_dropout_masks_are_independent_across_replicas(strategy):
 
 
 def _probe_trainer():
-    return DataParallel(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
-                        lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
+    return Trainer(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.1),
+                   lambda m, b: m(b).mean(), strategy="shard_map", devices=8)
 
 
 def _masks_and_leaves(trainer, state, steps):

@@ -1,12 +1,14 @@
 """The mapped layouts of one data-parallel train step; they differ only in layout and reduction.
 (`jit`, the fourth data-parallel strategy, is the rules layout with replicated state: see
-`jaxdist.parallel.sharded`.)
+`jaxdist.parallel.sharded`.) The strategy values of `jaxdist.parallel.strategies` build them
+through `mapped_layout`, each with its own backend:
 
-- `shard_map`: the same layout; each device runs the step on its shard and `lax.pmean`s gradients.
-- `pmap`: the classic per-device program; state carries a leading replica axis.
-- `local_sgd`: each replica steps alone on its shard (no gradient all-reduce) and every H steps
-  parameters are averaged, theta = mean_i theta_i. Optimizer state stays per replica (each keeps
-  its own momentum / Adam moments, as in local SGD); pass `average_opt_state=True` to average it
+- `shard_map_backend`: state replicated; each device runs the step on its shard and
+  `lax.pmean`s gradients (or hands them to a gradient reducer).
+- `pmap_backend`: the classic per-device program; state carries a leading replica axis.
+- `local_sgd_backend`: each replica steps alone on its shard (no gradient all-reduce) and every H
+  steps parameters are averaged, theta = mean_i theta_i. Optimizer state stays per replica (each
+  keeps its own momentum / Adam moments, as in local SGD); `average_opt_state=True` averages it
   as well. With an outer optimizer it is DiLoCo: the averaged movement is an outer gradient.
   Its canonical state is the replica mean; checkpoints keep each replica's state beside it.
 
@@ -17,23 +19,29 @@ on the strategy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdist.errors import UsageError
-from jaxdist.core.step import TrainState
+from jaxdist.core.step import (
+    EvalFn,
+    LossFn,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    with_batch_stats_over,
+)
 from jaxdist.parallel.mesh import DATA_AXIS, batch_sharded, replicated
-from jaxdist.parallel.strategies import DATA_PARALLEL_STRATEGIES, STRATEGIES_TABLE
 
-STRATEGIES = DATA_PARALLEL_STRATEGIES  # jit, shard_map, pmap, local_sgd
-MAPPED_STRATEGIES = tuple(name for name, row in STRATEGIES_TABLE.items() if row.layout == "mapped")
+BatchStats = Literal["global", "per_device"]
 
 
 def pmean_floats(tree: Any, axis_name: str = DATA_AXIS) -> Any:
@@ -99,7 +107,78 @@ class Backend:
     per_replica: bool = False
 
 
-def _shard_map_backend(mesh, train_step_with, **_) -> Backend:
+@dataclasses.dataclass
+class StepLayout:
+    """What a strategy value builds for `Trainer`: its backend, and how state and batches are laid
+    out. The rules layout (`jaxdist.parallel.sharded.rules_layout`) fills every field; the mapped
+    ones leave `rules`, the shardings of the state and `abstract_state` None.
+
+    Attributes:
+        graphdef: the model's structure (`nnx.split`).
+        backend: the compiled step and the state's placement.
+        batch_sharding: how a global batch is laid out.
+        batch_ways: how many pieces the batch splits into.
+        initial_state: () -> the initial state, placed.
+        abstract_state: () -> its ShapeDtypeStructs with shardings, without allocating it.
+        eval_step: (params, rest, batch) -> metric sums, or None without an `eval_fn`.
+    """
+
+    graphdef: Any
+    backend: Backend
+    batch_sharding: NamedSharding
+    batch_ways: int
+    initial_state: Callable[[], Any]
+    abstract_state: Callable[[], TrainState] | None = None
+    eval_step: Callable | None = None
+    rules: Any = None  # jaxdist.parallel.rules.Rules
+    param_shardings: Any = None
+    grad_shardings: Any = None
+    state_shardings: TrainState | None = None
+
+
+def mapped_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                  loss_fn: LossFn, mesh: Mesh, eval_fn: EvalFn | None, step_options: dict,
+                  backend: Callable[[Mesh, Callable[[Callable], Callable]], Backend], *,
+                  batch_stats: BatchStats, comm_init: Callable[[Any], Any] | None = None,
+                  grad_reduce: Callable | None = None) -> StepLayout:
+    """The step of `model` (or a builder of it) run by each replica over the data axis of `mesh`.
+
+    `backend(mesh, train_step_with)` lays it out (`shard_map_backend`, ...), where
+    `train_step_with(reduce)` is the shared pure train step with `reduce` averaging over replicas
+    (`jaxdist.core.step.make_train_step`, `replica_axis`). `batch_stats` "global": BatchNorm
+    averages its statistics over the replicas, as one device over the global batch would;
+    "per_device": each replica's own. `comm_init(params)` builds the state's `comm` (a gradient
+    reducer's, stacked per replica; DiLoCo's `diloco_init`), `grad_reduce` the reducer's update.
+    """
+    model = model if isinstance(model, nnx.Module) else model()
+    graphdef, initial = init_state(model, tx, comm_init)
+    replica_graphdef = graphdef
+    if batch_stats == "global":
+        replica_graphdef = with_batch_stats_over(graphdef, initial, DATA_AXIS)
+
+    def train_step_with(reduce):
+        return make_train_step(replica_graphdef, loss_fn, tx, reduce, grad_reduce=grad_reduce,
+                               replica_axis=DATA_AXIS, **step_options)
+
+    built = backend(mesh, train_step_with)
+    # kept on the host: placing it always copies, so donating a placed state never frees it
+    host_state = jax.device_get(initial)
+    eval_step = None
+    if eval_fn is not None:
+        rep = replicated(mesh)
+        eval_step = jax.jit(make_eval_step(graphdef, eval_fn),
+                            in_shardings=(rep, rep, batch_sharded(mesh)), out_shardings=rep)
+    return StepLayout(graphdef, built, batch_sharded(mesh), mesh.size,
+                      lambda: built.place(host_state), eval_step=eval_step)
+
+
+def stacked_init(init: Callable[[Any], Any], replicas: int) -> Callable[[Any], Any]:
+    """`init(params)` once per replica, stacked on a leading axis (a gradient reducer's state)."""
+    return lambda params: jax.tree.map(lambda x: np.broadcast_to(x, (replicas, *x.shape)),
+                                       init(params))
+
+
+def shard_map_backend(mesh: Mesh, train_step_with: Callable[[Callable], Callable]) -> Backend:
     """State replicated, except `comm` (the gradient reducer's state): one slice per replica,
     stacked on a leading axis split over the data axis."""
     train_step = train_step_with(pmean_floats)
@@ -132,7 +211,7 @@ def _stacked_placement(mesh: Mesh) -> Callable[[TrainState], TrainState]:
     return jax.jit(lambda s: _stack(s, n), out_shardings=batch_sharded(mesh))
 
 
-def _pmap_backend(mesh, train_step_with, **_) -> Backend:
+def pmap_backend(mesh: Mesh, train_step_with: Callable[[Callable], Callable]) -> Backend:
     step = jax.pmap(
         train_step_with(pmean_floats),
         axis_name=DATA_AXIS,
@@ -151,28 +230,29 @@ class OuterState(NamedTuple):
     outer: Any
 
 
-def diloco_init(outer_optimizer: optax.GradientTransformation) -> Callable[[Any], OuterState]:
+def diloco_init(outer: optax.GradientTransformation) -> Callable[[Any], OuterState]:
     """`comm_init` for local SGD with an outer optimizer."""
-    return lambda params: OuterState(params, outer_optimizer.init(params))
+    return lambda params: OuterState(params, outer.init(params))
 
 
-def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=False,
-                       outer_optimizer=None, **_) -> Backend:
-    if local_steps < 1:
-        raise UsageError(f"local SGD needs local_steps >= 1, got {local_steps}")
+def local_sgd_backend(mesh: Mesh, train_step_with: Callable[[Callable], Callable], *,
+                      every: int, average_opt_state: bool = False,
+                      outer: optax.GradientTransformation | None = None) -> Backend:
+    """Parameters averaged every `every` steps; with `outer` (DiLoCo) the state's `comm` must hold
+    `diloco_init(outer)(params)`."""
     local_step = train_step_with(lambda tree: tree)
 
     def outer_step(state: TrainState, mean_params) -> TrainState:
         """DiLoCo: the replicas' mean movement away from the anchor is the outer gradient."""
-        anchor, outer = state.comm
+        anchor, outer_state = state.comm
         delta = jax.tree.map(lambda a, m: a - m, anchor, mean_params)
-        updates, outer = outer_optimizer.update(delta, outer, anchor)
+        updates, outer_state = outer.update(delta, outer_state, anchor)
         anchor = optax.apply_updates(anchor, updates)
-        return state._replace(params=anchor, comm=OuterState(anchor, outer))
+        return state._replace(params=anchor, comm=OuterState(anchor, outer_state))
 
     def average(state: TrainState) -> TrainState:
         mean_params = pmean_floats(state.params)
-        if outer_optimizer is None:
+        if outer is None:
             state = state._replace(params=mean_params)
         else:
             state = outer_step(state, mean_params)
@@ -183,7 +263,7 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
 
     def replica_step(stacked: TrainState, batch):
         state, metrics = local_step(_first(stacked), batch)
-        state = lax.cond(state.step % local_steps == 0, average, lambda s: s, state)
+        state = lax.cond(state.step % every == 0, average, lambda s: s, state)
         add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
         return add_axis(state), add_axis(metrics)
 
@@ -197,44 +277,6 @@ def _local_sgd_backend(mesh, train_step_with, local_steps=1, average_opt_state=F
     step = jax.jit(mapped, donate_argnums=0)
     canonical = jax.jit(_mean_floats, out_shardings=replicated(mesh))
     return Backend("local_sgd", mesh, _stacked_placement(mesh), step, canonical, per_replica=True)
-
-
-_BUILDERS = {
-    "shard_map": _shard_map_backend,
-    "pmap": _pmap_backend,
-    "local_sgd": _local_sgd_backend,
-}
-
-
-def make_backend(
-    strategy: str,
-    mesh: Mesh,
-    train_step_with: Callable[[Callable], Callable],
-    *,
-    local_steps: int = 1,
-    average_opt_state: bool = False,
-    outer_optimizer: optax.GradientTransformation | None = None,
-) -> Backend:
-    """Builds the mapped backend for `strategy` (shard_map, pmap or local_sgd).
-
-    `train_step_with(reduce)` returns the shared pure train step, run by each replica over the
-    data axis, with `reduce` averaging over replicas (see `jaxdist.core.step.make_train_step`,
-    `replica_axis`). `outer_optimizer` (local SGD only)
-    turns parameter averaging into DiLoCo's outer step; the state's `comm` must then hold
-    `diloco_init(outer_optimizer)(params)`.
-    """
-    if outer_optimizer is not None and strategy != "local_sgd":
-        raise UsageError(f"an outer optimizer is for strategy local_sgd, not {strategy}")
-    if strategy not in _BUILDERS:
-        raise UsageError(f"unknown mapped strategy {strategy!r}; choose one of "
-                         f"{', '.join(MAPPED_STRATEGIES)}")
-    return _BUILDERS[strategy](
-        mesh=mesh,
-        train_step_with=train_step_with,
-        local_steps=local_steps,
-        average_opt_state=average_opt_state,
-        outer_optimizer=outer_optimizer,
-    )
 
 
 def to_host(x: jax.Array) -> np.ndarray:

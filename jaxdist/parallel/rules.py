@@ -15,11 +15,16 @@ for parameters and for optimizer state, and which mesh axes split the batch:
 | `fsdp_tp` | both                             | like the parameters    | data, fsdp      |
 
 Every strategy splits a stack of layers (logical `layers`) over the `pipeline` axis, so a mesh with
-pipeline > 1 pipelines a model that runs its stack through `jaxdist.core.layout.run_layers`.
+pipeline > 1 pipelines a model that runs its stack through `jaxdist.core.layout.run_layers`, with
+the default options of `jaxdist.parallel.strategies.Pipeline` (which sets them:
+`Pipeline(rules="fsdp", microbatches=8, schedule="1f1b")`).
 
 Under `fsdp` with data > 1 the parameters are split within each data group and replicated across
 groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
 wherever the optimizer state is split.
+
+Each named rule set is a strategy value of `jaxdist.parallel.strategies.STRATEGIES` (`DP`, `ZERO1`,
+`FSDP`, `TP`, `SP`, `FSDP_TP` here); your own `Rules(...)` is one too.
 
 A model needs no annotations for FSDP or ZeRO-1: an array without logical names is split on its
 largest dimension that divides over the axis (`Rules.unannotated`), as PyTorch FSDP and
@@ -34,15 +39,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdist.errors import UsageError
-from jaxdist.parallel.mesh import MESH_AXES
 from jaxdist.core.step import path_name
+from jaxdist.errors import UsageError
+from jaxdist.parallel.mesh import MESH_AXES, make_mesh
+
+if TYPE_CHECKING:
+    from jaxdist.parallel.backends import StepLayout
 
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv", "vocab", "layers", "patch", "seq",
                 "classes", "conv_in", "conv_out", "features")
@@ -58,11 +66,18 @@ class ReplicationWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-    """Logical name -> mesh axes, for parameters and optimizer state; mesh axes of the batch.
+    """A strategy of the rules layout: logical name -> mesh axes, for parameters and optimizer
+    state; mesh axes of the batch.
 
     `optimizer=None` means "laid out like the parameters". `unannotated` (and
     `unannotated_optimizer`, default like the parameters when `optimizer` is None) are the mesh
-    axes that split arrays without logical names, on their largest dividing dimension.
+    axes that split arrays without logical names, on their largest dividing dimension. `name` is
+    what the trainer reports (the registry's name for its own rule sets); it takes no part in
+    equality, so rules equal to FSDP's are FSDP.
+
+    Example:
+        >>> Trainer(model_fn, tx, loss_fn, strategy=Rules(params={"embed": "fsdp"}),
+        ...         mesh="fsdp=8")
     """
 
     params: Mapping[str, MeshAxes]
@@ -72,6 +87,38 @@ class Rules:
     unannotated_optimizer: MeshAxes = None
     min_split_size: int = 128
     activations: Mapping[str, MeshAxes] | None = None
+    name: str = dataclasses.field(default="custom", compare=False)
+
+    layout: ClassVar[Literal["rules"]] = "rules"
+    parallelism: ClassVar[Literal["model"]] = "model"
+
+    def __post_init__(self):
+        validate_rules(self)
+
+    def default_mesh(self, devices: int) -> str:
+        """All devices on the axis the rules split parameters over (fsdp, else data); rules that
+        split over tensor take pairs (tensor=2)."""
+        axes = {a for v in self.params.values() for a in as_axis_tuple(v)}
+        axes |= set(as_axis_tuple(self.unannotated))
+        outer = "fsdp" if "fsdp" in axes else "data"
+        if "tensor" in axes:
+            tensor = 2 if devices % 2 == 0 and devices > 1 else 1
+            return f"{outer}={devices // tensor},tensor={tensor}"
+        return f"{outer}={devices}"
+
+    def mesh_for(self, mesh: str | Mesh | None, devices: Sequence[jax.Device]) -> Mesh:
+        """`mesh` ("data=2,fsdp=4", a `Mesh`, or None: `default_mesh`) over `devices`."""
+        if isinstance(mesh, Mesh):
+            return mesh
+        return make_mesh(mesh or self.default_mesh(len(devices)), devices)
+
+    def build(self, model: Any, tx: Any, loss_fn: Callable, mesh: Mesh, eval_fn: Callable | None,
+              step_options: dict) -> StepLayout:
+        """The rules layout of the step (`jaxdist.parallel.sharded.rules_layout`); on a mesh with
+        pipeline > 1 the layer stack is pipelined with `Pipeline()`'s default options."""
+        from jaxdist.parallel.sharded import rules_layout  # it builds on this module
+
+        return rules_layout(model, tx, loss_fn, mesh, self, self.name, eval_fn, step_options)
 
     def for_activations(self) -> Mapping[str, MeshAxes]:
         """Activation name -> mesh axes: the batch over the batch axes, heads / hidden units /
@@ -99,29 +146,6 @@ _FSDP = {name: "fsdp" for name in ("embed", "features", "conv_out", "mlp", "head
 # Megatron: attention heads and MLP hidden units split (column then row), and the vocabulary
 _TP = {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"}
 
-STRATEGY_RULES: dict[str, Rules] = {
-    "dp": Rules(params=_STACK),
-    "zero1": Rules(params=_STACK, optimizer={**_STACK, **{name: BATCH_AXES for name in _FSDP}},
-                   unannotated_optimizer=BATCH_AXES),
-    "fsdp": Rules(params={**_STACK, **_FSDP}, unannotated="fsdp"),
-    "tp": Rules(params={**_STACK, **_TP}),
-    # Megatron sequence parallelism: tp, and the residual stream between attention and MLP (norms,
-    # residual adds) split along the sequence over the same tensor axis
-    "sp": Rules(params={**_STACK, **_TP}, activations={"seq": "tensor"}),
-    "fsdp_tp": Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp"),
-}
-MODEL_PARALLEL_STRATEGIES = tuple(STRATEGY_RULES)
-
-
-def rules_for(strategy: str | Rules) -> Rules:
-    """The rules of a named strategy (or `strategy` itself when it is already `Rules`)."""
-    if isinstance(strategy, Rules):
-        return strategy
-    if strategy not in STRATEGY_RULES:
-        raise UsageError(f"unknown sharding strategy {strategy!r}; choose one of "
-                         f"{', '.join(STRATEGY_RULES)}")
-    return STRATEGY_RULES[strategy]
-
 
 def validate_rules(rules: Rules) -> None:
     """Every logical name and mesh axis in `rules` exists."""
@@ -143,6 +167,18 @@ def as_axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+# the named rule sets: the rules strategies of `jaxdist.parallel.strategies.STRATEGIES`
+DP = Rules(params=_STACK, name="dp")
+ZERO1 = Rules(params=_STACK, optimizer={**_STACK, **{name: BATCH_AXES for name in _FSDP}},
+              unannotated_optimizer=BATCH_AXES, name="zero1")
+FSDP = Rules(params={**_STACK, **_FSDP}, unannotated="fsdp", name="fsdp")
+TP = Rules(params={**_STACK, **_TP}, name="tp")
+# Megatron sequence parallelism: tp, and the residual stream between attention and MLP (norms,
+# residual adds) split along the sequence over the same tensor axis
+SP = Rules(params={**_STACK, **_TP}, activations={"seq": "tensor"}, name="sp")
+FSDP_TP = Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp", name="fsdp_tp")
 
 
 def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh,

@@ -7,9 +7,8 @@ any strategy, on any mesh: the checkpointer lays arrays out like the `like` tree
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import optax
@@ -27,6 +26,7 @@ from jaxdist.core.step import (
     make_train_step,
     split_model,
 )
+from jaxdist.parallel.backends import Backend, StepLayout
 from jaxdist.parallel.mesh import put_host_tree
 from jaxdist.parallel.pipeline import PIPELINE_AXIS, stack_runners
 from jaxdist.parallel.rules import (
@@ -36,36 +36,18 @@ from jaxdist.parallel.rules import (
     batch_ways,
     param_shardings,
     replicated_fraction,
-    validate_rules,
     warn_if_mostly_replicated,
 )
-
-
-@dataclasses.dataclass
-class RulesLayout:
-    """What `Trainer` needs of a rules-laid-out step."""
-
-    graphdef: Any
-    rules: Rules
-    param_shardings: Any
-    grad_shardings: Any
-    state_shardings: TrainState
-    batch_sharding: NamedSharding
-    batch_ways: int
-    step: Callable
-    eval_step: Callable | None
-    initial_state: Callable[[], TrainState]
-    abstract_state: Callable[[], TrainState]
-    place: Callable[[TrainState], TrainState]
 
 
 def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.GradientTransformation,
                  loss_fn: LossFn, mesh: Mesh, rules: Rules, name: str,
                  eval_fn: EvalFn | None, step_options: dict, *,
                  pipeline_microbatches: int | None = None,
-                 pipeline_schedule: str = "gpipe") -> RulesLayout:
-    """The step, shardings and initial state of `model` (or a builder of it) under `rules`."""
-    validate_rules(rules)
+                 pipeline_schedule: str = "gpipe") -> StepLayout:
+    """The step, shardings and initial state of `model` (or a builder of it) under `rules`, the
+    strategy called `name`; on a mesh with pipeline > 1 the layer stack is pipelined with
+    `pipeline_microbatches` (None: 2 S) scheduled by `pipeline_schedule`."""
     train_layout, eval_layout = layouts(mesh, rules, pipeline_microbatches, pipeline_schedule)
     if isinstance(model, nnx.Module):
         graphdef, params, rest = split_model(model)
@@ -114,9 +96,11 @@ def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.Gradien
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, state_sh)
 
-    return RulesLayout(graphdef, rules, params_sh, grads_sh, state_sh, batch_sh,
-                       batch_ways(mesh, rules), step, eval_step, initial_state, abstract_state,
-                       lambda state: jax.device_put(state, state_sh))
+    backend = Backend(name, mesh, lambda state: jax.device_put(state, state_sh), step,
+                      lambda state: state)
+    return StepLayout(graphdef, backend, batch_sh, batch_ways(mesh, rules), initial_state,
+                      abstract_state, eval_step, rules=rules, param_shardings=params_sh,
+                      grad_shardings=grads_sh, state_shardings=state_sh)
 
 
 def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str

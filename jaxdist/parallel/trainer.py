@@ -5,9 +5,10 @@
     state = trainer.init()                            # laid out for the strategy
     state, metrics = trainer.step(state, batch)       # numpy: this process's rows
 
-Every strategy of `jaxdist.parallel.strategies` goes through this one class; what differs is the
-layout that builds its step (`sharded.rules_layout` or `backends.make_backend`). The state is
-always the same `TrainState`, so checkpoints move between strategies and device counts.
+Every strategy of `jaxdist.parallel.strategies` goes through this one class: the strategy value
+picks the mesh and builds the step's layout (`sharded.rules_layout` or `backends.mapped_layout`),
+the trainer only serves it. The state is always the same `TrainState`, so checkpoints move
+between strategies and device counts.
 """
 
 from __future__ import annotations
@@ -15,36 +16,16 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdist.cluster.devices import select_devices
-from jaxdist.comm.reducers import GradReducer
-from jaxdist.core.axes import DATA_AXIS
-from jaxdist.core.step import (
-    EvalFn,
-    LossFn,
-    TrainState,
-    init_state,
-    make_eval_step,
-    make_train_step,
-    with_batch_stats_over,
-)
+from jaxdist.core.step import EvalFn, LossFn, TrainState
 from jaxdist.errors import UsageError
-from jaxdist.parallel.backends import Backend, diloco_init, make_backend, to_host
-from jaxdist.parallel.mesh import (
-    batch_sharded,
-    data_mesh,
-    make_mesh,
-    parse_mesh_shape,
-    put_global_batch,
-    replicated,
-)
-from jaxdist.parallel.rules import Rules, rules_for
-from jaxdist.parallel.sharded import rules_layout
-from jaxdist.parallel.strategies import STRATEGIES_TABLE, STRATEGY_NAMES, Strategy, default_mesh
+from jaxdist.parallel.backends import to_host
+from jaxdist.parallel.mesh import batch_sharded, put_global_batch
+from jaxdist.parallel.strategies import Strategy, resolve
 
 ModelOrBuilder = nnx.Module | Callable[[], nnx.Module]
 
@@ -58,23 +39,21 @@ class Trainer:
             directly in its sharded layout, never whole on one device).
         tx: an optax optimizer.
         loss_fn: `loss_fn(model, batch) -> loss` or `(loss, metrics)`, a mean over the batch.
-        strategy: a name from `jaxdist.parallel.strategies.STRATEGIES_TABLE`, or your own `Rules`.
-        mesh: "data=2,fsdp=4", a `Mesh`, or None: all `devices` on the strategy's own axis.
+        strategy: a name of `jaxdist.parallel.strategies.STRATEGIES` ("jit", "fsdp", ...) or a
+            value with its own options: `ShardMap(reducer=int8_reduce())`,
+            `LocalSGD(every=8)`, `Rules(...)`, `Pipeline(rules="fsdp", schedule="1f1b")`, ...
+        mesh: "data=2,fsdp=4", a `Mesh`, or None: all `devices` on the strategy's own axis
+            (`strategy.default_mesh`).
         devices: a device count, a list of devices, or None for all (ignored with a `Mesh`).
         eval_fn: `eval_fn(model, batch) -> metrics summed over the batch` for `evaluate`.
         microbatches: split each step's batch into this many parts and accumulate their
             gradients before the one reduction (gradient accumulation), under every strategy.
-        grad_reducer: shard_map only: how gradients are averaged (bf16, int8, top-k, PowerSGD;
-            see `jaxdist.comm`). Default: an exact fp32 mean.
-        local_steps, average_opt_state, outer_optimizer: local_sgd only: average parameters every
-            H steps, also the optimizer state, DiLoCo's outer optimizer.
-        sync_batch_stats: BatchNorm statistics over the global batch (default, as one device
-            computes them). False: each device's own shard (shard_map and pmap only).
         skip_nonfinite: skip updates whose loss or gradients are not finite; the step reports
             `metrics["nonfinite"]`.
-        pipeline_microbatches, pipeline_schedule: on a mesh with pipeline=S > 1, a model that
-            runs its layer stack through `jaxdist.core.layout` is pipelined over S stages with
-            this many microbatches (default 2 S), scheduled "gpipe" or "1f1b".
+
+    Attributes:
+        strategy: the strategy's name (`strategy.name`: "fsdp", "local_sgd", "custom" for your
+            own `Rules`).
 
     Whatever the strategy, dropout and other RNG draws differ between replicas, never one mask
     repeated on every replica.
@@ -86,94 +65,36 @@ class Trainer:
         tx: optax.GradientTransformation,
         loss_fn: LossFn,
         *,
-        strategy: str | Rules = "jit",
+        strategy: str | Strategy = "jit",
         mesh: str | Mesh | None = None,
         devices: int | Sequence[jax.Device] | None = None,
         eval_fn: EvalFn | None = None,
         microbatches: int = 1,
-        grad_reducer: GradReducer | None = None,
-        local_steps: int = 1,
-        average_opt_state: bool = False,
-        outer_optimizer: optax.GradientTransformation | None = None,
-        sync_batch_stats: bool = True,
         skip_nonfinite: bool = True,
-        pipeline_microbatches: int | None = None,
-        pipeline_schedule: str = "gpipe",
     ):
-        row = _strategy_row(strategy)
-        self.strategy = row.name
-        _check_options(row, microbatches=microbatches, grad_reducer=grad_reducer,
-                       local_steps=local_steps, outer_optimizer=outer_optimizer,
-                       average_opt_state=average_opt_state, sync_batch_stats=sync_batch_stats)
-        self.mesh = _resolve_mesh(row, mesh, devices)
-        self.devices = list(self.mesh.devices.flat)
-        self.model = model if isinstance(model, nnx.Module) else None
-        self._model_fn = None if isinstance(model, nnx.Module) else model
-        if self._model_fn is not None and not callable(self._model_fn):
+        value = resolve(strategy)
+        self.strategy = value.name
+        if microbatches < 1:
+            raise UsageError(f"microbatches must be at least 1, got {microbatches}")
+        if not isinstance(model, nnx.Module) and not callable(model):
             raise UsageError(f"model must be an nnx.Module or a function that builds one, got "
                              f"{type(model).__name__}")
-        self._tx = tx
-        step_options = dict(skip_nonfinite=skip_nonfinite, microbatches=microbatches)
-        if row.layout == "mapped":
-            self._build_mapped(row, loss_fn, eval_fn, step_options, grad_reducer=grad_reducer,
-                               local_steps=local_steps, average_opt_state=average_opt_state,
-                               outer_optimizer=outer_optimizer, sync=sync_batch_stats)
-        else:
-            layout = rules_layout(
-                model, tx, loss_fn, self.mesh,
-                strategy if isinstance(strategy, Rules) else rules_for(
-                    "dp" if row.name == "jit" else row.name),
-                self.strategy, eval_fn, step_options,
-                pipeline_microbatches=pipeline_microbatches, pipeline_schedule=pipeline_schedule)
-            self.graphdef = layout.graphdef
-            self.rules = layout.rules
-            self.param_shardings, self.grad_shardings = layout.param_shardings, layout.grad_shardings
-            self.state_shardings, self.batch_sharding = layout.state_shardings, layout.batch_sharding
-            self._batch_ways = layout.batch_ways
-            self._initial_state, self._abstract_state = layout.initial_state, layout.abstract_state
-            self._eval_step = layout.eval_step
-            self.backend = Backend(self.strategy, self.mesh, layout.place, layout.step,
-                                   lambda s: s)
-
-    # -- construction of the mapped layouts (shard_map, pmap, local SGD)
-    def _build_mapped(self, row: Strategy, loss_fn, eval_fn, step_options, *, grad_reducer,
-                      local_steps, average_opt_state, outer_optimizer, sync):
-        model = self.model if self.model is not None else self._model_fn()
-        n = len(self.devices)
-        comm_init = None
-        if grad_reducer is not None:  # one state per replica, stacked
-            comm_init = lambda p: jax.tree.map(  # noqa: E731
-                lambda x: np.broadcast_to(x, (n, *x.shape)), grad_reducer.init(p))
-        elif outer_optimizer is not None:
-            comm_init = diloco_init(outer_optimizer)
-        self.graphdef, initial = init_state(model, self._tx, comm_init)
-        # kept on the host: placing it always copies, so donating a placed state never frees it
-        host_state = jax.device_get(initial)
-        self._initial_state = lambda: self.backend.place(host_state)
-        self._abstract_state = None
-        replica_graphdef = self.graphdef
-        if sync and row.per_device_batch_stats:
-            replica_graphdef = with_batch_stats_over(self.graphdef, initial, DATA_AXIS)
-
-        def train_step_with(reduce):
-            return make_train_step(
-                replica_graphdef, loss_fn, self._tx, reduce,
-                grad_reduce=grad_reducer.update if grad_reducer is not None else None,
-                replica_axis=DATA_AXIS, **step_options)
-
-        self.backend = make_backend(row.name, self.mesh, train_step_with, local_steps=local_steps,
-                                    average_opt_state=average_opt_state,
-                                    outer_optimizer=outer_optimizer)
-        self.rules = None
-        self.param_shardings = self.grad_shardings = self.state_shardings = None
-        self.batch_sharding = batch_sharded(self.mesh)
-        self._batch_ways = n
-        self._eval_step = None
-        if eval_fn is not None:
-            rep = replicated(self.mesh)
-            self._eval_step = jax.jit(make_eval_step(self.graphdef, eval_fn),
-                                      in_shardings=(rep, rep, batch_sharded(self.mesh)),
-                                      out_shardings=rep)
+        if isinstance(mesh, Mesh):
+            devices = list(mesh.devices.flat)
+        elif devices is None or isinstance(devices, int):
+            devices = select_devices(devices)
+        self.mesh = value.mesh_for(mesh, list(devices))
+        self.devices = list(self.mesh.devices.flat)
+        self.model = model if isinstance(model, nnx.Module) else None
+        layout = value.build(model, tx, loss_fn, self.mesh, eval_fn,
+                             dict(skip_nonfinite=skip_nonfinite, microbatches=microbatches))
+        self.graphdef, self.backend = layout.graphdef, layout.backend
+        self.rules = layout.rules
+        self.param_shardings, self.grad_shardings = layout.param_shardings, layout.grad_shardings
+        self.state_shardings, self.batch_sharding = layout.state_shardings, layout.batch_sharding
+        self._batch_ways = layout.batch_ways
+        self._initial_state, self._abstract_state = layout.initial_state, layout.abstract_state
+        self._eval_step = layout.eval_step
 
     # -- the public surface, the same for every strategy
     @property
@@ -269,54 +190,3 @@ class Trainer:
             return nnx.merge(self.graphdef, *jax.device_get((canonical.params, canonical.rest)))
         nnx.update(self.model, canonical.params, canonical.rest)
         return self.model
-
-
-def _strategy_row(strategy: str | Rules) -> Strategy:
-    if isinstance(strategy, Rules):
-        return Strategy("custom", "rules", "your own sharding rules")
-    if strategy not in STRATEGIES_TABLE:
-        raise UsageError(f"unknown strategy {strategy!r}; choose one of "
-                         f"{', '.join(STRATEGY_NAMES)} or pass Rules(...)")
-    return STRATEGIES_TABLE[strategy]
-
-
-def _check_options(row: Strategy, *, microbatches, grad_reducer, local_steps, outer_optimizer,
-                   average_opt_state, sync_batch_stats) -> None:
-    """Options that only some strategies have are clear errors elsewhere."""
-    if microbatches < 1:
-        raise UsageError(f"microbatches must be at least 1, got {microbatches}")
-    if grad_reducer is not None and not row.grad_reducer:
-        raise UsageError(f"a gradient reducer runs inside the shard_map step; strategy "
-                         f"{row.name!r} reduces gradients its own way")
-    if not row.local_steps and (local_steps != 1 or outer_optimizer is not None
-                                or average_opt_state):
-        raise UsageError(f"local_steps, average_opt_state and outer_optimizer are for strategy "
-                         f"local_sgd, not {row.name}")
-    if not sync_batch_stats and not row.per_device_batch_stats:
-        raise UsageError(f"strategy {row.name} computes batch statistics over the global batch; "
-                         f"per-device statistics (sync_batch_stats=False) need shard_map or pmap")
-
-
-def _resolve_mesh(row: Strategy, mesh: str | Mesh | None,
-                  devices: int | Sequence[jax.Device] | None) -> Mesh:
-    if isinstance(mesh, Mesh):
-        devices = list(mesh.devices.flat)
-        if row.layout == "mapped":
-            others = {a: s for a, s in mesh.shape.items() if a != DATA_AXIS and s > 1}
-            if others:
-                raise UsageError(f"strategy {row.name} runs over the data axis only; the mesh "
-                                 f"also has {others}")
-            return data_mesh(devices)
-        return mesh
-    if devices is None or isinstance(devices, int):
-        devices = select_devices(devices)
-    devices = list(devices)
-    if row.layout == "mapped":
-        if mesh:
-            shape = parse_mesh_shape(mesh)
-            if any(s > 1 for a, s in shape.items() if a != DATA_AXIS):
-                raise UsageError(f"strategy {row.name} runs over the data axis only, not {mesh}")
-            if shape.get(DATA_AXIS, 1) != len(devices):
-                make_mesh(shape, devices)  # the usual message about the device count
-        return data_mesh(devices)
-    return make_mesh(mesh or default_mesh(row.name, len(devices)), devices)

@@ -35,14 +35,14 @@ from jaxdist.plan.cost import (GIB, MIB, Assumptions, comm_seconds, compute_seco
 from jaxdist.plan.models import (DEFAULT_LM_REMAT, DEFAULT_SIZES, MODELS, PLAN_DEFAULTS,
                                  planned_model)
 from jaxdist.plan.search import (DEFAULT_STRATEGIES, NOT_PLANNED, PIPELINE_STAGES, SCHEDULES,
-                                 STRATEGIES, PlanRow, candidate_meshes, make_tx, plan,
-                                 plan_config, recommend, validate_inputs)
+                                 PlanRow, candidate_meshes, make_tx, plan, plan_config, recommend,
+                                 validate_inputs)
 from jaxdist.plan.report import format_plan
 from jaxdist.plan.cli import PlanConfig, main
 
 __all__ = [
     "DEFAULT_LM_REMAT", "DEFAULT_SIZES", "DEFAULT_STRATEGIES", "FAST_COMPILE", "GIB", "MIB",
-    "MODELS", "NOT_PLANNED", "PIPELINE_STAGES", "PLAN_DEFAULTS", "SCHEDULES", "STRATEGIES",
+    "MODELS", "NOT_PLANNED", "PIPELINE_STAGES", "PLAN_DEFAULTS", "SCHEDULES",
     "Assumptions", "PlanConfig", "PlanRow", "StepAnalysis", "abstract_batch", "analyze_step",
     "candidate_meshes", "comm_seconds", "compute_seconds", "flops_per_device", "format_plan",
     "main", "make_tx", "plan", "plan_config", "planned_model", "recommend", "ring_steps",

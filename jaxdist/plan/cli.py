@@ -13,7 +13,7 @@ from jaxdist.plan.cost import (DEFAULT_BANDWIDTH_GBPS, DEFAULT_LATENCY_US, DEFAU
 from jaxdist.plan.models import DEFAULT_SIZES
 from jaxdist.plan.report import format_plan
 from jaxdist.plan.search import (DEFAULT_GLOBAL_BATCH, DEFAULT_MEMORY_GIB, DEFAULT_STRATEGIES,
-                                 SCHEDULES, STRATEGIES, plan, validate_inputs)
+                                 SCHEDULES, plan, validate_inputs)
 
 DESCRIPTION = ("Pre-flight planner: memory, communication and step time per strategy and mesh, "
                "before any run.")
@@ -88,7 +88,7 @@ def plan_options(cfg: PlanConfig) -> dict[str, Any]:
     given = [f"--{k}" for k in LM_ONLY if getattr(cfg, k) is not None]
     if cfg.model != "lm" and given:
         raise UsageError(f"{', '.join(given)}: options of --model lm, not --model {cfg.model}")
-    strategies = (DEFAULT_STRATEGIES.get(cfg.model, STRATEGIES) if cfg.strategies is None
+    strategies = (DEFAULT_STRATEGIES[cfg.model] if cfg.strategies is None
                   else tuple(s.strip() for s in cfg.strategies if s.strip()))
     return dict(model=cfg.model, sizes=cfg.sizes, device_counts=cfg.devices,
                 strategies=strategies, memory_gib=cfg.memory_gib, global_batch=cfg.global_batch,

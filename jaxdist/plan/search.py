@@ -9,7 +9,7 @@ import time
 from typing import Any, Sequence, TextIO
 
 from jaxdist.errors import UsageError
-from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
+from jaxdist.parallel.strategies import STRATEGIES
 from jaxdist.plan.analysis import analyze_step
 from jaxdist.plan.cost import GIB, MIB, Assumptions, comm_seconds, compute_seconds
 from jaxdist.plan.models import MODELS, inputs, planned_model
@@ -17,9 +17,12 @@ from jaxdist.plan.models import MODELS, inputs, planned_model
 DEFAULT_MEMORY_GIB = 16.0
 DEFAULT_GLOBAL_BATCH = 256
 
-STRATEGIES = MODEL_PARALLEL_STRATEGIES  # the model-parallel rows of the one strategy table
-# planned when --strategies is not given: the ViT names no activations, so sp would be tp again
-DEFAULT_STRATEGIES = {"vit": tuple(s for s in STRATEGIES if s != "sp"), "lm": STRATEGIES}
+# The planner plans the model-parallel strategies of the one registry (`jaxdist.STRATEGIES`); when
+# --strategies is not given all of them, but sp for the ViT: it names no activations, so sp would
+# be tp again.
+DEFAULT_STRATEGIES = {model: tuple(name for name, s in STRATEGIES.items()
+                                   if s.parallelism == "model" and (model, name) != ("vit", "sp"))
+                      for model in ("vit", "lm")}
 PIPELINE_STAGES = (2, 4)  # pipeline sizes planned for the LM where they divide n and its depth
 SCHEDULES = ("gpipe", "1f1b")
 # (strategy, schedule) pairs not compiled on pipeline meshes, with the reason the row shows: XLA
@@ -53,7 +56,8 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
         if n % 4 == 0 and n // 4 >= 2:
             meshes.append(f"data=2,fsdp={n // 4},tensor=2")
     else:
-        raise UsageError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown strategy {strategy!r}; choose from "
+                         f"{', '.join(DEFAULT_STRATEGIES['lm'])}")
     if layers is None:
         return meshes
     for s in PIPELINE_STAGES if stages is None else stages:
@@ -124,9 +128,9 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     S stages give a skipped row with the reason; a peak over the budget gives a rejected row."""
     import jax
 
-    from jaxdist.parallel import ShardedTrainer, make_mesh
+    from jaxdist.parallel import Pipeline, Trainer, make_mesh
     from jaxdist.parallel.pipeline import bubble_fraction
-    from jaxdist.parallel.rules import batch_ways, rules_for
+    from jaxdist.parallel.rules import batch_ways
 
     planned = planned_model(model, size, overrides)
     layers = planned.pipeline_layers
@@ -136,11 +140,12 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
         devices = jax.devices("cpu")
     try:
         mesh = make_mesh(mesh_shape, list(devices)[:n])
-        ways = batch_ways(mesh, rules_for(strategy))
+        rules = STRATEGIES[strategy]
+        ways = batch_ways(mesh, rules)
         if global_batch % ways:
             raise UsageError(f"global batch {global_batch} does not split into {ways} pieces")
         stages = mesh.shape["pipeline"]
-        options: dict[str, Any] = {}
+        value: Any = rules
         if stages > 1:
             m = 2 * stages if microbatches is None else microbatches
             row.schedule, row.microbatches = schedule, m
@@ -156,9 +161,8 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
             if global_batch % (ways * m):
                 raise UsageError(f"global batch {global_batch} does not split into {m} "
                                  f"microbatches on each of {ways} data-parallel groups")
-            options = dict(pipeline_microbatches=m, pipeline_schedule=schedule)
-        trainer = ShardedTrainer(planned.model_fn(), tx, planned.loss_fn, mesh=mesh,
-                                 strategy=strategy, **options)
+            value = Pipeline(rules=rules, microbatches=m, schedule=schedule)
+        trainer = Trainer(planned.model_fn(), tx, planned.loss_fn, mesh=mesh, strategy=value)
     except UsageError as e:
         row.reason = f"skipped: {e}"
         return row
@@ -214,8 +218,9 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
     if not strategies:
         raise UsageError("give at least one strategy")
     for s in strategies:
-        if s not in STRATEGIES:
-            raise UsageError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+        if s not in STRATEGIES or STRATEGIES[s].parallelism != "model":
+            raise UsageError(f"unknown strategy {s!r}; the planner plans the model-parallel ones: "
+                             f"{', '.join(DEFAULT_STRATEGIES['lm'])}")
     if not memory_gib > 0:
         raise UsageError(f"the memory budget must be positive, got {memory_gib:g} GiB")
     if global_batch < 1:
@@ -269,13 +274,13 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     """
     progress = progress or sys.stderr
     if strategies is None:
-        strategies = DEFAULT_STRATEGIES.get(model, STRATEGIES)
+        strategies = DEFAULT_STRATEGIES.get(model, DEFAULT_STRATEGIES["lm"])
     validate_inputs(model, sizes, device_counts, strategies, memory_gib, global_batch,
                     optimizer, assumptions, overrides=overrides, pipeline_stages=pipeline_stages,
                     schedules=schedules, pipeline_microbatches=pipeline_microbatches)
     import jax
 
-    from jaxdist.parallel import parse_mesh_shape
+    from jaxdist.parallel.mesh import parse_mesh_shape
 
     devices = jax.devices("cpu")
     if max(device_counts) > len(devices):

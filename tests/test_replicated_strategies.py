@@ -1,4 +1,6 @@
-"""Every data-parallel backend computes what one device computes on the same global batches."""
+"""The data-parallel strategies (the whole model on every device: jit, shard_map, pmap, local_sgd)
+compute what one device computes on the same global batches, hold their declared layout and
+evaluate exactly."""
 
 import itertools
 
@@ -11,12 +13,13 @@ from flax import nnx
 from conftest import needs_devices
 from jaxdist.models.classification import mnist_eval as eval_fn
 from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist import STRATEGIES, DataParallel, UsageError
+from jaxdist import STRATEGIES, LocalSGD, Trainer, UsageError
 from jaxdist.data import eval_batches, train_batches
 from jaxdist.models import MnistCNN
 
 STEPS = 4
 GLOBAL_BATCH = 64
+DATA_PARALLEL = [name for name, s in STRATEGIES.items() if s.parallelism == "data"]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +28,10 @@ def mnist_batches(mnist):
     return list(itertools.islice(train_batches(train, GLOBAL_BATCH, seed=0), STEPS))
 
 
-def _train(strategy, devices, batches, tx=None, **kw):
+def _train(strategy, devices, batches, tx=None):
     model = MnistCNN(rngs=nnx.Rngs(0))
-    dp = DataParallel(model, tx or optax.sgd(0.05, momentum=0.9), loss_fn,
-                      strategy=strategy, devices=devices, **kw)
+    dp = Trainer(model, tx or optax.sgd(0.05, momentum=0.9), loss_fn, strategy=strategy,
+                 devices=devices)
     state = dp.init()
     losses = []
     for batch in batches:
@@ -65,7 +68,7 @@ def test_local_sgd_with_h1_and_plain_sgd_equals_gradient_averaging(devices, mnis
         pytest.skip(f"needs {devices} devices")
     sgd = optax.sgd(0.05)
     dp_avg, s_avg, _ = _train("jit", devices, mnist_batches, tx=sgd)
-    dp_loc, s_loc, _ = _train("local_sgd", devices, mnist_batches, tx=sgd, local_steps=1)
+    dp_loc, s_loc, _ = _train(LocalSGD(every=1), devices, mnist_batches, tx=sgd)
     for got, want in zip(_params(dp_loc, s_loc), _params(dp_avg, s_avg)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -76,7 +79,7 @@ def test_local_sgd_with_h4_differs_from_gradient_averaging_and_still_trains(mnis
     batches = list(itertools.islice(train_batches(train, 128, seed=0), 40))
     tx = optax.sgd(0.05, momentum=0.9)
     dp_avg, s_avg, _ = _train("jit", 4, batches, tx=tx)
-    dp_loc, s_loc, losses = _train("local_sgd", 4, batches, tx=tx, local_steps=4)
+    dp_loc, s_loc, losses = _train(LocalSGD(every=4), 4, batches, tx=tx)
     diff = max(np.max(np.abs(a - b)) for a, b in zip(_params(dp_loc, s_loc), _params(dp_avg, s_avg)))
     assert diff > 1e-4
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
@@ -87,11 +90,11 @@ def test_local_sgd_with_h4_differs_from_gradient_averaging_and_still_trains(mnis
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", DATA_PARALLEL)
 def test_evaluation_on_8_devices_equals_a_direct_pass_over_the_test_set(strategy, mnist):
     _, test = mnist
     model = MnistCNN(rngs=nnx.Rngs(0))
-    dp = DataParallel(model, optax.sgd(0.1), loss_fn, strategy=strategy, devices=8, eval_fn=eval_fn)
+    dp = Trainer(model, optax.sgd(0.1), loss_fn, strategy=strategy, devices=8, eval_fn=eval_fn)
     sums = dp.evaluate(dp.init(), eval_batches(test, 800))  # 12 full batches + 400 padded rows
     direct = eval_fn(model, (test.images, test.labels, np.ones(len(test), np.float32)))
     assert sums["count"] == 10000
@@ -100,7 +103,7 @@ def test_evaluation_on_8_devices_equals_a_direct_pass_over_the_test_set(strategy
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", DATA_PARALLEL)
 def test_the_declared_layout_holds_after_steps_and_the_step_is_traced_once(strategy, mnist_batches):
     traces = []
 
@@ -108,8 +111,8 @@ def test_the_declared_layout_holds_after_steps_and_the_step_is_traced_once(strat
         traces.append(1)
         return loss_fn(model, batch)
 
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05, momentum=0.9), counting_loss,
-                      strategy=strategy, devices=8)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05, momentum=0.9), counting_loss,
+                 strategy=strategy, devices=8)
     state = dp.init()
     for batch in mnist_batches:
         state, _ = dp.step(state, batch)
@@ -126,7 +129,7 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_a_usage_error(mnist_ba
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
     model = MnistCNN(rngs=nnx.Rngs(0))
-    dp = DataParallel(model, optax.sgd(0.1), loss_fn, devices=8)
+    dp = Trainer(model, optax.sgd(0.1), loss_fn, devices=8)
     images, labels = mnist_batches[0]
     with pytest.raises(UsageError, match="does not divide over 8"):
         dp.step(dp.init(), (images[:60], labels[:60]))
@@ -134,13 +137,13 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_a_usage_error(mnist_ba
 
 def test_asking_for_more_devices_than_exist_is_a_usage_error():
     with pytest.raises(UsageError, match="only"):
-        DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn,
-                     devices=jax.device_count() + 1)
+        Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn,
+                devices=jax.device_count() + 1)
 
 
 def test_an_unknown_strategy_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown strategy"):
-        DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="ddp", devices=1)
+        Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn, strategy="ddp", devices=1)
 
 
 @needs_devices(8)
@@ -151,7 +154,7 @@ def test_a_mapped_step_all_reduces_its_gradients_as_one_buffer_like_a_ddp_bucket
     (docs/performance.md, #14-15)."""
     import re
 
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05), loss_fn, strategy=strategy)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.05), loss_fn, strategy=strategy)
     state = dp.init()
     rng = np.random.default_rng(0)
     batch = dp.shard_batch((rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),

@@ -1,5 +1,6 @@
-"""Model parallelism from rules: every strategy on every mesh computes what one device computes,
-its declared layout holds, FSDP really splits the bytes, and bad meshes/rules are clear errors."""
+"""The rules strategies (dp, zero1, fsdp, tp, fsdp_tp, your own `Rules`): every one on every mesh
+computes what one device computes, its declared layout holds, FSDP really splits the bytes, and
+bad meshes/rules are clear errors."""
 
 import jax
 import numpy as np
@@ -9,11 +10,10 @@ from flax import nnx
 
 from conftest import needs_devices
 from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist import DataParallel, UsageError
+from jaxdist import Rules, Trainer, UsageError, make_mesh
 from jaxdist.io import Checkpointer
 from jaxdist.models import ViT, WideCNN, vit_config
-from jaxdist.parallel import Rules, ShardedTrainer, make_mesh, parse_mesh_shape
-from jaxdist.parallel.rules import rules_for
+from jaxdist.parallel.mesh import parse_mesh_shape
 
 STEPS = 3
 VIT = vit_config("tiny", embed=32, depth=2, heads=4, mlp=64, patch=7)
@@ -37,8 +37,8 @@ def batches():
 
 
 def _train(model, shape, strategy, batches, devices=8):
-    trainer = ShardedTrainer(MODELS[model], optax.adam(1e-3), loss_fn,
-                             mesh=make_mesh(shape, jax.devices()[:devices]), strategy=strategy)
+    trainer = Trainer(MODELS[model], optax.adam(1e-3), loss_fn,
+                      mesh=make_mesh(shape, jax.devices()[:devices]), strategy=strategy)
     state = trainer.init()
     for batch in batches:
         state, _ = trainer.step(state, batch)
@@ -80,8 +80,8 @@ def _bytes(tree):
 @needs_devices(8)
 @pytest.mark.parametrize("model", MODELS)
 def test_fsdp_over_8_devices_shards_at_least_98_percent_of_parameter_bytes(model):
-    trainer = ShardedTrainer(MODELS[model], optax.adam(1e-3), loss_fn,
-                             mesh=make_mesh("fsdp=8"), strategy="fsdp")
+    trainer = Trainer(MODELS[model], optax.adam(1e-3), loss_fn,
+                      mesh=make_mesh("fsdp=8"), strategy="fsdp")
     state = trainer.init()
     sharded = sum(x.nbytes for x in jax.tree.leaves(state.params)
                   if not x.sharding.is_fully_replicated)
@@ -92,8 +92,8 @@ def test_fsdp_over_8_devices_shards_at_least_98_percent_of_parameter_bytes(model
 
 @needs_devices(8)
 def test_zero1_replicates_parameters_and_splits_the_optimizer_state():
-    trainer = ShardedTrainer(MODELS["vit"], optax.adam(1e-3), loss_fn, mesh=make_mesh("data=8"),
-                             strategy="zero1")
+    trainer = Trainer(MODELS["vit"], optax.adam(1e-3), loss_fn, mesh=make_mesh("data=8"),
+                      strategy="zero1")
     state = trainer.init()
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
     assert _bytes_per_device(state.opt_state) <= _bytes(state.opt_state) / 8 * 1.05
@@ -107,8 +107,8 @@ def test_the_step_is_traced_once_across_steps(batches):
         traces.append(1)
         return loss_fn(model, batch)
 
-    trainer = ShardedTrainer(MODELS["vit"], optax.adam(1e-3), counting_loss,
-                             mesh=make_mesh("data=2,fsdp=2,tensor=2"), strategy="fsdp_tp")
+    trainer = Trainer(MODELS["vit"], optax.adam(1e-3), counting_loss,
+                      mesh=make_mesh("data=2,fsdp=2,tensor=2"), strategy="fsdp_tp")
     state = trainer.init()
     for batch in batches:
         state, _ = trainer.step(state, batch)
@@ -117,14 +117,14 @@ def test_the_step_is_traced_once_across_steps(batches):
 
 @needs_devices(8)
 def test_a_checkpoint_saved_under_fsdp_on_8_restores_under_dp_on_4_and_1(tmp_path, batches):
-    trainer = ShardedTrainer(MODELS["wide_cnn"], optax.adam(1e-3), loss_fn,
-                             mesh=make_mesh("fsdp=8"), strategy="fsdp")
+    trainer = Trainer(MODELS["wide_cnn"], optax.adam(1e-3), loss_fn,
+                      mesh=make_mesh("fsdp=8"), strategy="fsdp")
     state, _ = trainer.step(trainer.init(), batches[0])
     ckpt = Checkpointer(tmp_path, every=1)
     ckpt.save(1, state)
     ckpt.close()
     for n in (4, 1):
-        dp = DataParallel(MODELS["wide_cnn"](), optax.adam(1e-3), loss_fn, devices=n)
+        dp = Trainer(MODELS["wide_cnn"](), optax.adam(1e-3), loss_fn, devices=n)
         restored, _ = Checkpointer(tmp_path).restore(1, dp.canonical(dp.init()))
         for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -147,16 +147,15 @@ def test_a_dimension_that_does_not_divide_over_the_tensor_axis_names_the_paramet
     odd = lambda: ViT(vit_config("tiny", embed=36, heads=3, mlp=60, depth=1, patch=7),  # noqa: E731
                       rngs=nnx.Rngs(0))
     with pytest.raises(UsageError, match=r"parameter .* of shape .* does not divide over"):
-        ShardedTrainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("tensor=8"),
-                       strategy="tp")
+        Trainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("tensor=8"), strategy="tp")
 
 
 @needs_devices(8)
 def test_fsdp_splits_the_next_named_dimension_when_one_does_not_divide():
     odd = lambda: ViT(vit_config("tiny", embed=36, heads=4, mlp=64, depth=1, patch=7),  # noqa: E731
                       rngs=nnx.Rngs(0))
-    trainer = ShardedTrainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("fsdp=8"),
-                             strategy="fsdp")
+    trainer = Trainer(odd, optax.adam(1e-3), loss_fn, mesh=make_mesh("fsdp=8"),
+                      strategy="fsdp")
     specs = {jax.tree_util.keystr(path): s.spec for path, s in
              jax.tree_util.tree_flatten_with_path(trainer.param_shardings)[0]}
     fc1 = next(spec for path, spec in specs.items() if "fc1" in path and "kernel" in path)
@@ -165,12 +164,10 @@ def test_fsdp_splits_the_next_named_dimension_when_one_does_not_divide():
 
 def test_unknown_strategies_axes_and_logical_names_in_rules_are_clear_errors():
     mesh = make_mesh("", jax.devices()[:1])
-    with pytest.raises(UsageError, match="unknown sharding strategy 'zero3'"):
-        rules_for("zero3")
+    with pytest.raises(UsageError, match="unknown strategy 'zero3'"):
+        Trainer(MODELS["vit"], optax.sgd(0.1), loss_fn, mesh=mesh, strategy="zero3")
     with pytest.raises(UsageError, match="rule 'embed' -> 'model': unknown mesh axis"):
-        ShardedTrainer(MODELS["vit"], optax.sgd(0.1), loss_fn, mesh=mesh,
-                       strategy=Rules(params={"embed": "model"}))
+        Rules(params={"embed": "model"})
     with pytest.raises(UsageError, match="unknown logical axis 'hidden'"):
-        ShardedTrainer(MODELS["vit"], optax.sgd(0.1), loss_fn, mesh=mesh,
-                       strategy=Rules(params={"hidden": "tensor"}))
+        Rules(params={"hidden": "tensor"})
     assert parse_mesh_shape("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
