@@ -121,7 +121,12 @@ def _converter(kind: Any) -> Callable[[str], Any]:
         return _parse_bool
     if origin is tuple:
         item = _converter(args[0])
-        return lambda text: tuple(item(t) for t in text.split(",") if t)
+
+        def comma_list(text: str) -> tuple:
+            return tuple(item(t) for t in text.split(",") if t)
+
+        comma_list.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}"
+        return comma_list
     return kind
 
 
@@ -139,6 +144,11 @@ def _replace(cfg: Any, path: tuple[str, ...], value: Any) -> Any:
         return dataclasses.replace(cfg, **{path[0]: value})
     inner = _replace(getattr(cfg, path[0]), path[1:], value)
     return dataclasses.replace(cfg, **{path[0]: inner})
+
+
+def flag_help(cls: type) -> dict[str, str]:
+    """flag -> its help (the docstring under its field), for every flag of a config class."""
+    return {flag: _leaf_doc(cls, path) for flag, path in _flag_names(cls).items()}
 
 
 def replace_flags(cfg: Any, **flags: Any) -> Any:
@@ -170,19 +180,27 @@ def parse_config(
     except ValueError as e:
         ArgumentParser(prog=_prog()).error(str(e))
     cls = type(base)
-    parser = ArgumentParser(prog=_prog(), description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog=_prog(), description=description)
     parser.add_argument("--config", default="", help="config variant, e.g. 'smoke'")
     flags = _flag_names(cls)
+    groups: dict[str, Any] = {}
     for flag, path in flags.items():
         kind = _leaf_type(cls, path)
         allowed = (choices or {}).get(flag) or literal_choices(kind)
-        parser.add_argument(
+        where = parser
+        if len(path) > 1:  # a component's flags under its name and what its docstring says
+            if path[0] not in groups:
+                component = _leaf_type(cls, path[:1])
+                groups[path[0]] = parser.add_argument_group(
+                    path[0], (component.__doc__ or "").strip().split("\n")[0])
+            where = groups[path[0]]
+        where.add_argument(
             f"--{flag}",
             type=_converter(kind),
             default=_leaf(base, path),
             choices=allowed,
-            help=(help_text or {}).get(flag) or _leaf_doc(cls, path) or " ",
+            help=_with_default((help_text or {}).get(flag) or _leaf_doc(cls, path),
+                               _leaf(base, path)),
             metavar=None if allowed else flag.upper(),  # choices show as {a,b}
         )
     args = parser.parse_args(argv)
@@ -194,7 +212,19 @@ def parse_config(
     return cfg
 
 
+def _with_default(text: str, default: Any) -> str:
+    """The help line with its default as one would type it (a,b for a tuple; none unset)."""
+    if isinstance(default, tuple):
+        shown = ",".join(str(x) for x in default)
+    elif isinstance(default, bool):
+        shown = str(default).lower()
+    else:
+        shown = "" if default is None else str(default)
+    text = (text or "").replace("%", "%%")  # argparse formats help with %
+    return f"{text} (default: {shown})" if shown else text or " "
+
+
 def _prog() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return f"python -m {spec.name}" if spec else None
+    return f"python -m {spec.name.removesuffix('.__main__')}" if spec else None
