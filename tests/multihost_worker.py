@@ -20,7 +20,8 @@ from flax import nnx  # noqa: E402
 
 from jaxdist.models.classification import mnist_loss as loss_fn  # noqa: E402
 from jaxdist import Trainer  # noqa: E402
-from jaxdist.data import load_split, train_batches  # noqa: E402
+from jaxdist.data import load_split  # noqa: E402
+from jaxdist.data.pipeline import train_batches  # noqa: E402
 from jaxdist.models import MnistCNN  # noqa: E402
 from jaxdist.parallel.backends import to_host  # noqa: E402
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import Trainer
-from jaxdist.cluster import XLA_OWN_CPU_KERNELS, devices
+from jaxdist.cluster import devices
+from jaxdist.cluster.devices import XLA_OWN_CPU_KERNELS
 from jaxdist.models import MnistCNN
 from jaxdist.observe.flops import flops_per_step
 

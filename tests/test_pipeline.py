@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxdist import UsageError
-from jaxdist.data import ArraySplit, eval_batches, train_batches, train_index_batches
+from jaxdist.data import ArraySplit
+from jaxdist.data.pipeline import eval_batches, train_batches, train_index_batches
 
 
 def _stream(num_examples, global_batch, seed, steps, process_count=1):

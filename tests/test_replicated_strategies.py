@@ -14,7 +14,7 @@ from conftest import needs_devices
 from jaxdist.models.classification import mnist_eval as eval_fn
 from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import STRATEGIES, LocalSGD, Trainer, UsageError
-from jaxdist.data import eval_batches, train_batches
+from jaxdist.data.pipeline import eval_batches, train_batches
 from jaxdist.models import MnistCNN
 
 STEPS = 4

@@ -45,7 +45,7 @@ def corpus(tmp_path):
 
 def _prepare(files, cache, **kw):
     kw.setdefault("progress", False)
-    return data.prepare_tokens(files, cache, **kw)
+    return text_module.prepare_tokens(files, cache, **kw)
 
 
 def _leftovers(cache: Path) -> list[str]:
@@ -62,9 +62,9 @@ def _assert_holds(c, files: dict, fraction: float = 0.05):
     order = sorted(files)
     if c.manifest["split_by"] == "file":
         assert c.train.tobytes() == _stream(files, [r for r in order
-                                                    if not data.is_validation(r, fraction)])
+                                                    if not text_module.is_validation(r, fraction)])
         assert c.validation.tobytes() == _stream(files, [r for r in order
-                                                         if data.is_validation(r, fraction)])
+                                                         if text_module.is_validation(r, fraction)])
     else:
         assert c.train.tobytes() + c.validation.tobytes() == _stream(files, order)
 
@@ -78,40 +78,40 @@ def _take(it, k):
 
 def test_the_stdlib_corpus_is_the_interpreters_own_py_files_in_one_fixed_order():
     root = text_module.stdlib_root()
-    files = data.stdlib_files()
+    files = text_module.stdlib_files()
     assert len(files) > 100
-    assert files == data.stdlib_files()  # deterministic
+    assert files == text_module.stdlib_files()  # deterministic
     relatives = [f.relative_to(root).as_posix() for f in files]
     assert relatives == sorted(relatives)
     assert all(f.suffix == ".py" and f.is_file() for f in files)
     parts = {part for f in files for part in f.relative_to(root).parts[:-1]}
     assert not parts & {"site-packages", "dist-packages", "__pycache__"}
     assert not parts & {"test", "tests", "idle_test"}  # tests differ between installs
-    with_tests = data.stdlib_files(include_tests=True)
+    with_tests = text_module.stdlib_files(include_tests=True)
     assert set(files) <= set(with_tests)
     assert not {p for f in with_tests for p in f.relative_to(root).parts} & {"site-packages"}
-    assert data.text_files(None) == files  # no patterns: the standard library
+    assert text_module.text_files(None) == files  # no patterns: the standard library
 
 
 def test_a_pattern_that_matches_nothing_is_a_usage_error_naming_it(tmp_path):
     _write(tmp_path, {"a.txt": b"a"})
     missing = str(tmp_path / "nowhere" / "*.txt")
     with pytest.raises(UsageError, match="nowhere") as info:
-        data.text_files([str(tmp_path / "a.txt"), missing])
+        text_module.text_files([str(tmp_path / "a.txt"), missing])
     assert repr(missing) in str(info.value)
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match=r"\*\.rst"):
-        data.text_files(str(tmp_path / "*.rst"))
+        text_module.text_files(str(tmp_path / "*.rst"))
 
 
 def test_directories_expand_to_every_file_below_and_files_are_listed_once_sorted(corpus):
     root, paths, _ = corpus
     every = sorted(p.resolve() for p in paths)
-    assert data.text_files(str(root)) == every  # one str, a directory
-    assert data.text_files(root) == every  # a Path
+    assert text_module.text_files(str(root)) == every  # one str, a directory
+    assert text_module.text_files(root) == every  # a Path
     overlapping = [str(root / "b"), str(root / "b" / "*.txt"), str(root / "b" / "one.txt"),
                    str(root / "**" / "*.py"), str(root / "c" / ".." / "a.txt")]
-    got = data.text_files(overlapping)
+    got = text_module.text_files(overlapping)
     assert len(got) == len(set(got))
     assert got == sorted(got, key=str)
     assert [p.relative_to(root.resolve()).as_posix() for p in got] == [
@@ -124,19 +124,19 @@ def test_directories_expand_to_every_file_below_and_files_are_listed_once_sorted
 
 def test_the_validation_split_of_a_path_is_stable_and_follows_the_fraction():
     names = [f"pkg/module_{i}.py" for i in range(2000)]
-    first = [data.is_validation(n, 0.1) for n in names]
-    assert first == [data.is_validation(n, 0.1) for n in reversed(names)][::-1]
+    first = [text_module.is_validation(n, 0.1) for n in names]
+    assert first == [text_module.is_validation(n, 0.1) for n in reversed(names)][::-1]
     assert 100 < sum(first) < 300  # about a tenth
-    assert not any(data.is_validation(n, 0.0) for n in names)
-    assert all(data.is_validation(n, 1.0) for n in names)
+    assert not any(text_module.is_validation(n, 0.0) for n in names)
+    assert all(text_module.is_validation(n, 1.0) for n in names)
     # a larger fraction only adds files to validation
-    assert all(data.is_validation(n, 0.5) for n, v in zip(names, first) if v)
+    assert all(text_module.is_validation(n, 0.5) for n, v in zip(names, first) if v)
 
 
 @pytest.mark.parametrize("fraction", [-0.01, 1.5, math.nan])
 def test_a_validation_fraction_outside_zero_to_one_is_a_usage_error(fraction):
     with pytest.raises(UsageError, match="fraction"):
-        data.is_validation("a.py", fraction)
+        text_module.is_validation("a.py", fraction)
 
 
 # --- preparing -----------------------------------------------------------------------------------
@@ -148,8 +148,8 @@ def test_the_splits_are_each_files_bytes_and_a_zero_in_relative_path_order(corpu
     c = _prepare(reversed(paths), cache, validation_fraction=fraction)
     order = sorted(FILES)
     assert c.files == tuple(order)
-    val = [r for r in order if data.is_validation(r, fraction)]
-    train = [r for r in order if not data.is_validation(r, fraction)]
+    val = [r for r in order if text_module.is_validation(r, fraction)]
+    train = [r for r in order if not text_module.is_validation(r, fraction)]
     assert val and train, "pick a corpus that both splits get files of"
     assert c.manifest["split_by"] == "file"
     assert c.train.dtype == c.validation.dtype == np.uint8
@@ -184,7 +184,7 @@ def test_a_prepared_corpus_is_found_again_without_reading_or_rewriting_it(corpus
         raise AssertionError(f"{path} was read again")
 
     monkeypatch.setattr(text_module, "_read_bytes", no_reads)
-    again = data.prepare_tokens(paths, cache, progress=True)
+    again = text_module.prepare_tokens(paths, cache, progress=True)
     assert capsys.readouterr().out.startswith("cached text: 8 files")
     assert again.key == first.key and again.directory == first.directory
     assert npy.stat().st_mtime_ns == mtime

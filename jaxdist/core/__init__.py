@@ -1,7 +1,8 @@
-"""What every layer builds on: the train state, the one pure train step, mesh axis names."""
+"""What every layer builds on: the train state, the one pure train step, mesh axis names, the
+layout hooks a model calls, and the `Callback` protocol of the loop. Layers import the modules;
+the package names what a model author or a user meets."""
 
-from jaxdist.core.axes import DATA_AXIS, MESH_AXES
-from jaxdist.core.step import TrainState, init_state, make_eval_step, make_train_step
+from jaxdist.core.callback import Callback
+from jaxdist.core.step import TrainState
 
-__all__ = ["DATA_AXIS", "MESH_AXES", "TrainState", "init_state", "make_eval_step",
-           "make_train_step"]
+__all__ = ["Callback", "TrainState"]
