@@ -3,6 +3,7 @@ resolve, the README stays a front door, and the copies the guide quotes match th
 
 import ast
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -79,3 +80,18 @@ def test_the_exit_code_table_quoted_in_the_guide_is_the_docstring_of_jaxdist_err
     assert len(table) >= 7
     page = (REPO / "docs" / "fault-tolerance.md").read_text()
     assert [line for line in table if line not in page.splitlines()] == []
+
+
+def test_the_strategies_page_tabulates_the_registry_and_the_readme_names_every_strategy():
+    from jaxdist import STRATEGIES
+
+    page = (REPO / "docs" / "strategies.md").read_text().splitlines()
+    start = page.index("| name | value | options | what it does | layout |")
+    table = itertools.takewhile(lambda line: line.startswith("|"), page[start + 2:])
+    rows = [line.split("|")[1:-1] for line in table]
+    assert [cells[0].strip().strip("`") for cells in rows] == list(STRATEGIES)
+    for (name, value, _, _, layout), strategy in zip(rows, STRATEGIES.values()):
+        assert value.strip().startswith(f"`{type(strategy).__name__}("), name
+        assert layout.strip() == strategy.layout, name
+    readme = (REPO / "README.md").read_text()
+    assert [name for name in STRATEGIES if f"| `{name}` |" not in readme] == []

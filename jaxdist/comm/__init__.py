@@ -5,8 +5,8 @@
   all-reduce, top-k sparsification and PowerSGD (both with error feedback).
 - `stale_gradients`: an optax transformation applying gradients tau steps late, to measure what
   asynchrony costs in accuracy, deterministically.
-- DiLoCo's outer optimizer lives with local SGD (`DataParallel(strategy="local_sgd",
-  outer_optimizer=...)`).
+- DiLoCo's outer optimizer lives with local SGD (`Trainer(strategy=LocalSGD(every=H,
+  outer=...))`); the reducers go to `ShardMap(reducer=...)`.
 """
 
 from jaxdist.comm.reducers import (

@@ -6,14 +6,14 @@ its own options, and `STRATEGIES` names the defaults.
     Trainer(model_fn, tx, loss_fn, strategy=Pipeline(rules="fsdp", schedule="1f1b"),
             mesh="fsdp=2,pipeline=4")
 
-| value                | options                                   | what it does                     |
-|----------------------|-------------------------------------------|----------------------------------|
-| `Jit()`              |                                           | `jax.jit` over a data mesh       |
-| `ShardMap()`         | `reducer`, `batch_stats`                  | `lax.pmean` inside `shard_map`   |
-| `Pmap()`             | `batch_stats`                             | `jax.pmap`, per-device program   |
-| `LocalSGD()`         | `every`, `outer`, `average_opt_state`     | average every H steps (DiLoCo)   |
-| `Rules(...)`         | the sharding tables (`jaxdist.parallel.rules`) | dp, zero1, fsdp, tp, sp, fsdp_tp |
-| `Pipeline()`         | `microbatches`, `schedule`, `rules`       | layer stack over pipeline stages |
+| value        | options                                  | what it does                           |
+|--------------|------------------------------------------|----------------------------------------|
+| `Jit()`      |                                          | `jax.jit` over a data mesh             |
+| `ShardMap()` | `reducer`, `batch_stats`                 | `lax.pmean` inside `jax.shard_map`     |
+| `Pmap()`     | `batch_stats`                            | `jax.pmap`, the per-device program     |
+| `LocalSGD()` | `every`, `outer`, `average_opt_state`    | averaging every H steps (DiLoCo)       |
+| `Rules(...)` | the tables of `jaxdist.parallel.rules`   | dp, zero1, fsdp, tp, sp, fsdp_tp, own  |
+| `Pipeline()` | `microbatches`, `schedule`, `rules`      | the layer stack over pipeline stages   |
 
 Every value answers the same questions, so no caller keeps a list of names:
 - `name`: what the trainer reports; `STRATEGIES[name]` is the default value of that name.
@@ -61,8 +61,8 @@ from jaxdist.parallel.pipeline import PIPELINE_AXIS
 from jaxdist.parallel.rules import Rules
 from jaxdist.parallel.sharded import rules_layout
 
-Schedule = Literal["gpipe", "1f1b"]
-Layout = Literal["rules", "mapped"]
+PipelineSchedule = Literal["gpipe", "1f1b"]
+LayoutKind = Literal["rules", "mapped"]
 Parallelism = Literal["data", "model"]
 
 _OPTION_OF: dict[str, str] = {}  # option -> the strategy class that has it
@@ -125,9 +125,12 @@ class _DataParallel:
 
     def mesh_for(self, mesh: str | Mesh | None, devices: Sequence[jax.Device]) -> Mesh:
         """Every device on the data axis (`mesh`, if given, may say only that)."""
-        make = data_mesh if self.layout == "mapped" else (
-            lambda d: make_mesh({DATA_AXIS: len(d)}, d))
-        return _replica_mesh(self.name, mesh, devices, make)
+        return _replica_mesh(self.name, mesh, devices, self._data_mesh)
+
+    @staticmethod
+    def _data_mesh(devices: Sequence[jax.Device]) -> Mesh:
+        """The mapped layouts' 1-D mesh."""
+        return data_mesh(devices)
 
 
 @_strategy
@@ -136,7 +139,12 @@ class Jit(_DataParallel):
     gradient all-reduce (the rules layout with `dp`'s rules on a data-only mesh)."""
 
     name: ClassVar[str] = "jit"
-    layout: ClassVar[Layout] = "rules"
+    layout: ClassVar[LayoutKind] = "rules"
+
+    @staticmethod
+    def _data_mesh(devices: Sequence[jax.Device]) -> Mesh:
+        """The rules layout's named mesh, every axis but data of size 1."""
+        return make_mesh({DATA_AXIS: len(devices)}, devices)
 
     def build(self, model, tx, loss_fn, mesh, eval_fn, step_options) -> StepLayout:
         return rules_layout(model, tx, loss_fn, mesh, _rules.DP, self.name, eval_fn, step_options)
@@ -155,7 +163,7 @@ class ShardMap(_DataParallel):
     """
 
     name: ClassVar[str] = "shard_map"
-    layout: ClassVar[Layout] = "mapped"
+    layout: ClassVar[LayoutKind] = "mapped"
     reducer: GradReducer | None = None
     batch_stats: BatchStats = "global"
 
@@ -185,7 +193,7 @@ class Pmap(_DataParallel):
     """
 
     name: ClassVar[str] = "pmap"
-    layout: ClassVar[Layout] = "mapped"
+    layout: ClassVar[LayoutKind] = "mapped"
     batch_stats: BatchStats = "global"
 
     def __post_init__(self):
@@ -209,7 +217,7 @@ class LocalSGD(_DataParallel):
     """
 
     name: ClassVar[str] = "local_sgd"
-    layout: ClassVar[Layout] = "mapped"
+    layout: ClassVar[LayoutKind] = "mapped"
     every: int = 1
     outer: optax.GradientTransformation | None = None
     average_opt_state: bool = False
@@ -246,10 +254,10 @@ class Pipeline:
         rules: the sharding rules of the other axes: a rules strategy's name or a `Rules`.
     """
 
-    layout: ClassVar[Layout] = "rules"
+    layout: ClassVar[LayoutKind] = "rules"
     parallelism: ClassVar[Parallelism] = "model"
     microbatches: int | None = None
-    schedule: Schedule = "gpipe"
+    schedule: PipelineSchedule = "gpipe"
     rules: Rules | str = "dp"
 
     def __post_init__(self):
@@ -258,7 +266,7 @@ class Pipeline:
                 or self.microbatches < 1):
             raise UsageError(f"Pipeline(microbatches=...) must be an integer >= 1 or None, got "
                              f"{self.microbatches!r}")
-        _one_of("schedule", self.schedule, get_args(Schedule))
+        _one_of("schedule", self.schedule, get_args(PipelineSchedule))
         rules = resolve(self.rules) if isinstance(self.rules, str) else self.rules
         if not isinstance(rules, Rules):
             raise UsageError(f"Pipeline lays out the other axes by sharding rules ("
