@@ -9,8 +9,8 @@ OUT=${OUT:-/tmp/jaxdist-gpu}; mkdir -p "$OUT"
 STEPS=${STEPS:-200}  # timed steps per round
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/devices.txt"
 # the classic CNN data-parallel step vs a hand-written jit loop, global batch 512 (the CPU table's batch)
-timeout 240 "$PY" -m experiments.bench_dp --devices 1 --strategies jit,shard_map --global_batch 512 \
-  --steps "$STEPS" --rounds 3 2>&1 | tee "$OUT/bench_dp.txt"
+timeout 240 "$PY" -m benchmarks.dp --devices 1 --strategies jit,shard_map --global_batch 512 \
+  --steps "$STEPS" --rounds 3 2>&1 | tee "$OUT/dp.txt"
 # a batch large enough to fill a GPU
-timeout 240 "$PY" -m experiments.bench_dp --devices 1 --strategies jit --global_batch 4096 \
-  --steps "$((STEPS / 2))" --rounds 3 2>&1 | tee "$OUT/bench_dp_4096.txt"
+timeout 240 "$PY" -m benchmarks.dp --devices 1 --strategies jit --global_batch 4096 \
+  --steps "$((STEPS / 2))" --rounds 3 2>&1 | tee "$OUT/dp_4096.txt"

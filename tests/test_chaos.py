@@ -1,4 +1,4 @@
-"""The acceptance of self-healing jobs (slow, `-m slow`): `python -m experiments.chaos`.
+"""The acceptance of self-healing jobs (slow, `-m slow`): `python -m drills.chaos`.
 
 A 2-process x 4-device MNIST run under `jaxdist.launch --max_restarts 5` survives 3 SIGKILLs and
 1 SIGSTOP at random step events and ends bitwise equal to an uninterrupted run; then one process
@@ -15,14 +15,14 @@ import sys
 import pytest
 
 from conftest import REPO
-from experiments import chaos
+from drills import chaos
 from jaxdist.errors import EXIT_USAGE
 
 
 @pytest.mark.slow
 def test_a_job_survives_kills_and_a_freeze_bitwise_and_finishes_on_fewer_processes(tmp_path):
     report = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.chaos", "--workdir",
+    proc = subprocess.run([sys.executable, "-m", "drills.chaos", "--workdir",
                            str(tmp_path / "chaos"), "--json", str(report), "--seed", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
@@ -47,12 +47,12 @@ def test_a_workdir_chaos_did_not_make_is_refused_in_one_line_and_left_as_it_was(
     (mine / "notes.txt").write_text("keep me too\n")
     before = _tree(mine)
     for workdir, cwd in ((".", mine), (str(mine), REPO)):  # `--workdir .` and a path
-        proc = subprocess.run([sys.executable, "-m", "experiments.chaos", "--workdir", workdir],
+        proc = subprocess.run([sys.executable, "-m", "drills.chaos", "--workdir", workdir],
                               cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == EXIT_USAGE, proc.stderr
         assert proc.stderr.strip() == (
-            f"error: --workdir {workdir} was not made by experiments.chaos (it has files and no "
+            f"error: --workdir {workdir} was not made by drills.chaos (it has files and no "
             f".jaxdist-chaos marker) and would be emptied; name a new or empty directory")
         assert proc.stdout == "" and _tree(mine) == before
 

@@ -1,5 +1,5 @@
-"""Each package imports only the layers below it: no library module imports experiments/, and no
-two packages import each other."""
+"""Each package imports only the layers below it: no library module imports experiments/,
+benchmarks/ or drills/, and no two packages import each other."""
 
 import ast
 from pathlib import Path
@@ -37,7 +37,7 @@ def test_every_library_import_goes_to_a_lower_layer_or_its_own_package():
             continue  # the public API re-exports every layer
         for module in _imports(path):
             parts = module.split(".")
-            if parts[0] == "experiments":
+            if parts[0] in ("experiments", "benchmarks", "drills"):
                 wrong.append(f"{relative} imports {module}")
             if parts[0] != "jaxdist" or len(parts) < 2 or parts[1] == package:
                 continue

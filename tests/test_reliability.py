@@ -7,18 +7,20 @@ timeout is SIGKILLed and fails the test. The 20-runs-per-strategy proof is `-m s
 
 import pytest
 
-from experiments.reliability import run_once
-from jaxdist.parallel import STRATEGIES
+from drills.reliability import run_once
+from jaxdist import STRATEGIES
+
+DATA_PARALLEL = [name for name, s in STRATEGIES.items() if s.parallelism == "data"]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", DATA_PARALLEL)
 def test_8_device_training_process_finishes(strategy, mnist):
     outcome, seconds = run_once(strategy, steps=40, devices=8, timeout=150, extra=[])
     assert outcome == "ok", f"{outcome} after {seconds:.0f} s"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", DATA_PARALLEL)
 def test_20_consecutive_8_device_trainings_never_hang(strategy, mnist):
     for run in range(20):
         outcome, seconds = run_once(strategy, steps=100, devices=8, timeout=180, extra=[])

@@ -1,5 +1,5 @@
 """What one ahead-of-time compile of a train step says per device: memory, collectives, FLOPs
-(shared with experiments/bench_parallel.py and experiments/lm.py)."""
+(shared with benchmarks/parallel.py and experiments/lm.py)."""
 
 from __future__ import annotations
 

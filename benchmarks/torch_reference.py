@@ -1,8 +1,9 @@
-"""The PyTorch reference for `experiments.bench_torch`: the same classic CNN under DDP (gloo).
+"""The PyTorch reference for `benchmarks.vs_torch`: the same classic CNN under DDP (gloo).
 
 Standalone on purpose (imports only torch, numpy and the standard library) so it can run under
-another interpreter: `python experiments/torch_reference.py --processes 2 --steps 60`. It prints
-one JSON line with the measured images/s.
+another interpreter: `python benchmarks/torch_reference.py --processes 2 --steps 60`. It prints
+one JSON line with the measured images/s. So its command line is plain `argparse`, not
+`benchmarks.harness` (which imports jaxdist, and so jax).
 
 `--data random` times steps on random uint8 batches; `--data PATH.npz` (arrays `images` uint8
 NHWC, `labels`) feeds real MNIST through PyTorch's usual input path, a `DataLoader` over a

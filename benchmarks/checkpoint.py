@@ -1,7 +1,7 @@
 """How long a checkpoint save blocks training, asynchronous vs synchronous, for a large state.
 
-    python -m experiments.bench_checkpoint                    # 102M parameters + Adam state
-    python -m experiments.bench_checkpoint --width 1024 --rounds 2   # a quick small run
+    python -m benchmarks.checkpoint                       # 102M parameters + Adam state
+    python -m benchmarks.checkpoint --width 1024 --rounds 2   # a quick small run
 
 "Blocking" is the time `Checkpointer.save` holds the training loop: for an asynchronous save,
 copying device arrays to host memory; for a synchronous one, the whole write. "Total" runs until
@@ -10,13 +10,26 @@ the files are committed. Each round writes a new step into a fresh directory und
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from jaxdist.config import ArgumentParser
+
+from benchmarks import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    width: int = 3200
+    """MLP width"""
+    layers: int = 10
+    """MLP layers"""
+    rounds: int = 3
+    """saves per mode (the median is reported)"""
+    dir: str | None = None
+    """where to write (None: a temporary directory, removed after)"""
 
 
 def build_state(width: int, layers: int):
@@ -43,18 +56,15 @@ def measure(state, directory: Path, asynchronous: bool, rounds: int) -> dict:
         ckpt.wait()
         total.append(time.perf_counter() - t0)
     ckpt.close()
-    return {"blocking": statistics.median(blocking), "total": statistics.median(total)}
+    return {"blocking": harness.Rounds(tuple(blocking)).median,
+            "total": harness.Rounds(tuple(total)).median}
 
 
+@harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=3200, help="MLP width")
-    parser.add_argument("--layers", type=int, default=10, help="MLP layers")
-    parser.add_argument("--rounds", type=int, default=3, help="saves per mode (median reported)")
-    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-    args = parser.parse_args(argv)
+    args = harness.parse(Config, argv, __doc__)
     if min(args.width, args.layers, args.rounds) < 1:
-        parser.error("width, layers and rounds must be >= 1")
+        return harness.fail("--width, --layers and --rounds must be >= 1")
 
     import jax
 
@@ -64,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     state = jax.block_until_ready(build_state(args.width, args.layers))
     params = sum(x.size for x in jax.tree.leaves(state.params))
     gigabytes = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9
-    print(f"state: {params / 1e6:.1f}M parameters, {gigabytes:.2f} GB with Adam state, "
-          f"{jax.devices()[0].platform}, {args.rounds} saves per mode", flush=True)
+    report = harness.Report(args)
+    report.say(f"state: {params / 1e6:.1f}M parameters, {gigabytes:.2f} GB with Adam state, "
+               f"{jax.devices()[0].platform}, medians of {args.rounds} saves per mode\n")
     root = Path(args.dir or tempfile.mkdtemp(prefix="jaxdist-bench-ckpt-"))
     rows = []
     try:
@@ -76,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"{'mode':<6} | {'blocking s':>10} | {'total s':>8} | {'GB/s':>5}")
-    for mode, blocking, total, rate in rows:
-        print(f"{mode:<6} | {blocking:>10.2f} | {total:>8.2f} | {rate:>5.2f}")
-    print(f"async blocks {rows[1][1] / max(rows[0][1], 1e-9):.1f}x less than sync")
+    report.table(["mode", "blocking s", "total s", "GB/s"],
+                 [(mode, f"{blocking:.2f}", f"{total:.2f}", f"{rate:.2f}")
+                  for mode, blocking, total, rate in rows])
+    report.say(f"\nasync blocks {rows[1][1] / max(rows[0][1], 1e-9):.1f}x less than sync")
+    report.save()
     return 0
 
 

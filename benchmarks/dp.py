@@ -1,7 +1,7 @@
 """Images/s of each data-parallel backend on 1, 2, 4, 8 devices, against a hand-written jit loop.
 
-    python -m experiments.bench_dp                      # global batch 512, all backends
-    python -m experiments.bench_dp --devices 8 --strategies jit --steps 100
+    python -m benchmarks.dp                             # global batch 512, all backends
+    python -m benchmarks.dp --devices 8 --strategies jit --steps 100
 
 Both sides train the MNIST CNN with the same optax optimizer on the same host batches (random
 uint8 images, so the input pipeline is not measured) and pay the same host->device transfer per
@@ -12,12 +12,28 @@ medians are reported; ratio = toolkit / baseline (the toolkit's overhead is 1 - 
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import sys
 import time
 
+from benchmarks import harness
 from jaxdist.cluster import configure_cpu_devices
-from jaxdist.config import ArgumentParser
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    strategies: tuple[str, ...] = ("jit", "shard_map", "pmap", "local_sgd")
+    """data-parallel strategies, comma-separated"""
+    devices: tuple[int, ...] = (1, 2, 4, 8)
+    """device counts, comma-separated"""
+    global_batch: int = 512
+    """images per step, over all devices"""
+    steps: int = 40
+    """timed steps per round"""
+    warmup: int = 5
+    """untimed steps before each round's timed ones"""
+    rounds: int = 3
+    """alternating rounds (the median is reported)"""
 
 
 def _batches(global_batch: int, count: int, seed: int = 0):
@@ -76,10 +92,10 @@ def baseline_runner(devices, tx, loss_fn):
 def toolkit_runner(strategy, devices, tx, loss_fn):
     from flax import nnx
 
-    from jaxdist import DataParallel
+    from jaxdist import Trainer
     from jaxdist.models import MnistCNN
 
-    dp = DataParallel(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, strategy=strategy, devices=devices)
+    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, strategy=strategy, devices=devices)
     state = dp.init()
 
     def run(batches, warmup):
@@ -90,57 +106,46 @@ def toolkit_runner(strategy, devices, tx, loss_fn):
     return run
 
 
+@harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m experiments.bench_dp",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategies", default="jit,shard_map,pmap,local_sgd")
-    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
-    parser.add_argument("--global_batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median taken)")
-    args = parser.parse_args(argv)
-    counts = [int(c) for c in args.devices.split(",")]
+    args = harness.parse(Config, argv, __doc__)
+    counts = args.devices
+    if not counts or min(counts) < 1:
+        return harness.fail(f"--devices takes device counts >= 1, got {counts}")
     configure_cpu_devices(max(counts))
 
-    import jax
     import optax
 
     from experiments.mnist import loss_fn
     from jaxdist import select_devices
-    from jaxdist.errors import UsageError
 
-    try:
-        all_devices = select_devices(max(counts))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    all_devices = select_devices(max(counts))
     for n in counts:
         if args.global_batch % n:
-            print(f"error: global batch {args.global_batch} does not divide over {n} devices",
-                  file=sys.stderr)
-            return 2
+            return harness.fail(f"global batch {args.global_batch} does not divide over {n} "
+                                f"devices")
     tx = optax.sgd(0.01, momentum=0.9)
     batches = _batches(args.global_batch, args.warmup + args.steps)
     images = args.global_batch * args.steps
-    from jaxdist.observe.machine import describe_machine
-
-    print(f"# {describe_machine()}")
-    print(f"jax {jax.__version__}, {all_devices[0].platform}, global batch {args.global_batch}, "
-          f"{args.steps} steps x {args.rounds} rounds", flush=True)
-    header = f"{'strategy':<10} {'devices':>7} {'img/s':>9} {'jit loop img/s':>15} {'ratio':>6}"
-    print(header)
+    report = harness.Report(args)
+    report.say(f"{all_devices[0].platform}, global batch {args.global_batch}, medians of "
+               f"{args.rounds} alternating rounds of {args.steps} steps; ratio = jaxdist / "
+               f"hand-written jit loop\n")
+    rows = []
     for n in counts:
         devices = all_devices[:n]
         baseline = baseline_runner(devices, tx, loss_fn)
-        for strategy in args.strategies.split(","):
+        for strategy in args.strategies:
             toolkit = toolkit_runner(strategy, devices, tx, loss_fn)
-            ours, theirs = [], []
-            for _ in range(args.rounds):
-                ours.append(images / toolkit(batches, args.warmup))
-                theirs.append(images / baseline(batches, args.warmup))
-            a, b = statistics.median(ours), statistics.median(theirs)
-            print(f"{strategy:<10} {n:>7} {a:>9,.0f} {b:>15,.0f} {a / b:>6.3f}", flush=True)
+            harness.progress(f"{strategy} on {n} device(s)")
+            ips = harness.alternate(
+                {"jaxdist": lambda: images / toolkit(batches, args.warmup),
+                 "jit loop": lambda: images / baseline(batches, args.warmup)},
+                args.rounds, unit=" img/s")
+            a, b = ips["jaxdist"].median, ips["jit loop"].median
+            rows.append((strategy, n, f"{a:,.0f}", f"{b:,.0f}", f"{a / b:.3f}"))
+    report.table(["strategy", "devices", "img/s", "jit loop img/s", "ratio"], rows)
+    report.save()
     return 0
 
 

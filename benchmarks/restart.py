@@ -1,7 +1,7 @@
 """First-step time of a restarted job: cold vs warm persistent compilation cache.
 
-    python -m experiments.bench_restart                   # the CNN smoke run, 3 rounds
-    python -m experiments.bench_restart --rounds 5 -- --strategy shard_map
+    python -m benchmarks.restart                          # the CNN smoke run, 3 rounds
+    python -m benchmarks.restart --rounds 5 -- --strategy shard_map
 
 Each round starts `python -m experiments.mnist --config smoke` twice as a new process: once with
 an empty compilation cache (cold: XLA compiles the train step) and once more with the cache the
@@ -16,15 +16,26 @@ cannot serialize, so a restart compiles them again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
-from jaxdist.config import ArgumentParser
+from typing import Literal
+
+from benchmarks import harness
 
 _FIRST_STEP = re.compile(r"first step ([0-9.]+) s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    rounds: int = 3
+    """rounds, each a cold and a warm start per kernel choice (the median is shown)"""
+    onednn: Literal["both", "on", "off"] = "both"
+    """CPU convolutions by oneDNN (on), by XLA (off), or each in turn"""
 
 
 def first_step_seconds(cache_dir: str, extra: list[str], onednn: bool) -> float:
@@ -40,32 +51,40 @@ def first_step_seconds(cache_dir: str, extra: list[str], onednn: bool) -> float:
     return float(found.group(1))
 
 
+@harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = ArgumentParser(prog="python -m experiments.bench_restart",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--onednn", choices=("both", "on", "off"), default="both",
-                        help="CPU convolutions by oneDNN (on), by XLA (off), or each in turn")
-    args = parser.parse_args(own)
+    args = harness.parse(Config, own, __doc__)
     kernels = {"both": (False, True), "on": (True,), "off": (False,)}[args.onednn]
-    times = {(k, c): [] for k in kernels for c in ("cold", "warm")}
-    for r in range(args.rounds):
-        for onednn in kernels:
-            with tempfile.TemporaryDirectory() as cache:
-                for cache_state in ("cold", "warm"):
-                    times[onednn, cache_state].append(first_step_seconds(cache, extra, onednn))
-            print(f"round {r + 1}, oneDNN {'on' if onednn else 'off'}: cold "
-                  f"{times[onednn, 'cold'][-1]:.2f} s, warm {times[onednn, 'warm'][-1]:.2f} s",
-                  file=sys.stderr, flush=True)
-    print(f"{'convolutions':<12} | {'cold s':>6} | {'warm s':>6} | {'speed-up':>8} | rounds (cold/warm)")
+    caches: dict[bool, str] = {}
+
+    def start(onednn: bool, cache_state: str) -> float:
+        if cache_state == "cold":  # a new empty cache; the warm start right after reuses it
+            shutil.rmtree(caches.get(onednn, ""), ignore_errors=True)
+            caches[onednn] = tempfile.mkdtemp(prefix="jaxdist-bench-restart-")
+        return first_step_seconds(caches[onednn], extra, onednn)
+
+    try:
+        times = harness.alternate(
+            {(k, c): (lambda k=k, c=c: start(k, c)) for k in kernels for c in ("cold", "warm")},
+            args.rounds, unit=" s",
+            label=lambda key: f"oneDNN {'on' if key[0] else 'off'}, {key[1]} cache")
+    finally:
+        for cache in caches.values():
+            shutil.rmtree(cache, ignore_errors=True)
+    report = harness.Report(args, passthrough=extra)
+    report.say("first step of a new process (dispatch, compilation or cache load, the step), "
+               "seconds; the same cache for a round's cold and warm starts\n")
+    rows = []
     for onednn in kernels:
         cold, warm = times[onednn, "cold"], times[onednn, "warm"]
-        c, w = statistics.median(cold), statistics.median(warm)
-        rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(cold, warm))
-        print(f"{'oneDNN' if onednn else 'XLA':<12} | {c:>6.2f} | {w:>6.2f} | {c / w:>7.1f}x | {rounds}")
+        rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(cold.values, warm.values))
+        rows.append(("oneDNN" if onednn else "XLA", f"{cold.median:.2f}", f"{warm.median:.2f}",
+                     f"{cold.median / warm.median:.1f}x", rounds))
+    report.table(["convolutions", "cold s", "warm s", "speed-up", "rounds (cold/warm)"], rows)
+    report.save()
     return 0
 
 

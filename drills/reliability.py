@@ -1,23 +1,41 @@
 """Repeat the 8-device training in fresh processes and count hangs, per strategy.
 
-    python -m experiments.reliability --runs 20 --strategies jit,shard_map,pmap,local_sgd
+    python -m drills.reliability --runs 20 --strategies jit,shard_map,pmap,local_sgd
+    python -m drills.reliability --runs 5 -- --compute_dtype bfloat16
 
 Each run is `python -m experiments.mnist` for `--steps` steps in a new process (a deadlock only
-shows across process starts). A run that exceeds `--timeout` is killed with SIGKILL (a process
-stuck in a collective may ignore SIGTERM) and counted as hung. Exits 1 if any run hung or failed.
+shows across process starts); arguments after `--` go to it. A run that exceeds `--timeout` is
+killed with SIGKILL (a process stuck in a collective may ignore SIGTERM) and counted as hung.
+Exits 1 if any run hung or failed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from jaxdist.config import ArgumentParser
+
+from jaxdist.config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    runs: int = 20
+    """runs per strategy"""
+    strategies: tuple[str, ...] = ("jit", "shard_map", "pmap", "local_sgd")
+    """data-parallel strategies, comma-separated"""
+    steps: int = 100
+    """training steps per run"""
+    devices: int = 8
+    """virtual CPU devices of each run"""
+    timeout: float = 180.0
+    """seconds before a run counts as hung"""
 
 
 def run_once(strategy: str, steps: int, devices: int, timeout: float, extra: list[str]) -> tuple[str, float]:
@@ -39,15 +57,12 @@ def run_once(strategy: str, steps: int, devices: int, timeout: float, extra: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m experiments.reliability", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="runs per strategy")
-    parser.add_argument("--strategies", default="jit,shard_map,pmap,local_sgd")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
-    parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds before a run counts as hung")
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    args = parse_config(lambda variant: Config(), own, description=__doc__.split("\n\n")[0])
     rows = []
-    for strategy in args.strategies.split(","):
+    for strategy in args.strategies:
         outcomes, times = [], []
         for i in range(args.runs):
             outcome, seconds = run_once(strategy, args.steps, args.devices, args.timeout, extra)

@@ -1,7 +1,7 @@
 """Per strategy and mesh: step time, bytes per device, and collective bytes per step vs the ideal.
 
-    python -m experiments.bench_parallel                          # ViT-small, 8 CPU devices
-    python -m experiments.bench_parallel --vit_size large --global_batch 16 --steps 2 \\
+    python -m benchmarks.parallel                                 # ViT-small, 8 CPU devices
+    python -m benchmarks.parallel --vit_size large --global_batch 16 --steps 2 \\
         --budget_mib 1024                                         # 100.8M params, 1 GiB per device
 
 Each row compiles the train step ahead of time (from shapes only), reads its per-device memory
@@ -16,15 +16,32 @@ activations twice per block forward and twice backward, 2(T-1)/T each.
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import sys
 import time
-from jaxdist.config import ArgumentParser
+
+from benchmarks import harness
 
 CONFIGS = [("dp", "data=8"), ("zero1", "data=8"), ("fsdp", "fsdp=8"), ("fsdp", "data=2,fsdp=4"),
            ("tp", "data=4,tensor=2"), ("fsdp_tp", "fsdp=4,tensor=2"),
            ("fsdp_tp", "data=2,fsdp=2,tensor=2")]
 MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    vit_size: str = "small"
+    """ViT size: tiny, small, base or large"""
+    global_batch: int = 32
+    """images per step"""
+    steps: int = 3
+    """timed steps per row (0: compile only)"""
+    learning_rate: float = 1e-5
+    """Adam's step size"""
+    budget_mib: float = 0
+    """per-device memory budget; rows over it are compiled, not run (0: no budget)"""
+    configs: str = ""
+    """STRATEGY:MESH;... ('': the dp, zero1, fsdp, tp and fsdp_tp rows of CONFIGS)"""
 
 
 def ideal_wire_bytes(mesh, params_per_device: int, global_batch: int, vit) -> float:
@@ -46,17 +63,17 @@ def parse_configs(text: str) -> list[tuple[str, str]]:
         UsageError: an item without ":", an unknown strategy or a mesh that does not fit.
     """
     from jaxdist.errors import UsageError
-    from jaxdist.parallel import make_mesh
-    from jaxdist.parallel.rules import MODEL_PARALLEL_STRATEGIES
+    from jaxdist import STRATEGIES, make_mesh
 
     configs = []
     for item in (c.strip() for c in text.split(";") if c.strip()):
         strategy, _, shape = item.partition(":")
         if not shape:
             raise UsageError(f"--configs {item!r}: expected STRATEGY:MESH, e.g. fsdp:fsdp=8")
-        if strategy not in MODEL_PARALLEL_STRATEGIES:
+        model_parallel = [name for name, s in STRATEGIES.items() if s.parallelism == "model"]
+        if strategy not in model_parallel:
             raise UsageError(f"--configs {item!r}: unknown strategy {strategy!r}; choose one of "
-                             f"{', '.join(MODEL_PARALLEL_STRATEGIES)}")
+                             f"{', '.join(model_parallel)}")
         make_mesh(shape)  # a mesh that does not fit the devices fails before any compile
         configs.append((strategy, shape))
     if not configs:
@@ -71,12 +88,12 @@ def run_config(strategy, shape, args, vit, batch_np):
 
     from experiments.mnist import loss_fn
     from jaxdist.models import ViT
-    from jaxdist.parallel import ShardedTrainer, make_mesh
+    from jaxdist import Trainer, make_mesh
     from jaxdist.plan import analyze_step
 
     mesh = make_mesh(shape)
-    trainer = ShardedTrainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(args.learning_rate),
-                             loss_fn, mesh=mesh, strategy=strategy)
+    trainer = Trainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(args.learning_rate),
+                      loss_fn, mesh=mesh, strategy=strategy)
     analysis = analyze_step(trainer, batch_np)  # ahead of time, from shapes: nothing allocated
     memory, ledger = analysis.memory, analysis.ledger
     row = {"strategy": strategy, "mesh": shape, "memory": memory,
@@ -89,77 +106,67 @@ def run_config(strategy, shape, args, vit, batch_np):
         batch = trainer.shard_batch(batch_np)
         state, metrics = trainer.step(state, batch)  # compile + warm up
         jax.block_until_ready(state)
-        times, losses = [], [float(metrics["loss"])]
-        for _ in range(args.steps):
+        losses = [float(metrics["loss"])]
+
+        def timed() -> float:
+            nonlocal state
             t0 = time.perf_counter()
             state, metrics = trainer.step(state, batch)
             jax.block_until_ready(state)
-            times.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
             losses.append(float(metrics["loss"]))
-        row["step_ms"] = 1000 * statistics.median(times)
+            return seconds
+
+        row["step_ms"] = 1000 * harness.repeat(timed, args.steps).median
         row["loss"] = (losses[0], losses[-1])
         del state
     return row
 
 
-def format_rows(rows, budget_mib) -> str:
-    head = (f"{'strategy':<8} {'mesh':<22} {'step ms':>8} {'params':>8} {'optim':>8} "
-            f"{'grads':>8} {'temp':>8} {'peak':>8} {'comm MiB':>9} {'ideal':>8} {'ratio':>6}"
-            + ("  fits" if budget_mib else ""))
-    lines = [head, "(bytes per device, MiB; comm = ring wire bytes per step from the HLO)"]
+def table_rows(rows, budget_mib) -> tuple[list[str], list[tuple]]:
+    """(columns, rows) of the result table: MiB per device, comm = ring wire bytes per step."""
+    columns = ["strategy", "mesh", "step ms", "params", "optim", "grads", "temp", "peak",
+               "comm MiB", "ideal", "ratio"] + (["fits"] if budget_mib else [])
+    out = []
     for r in rows:
         m = r["memory"]
         step = f"{r['step_ms']:.0f}" if r["step_ms"] is not None else "-"
         ratio = f"{r['wire'] / r['ideal']:.2f}" if r["ideal"] else "-"
-        lines.append(
-            f"{r['strategy']:<8} {r['mesh']:<22} {step:>8} {m.params / MIB:>8.2f} "
-            f"{m.optimizer / MIB:>8.2f} {m.grads / MIB:>8.2f} {m.temp / MIB:>8.2f} "
-            f"{m.peak_estimate / MIB:>8.2f} {r['wire'] / MIB:>9.2f} {r['ideal'] / MIB:>8.2f} "
-            f"{ratio:>6}" + (f"  {'yes' if r['fits'] else 'NO'}" if budget_mib else ""))
-    return "\n".join(lines)
+        out.append((r["strategy"], r["mesh"], step, *(f"{b / MIB:.2f}" for b in (
+            m.params, m.optimizer, m.grads, m.temp, m.peak_estimate, r["wire"], r["ideal"])),
+            ratio, *((("yes" if r["fits"] else "NO"),) if budget_mib else ())))
+    return columns, out
 
 
+@harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m experiments.bench_parallel",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vit_size", default="small", help="tiny, small, base or large")
-    parser.add_argument("--global_batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (0: compile only)")
-    parser.add_argument("--learning_rate", type=float, default=1e-5, help="Adam's step size")
-    parser.add_argument("--budget_mib", type=float, default=0,
-                        help="per-device memory budget; rows over it are compiled, not run")
-    parser.add_argument("--configs", default="",
-                        help="STRATEGY:MESH;... (default: dp, zero1, fsdp, tp, fsdp_tp rows)")
-    args = parser.parse_args(argv)
+    args = harness.parse(Config, argv, __doc__)
 
     from jaxdist.cluster import configure_cpu_devices
 
     configure_cpu_devices(8)
     import numpy as np
 
-    from jaxdist.errors import EXIT_USAGE, UsageError
     from jaxdist.models import param_count, vit_config
 
-    try:
-        configs = parse_configs(args.configs) if args.configs else CONFIGS
-        vit = vit_config(args.vit_size)
-        rng = np.random.default_rng(0)
-        batch = (rng.integers(0, 255, (args.global_batch, 28, 28, 1)).astype(np.float32),
-                 rng.integers(0, 10, args.global_batch).astype(np.int32))
-        print(f"ViT-{args.vit_size}: {param_count(vit) / 1e6:.1f}M parameters, global batch "
-              f"{args.global_batch}, Adam, fp32, 8 devices", flush=True)
-        rows = []
-        for strategy, shape in configs:
-            rows.append(run_config(strategy, shape, args, vit, batch))
-            r = rows[-1]
-            loss = f", loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else ""
-            print(f"  {strategy} {shape}: done{loss}", flush=True)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(format_rows(rows, args.budget_mib))
+    configs = parse_configs(args.configs) if args.configs else CONFIGS
+    vit = vit_config(args.vit_size)
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, 255, (args.global_batch, 28, 28, 1)).astype(np.float32),
+             rng.integers(0, 10, args.global_batch).astype(np.int32))
+    report = harness.Report(args)
+    report.say(f"ViT-{args.vit_size}: {param_count(vit) / 1e6:.1f}M parameters, global batch "
+               f"{args.global_batch}, Adam, fp32, 8 devices; bytes per device, MiB; comm = ring "
+               f"wire bytes per step from the HLO; ideal = textbook ring traffic\n")
+    rows = []
+    for strategy, shape in configs:
+        rows.append(run_config(strategy, shape, args, vit, batch))
+        r = rows[-1]
+        loss = f", loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if r["loss"] else ""
+        harness.progress(f"  {strategy} {shape}: done{loss}")
+    report.table(*table_rows(rows, args.budget_mib))
+    report.save()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Communication options side by side: bytes per step, images/s and MNIST accuracy.
 
-    python -m experiments.bench_comm                      # every option, 3 epochs each
-    python -m experiments.bench_comm --epochs 1 --options fp32,int8,topk
+    python -m benchmarks.comm                             # every option, 3 epochs each
+    python -m benchmarks.comm --epochs 1 --options fp32,int8,topk
 
 Each option trains the classic CNN with the experiment's recipe (Adam one-cycle, global batch 128)
 on 8 devices for the same number of epochs, then its compiled train step is read for the bytes
@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from jaxdist.config import ArgumentParser
+from typing import Literal
 
-# name -> (description, config overrides)
+from benchmarks import harness
+
+Option = Literal["fp32", "bf16", "bf16_compute", "int8", "topk", "powersgd4", "powersgd1",
+                 "local_sgd8", "diloco8", "stale4"]
+
+# name (each of `Option`) -> (description, the experiment's flags it sets)
 OPTIONS = {
     "fp32": ("fp32 all-reduce (shard_map)", {"strategy": "shard_map"}),
     "bf16": ("bf16 all-reduce", {"strategy": "shard_map", "grad_reduce": "bf16"}),
@@ -41,57 +46,56 @@ def step_wire_bytes(dp, cfg) -> float:
     import numpy as np
 
     from jaxdist.observe import collective_ledger
-    from jaxdist.observe.metrics import compiled_step
+    from jaxdist.observe.flops import compiled_step
 
     batch = (np.zeros((cfg.global_batch, 28, 28, 1), np.uint8),
              np.zeros((cfg.global_batch,), np.int32))
     hlo = compiled_step(dp, dp.init(), dp.shard_batch(batch)).as_text()
     wire = collective_ledger(hlo, dp.num_devices).total(wire=True)
-    return wire / cfg.local_steps if cfg.strategy == "local_sgd" else wire
+    parallel = cfg.parallel
+    return wire / parallel.local_steps if parallel.strategy == "local_sgd" else wire
 
 
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    options: tuple[Option, ...] = tuple(OPTIONS)
+    """communication options, comma-separated"""
+    epochs: float = 3.0
+    """epochs each option trains"""
+    data_dir: str | None = None
+    """TFDS data dir"""
+
+
+@harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m experiments.bench_comm",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--options", default=",".join(OPTIONS),
-                        help=f"comma-separated, from: {', '.join(OPTIONS)}")
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir")
-    args = parser.parse_args(argv)
-    chosen = args.options.split(",")
-    unknown = [o for o in chosen if o not in OPTIONS]
-    if unknown:
-        print(f"error: unknown option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}",
-              file=sys.stderr)
-        return 2
+    args = harness.parse(Config, argv, __doc__)
+    chosen = args.options
     from jaxdist.cluster import configure_cpu_devices
 
     configure_cpu_devices(8)
     from experiments.mnist import get_config, train
-    from jaxdist.errors import UsageError
+    from jaxdist.config import replace_flags
 
-    base = dataclasses.replace(get_config(), epochs=args.epochs, data_dir=args.data_dir,
-                               progress=False, compile_cache="off")
+    base = replace_flags(get_config(), epochs=args.epochs, data_dir=args.data_dir,
+                         progress=False, compile_cache="off")
     rows = []
     for name in chosen:
-        label, overrides = OPTIONS[name]
-        cfg = dataclasses.replace(base, **overrides)
-        print(f"[{len(rows) + 1}/{len(chosen)}] {label}", file=sys.stderr, flush=True)
-        try:
-            summary = train(cfg)
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        label, flags = OPTIONS[name]
+        cfg = replace_flags(base, **flags)
+        harness.progress(f"[{len(rows) + 1}/{len(chosen)}] {label}")
+        summary = train(cfg)
         rows.append((name, label, step_wire_bytes(summary["dp"], cfg),
                      summary["images_per_second"], summary["test_accuracy"]))
     reference = next((r for r in rows if r[0] == "fp32"), rows[0])
-    print(f"\n{args.epochs:g} epochs each, global batch {base.global_batch}, 8 devices; bytes are "
-          f"ring wire bytes per device per step; ratio = {reference[1]} / option")
-    print(f"{'option':<36} | {'KiB/step':>9} | {'fewer':>7} | {'img/s':>6} | {'accuracy':>8} | "
-          f"{'vs ' + reference[0]:>8}")
-    for name, label, wire, ips, acc in rows:
-        print(f"{label:<36} | {wire / 1024:>9.2f} | {reference[2] / wire:>6.1f}x | {ips:>6,.0f} | "
-              f"{100 * acc:>7.2f}% | {100 * (acc - reference[4]):>+7.2f}")
+    report = harness.Report(args)
+    report.say(f"{args.epochs:g} epochs each, global batch {base.global_batch}, 8 devices; bytes "
+               f"are ring wire bytes per device per step; fewer = {reference[1]} / option\n")
+    report.table(
+        ["option", "KiB/step", "fewer", "img/s", "accuracy", f"vs {reference[0]}"],
+        [(label, f"{wire / 1024:.2f}", f"{reference[2] / wire:.1f}x", f"{ips:,.0f}",
+          f"{100 * acc:.2f}%", f"{100 * (acc - reference[4]):+.2f}")
+         for name, label, wire, ips, acc in rows])
+    report.save()
     return 0
 
 

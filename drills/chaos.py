@@ -1,7 +1,7 @@
 """Chaos: MNIST on P processes x D devices under `jaxdist.launch --max_restarts`, with faults.
 
-    python -m experiments.chaos                      # 2 x 4: 3 SIGKILLs, 1 SIGSTOP, then elastic
-    python -m experiments.chaos --kills 5 --freezes 2 --seed 3 --json chaos.json
+    python -m drills.chaos                           # 2 x 4: 3 SIGKILLs, 1 SIGSTOP, then elastic
+    python -m drills.chaos --kills 5 --freezes 2 --seed 3 --json chaos.json
 
 1. A reference run, uninterrupted.
 2. The chaos run: a driver SIGKILLs a random process `--kills` times and freezes one with SIGSTOP
@@ -9,7 +9,7 @@
    delay). The job must finish on its own (the hang watchdog turns a freeze into exit 75; the
    launcher restarts; the processes resume from the latest checkpoint) with final parameters
    bitwise equal to the reference.
-3. Elastic (`--elastic`, the default): one process is killed for good mid-run (its command then
+3. Elastic (`--elastic true`, the default): one process is killed for good mid-run (its command then
    exits at once, as a dead host would). The launcher re-forms the job on the processes left;
    they resume on the smaller mesh with the same global batches. The final parameters are
    compared (rtol 1e-5) with a run that continued the reference's checkpoint of the same step on
@@ -22,7 +22,7 @@ command made (it holds the `.jaxdist-chaos` marker) or an empty one: any other i
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import random
@@ -37,13 +37,44 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdist.config import parse_config
 from jaxdist.errors import EXIT_USAGE, UsageError
-from jaxdist.config import ArgumentParser
 
 STEP = re.compile(r"\| step (\d+)/(\d+)")
 RESUMED = re.compile(r"resuming at step (\d+)")
 FAIL_SAFE_SECONDS = 1800  # only turns a stuck job into a failure
 MARKER = ".jaxdist-chaos"  # in every work dir this command made: the only ones it empties
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    processes: int = 2
+    """processes of the job"""
+    devices_per_process: int = 4
+    """virtual CPU devices per process"""
+    kills: int = 3
+    """SIGKILLs of a random process"""
+    freezes: int = 1
+    """SIGSTOPs of a random process"""
+    max_restarts: int = 5
+    """the launcher's --max_restarts"""
+    hang_timeout: float = 20.0
+    """the jobs' --hang_timeout: how long a freeze goes unnoticed"""
+    elastic: bool = True
+    """then kill one process for good and finish on fewer"""
+    epochs: float = 1.0
+    """epochs of MNIST each job trains"""
+    global_batch: int = 128
+    """images per step"""
+    checkpoint_every: int = 25
+    """steps between checkpoints"""
+    seed: int = 0
+    """which faults, where and when"""
+    workdir: str = "runs/chaos"
+    """emptied first: only a directory this command made (with its .jaxdist-chaos marker), or an
+    empty or new one"""
+    json: str | None = None
+    """also write the results here"""
 
 
 def prepare_workdir(out: Path) -> None:
@@ -58,7 +89,7 @@ def prepare_workdir(out: Path) -> None:
         if not out.is_dir():
             raise UsageError(f"--workdir {out} is not a directory")
         if not (out / MARKER).is_file() and any(out.iterdir()):
-            raise UsageError(f"--workdir {out} was not made by experiments.chaos (it has files "
+            raise UsageError(f"--workdir {out} was not made by drills.chaos (it has files "
                              f"and no {MARKER} marker) and would be emptied; name a new or empty "
                              f"directory")
         for child in out.iterdir():  # the contents, not the directory (it may be the cwd)
@@ -68,7 +99,7 @@ def prepare_workdir(out: Path) -> None:
                 child.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text("made by python -m experiments.chaos, which empties this "
+        (out / MARKER).write_text("made by python -m drills.chaos, which empties this "
                                   "directory when run on it again\n")
     except OSError as e:
         raise UsageError(f"--workdir {out} cannot be created: {e.strerror or e}") from None
@@ -279,39 +310,18 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m experiments.chaos",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", type=int, default=4)
-    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs of a random process")
-    parser.add_argument("--freezes", type=int, default=1, help="SIGSTOPs of a random process")
-    parser.add_argument("--max_restarts", type=int, default=5)
-    parser.add_argument("--hang_timeout", type=float, default=20.0,
-                        help="the jobs' --hang_timeout: how long a freeze goes unnoticed")
-    parser.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=True,
-                        help="then kill one process for good and finish on fewer")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--global_batch", type=int, default=128)
-    parser.add_argument("--checkpoint_every", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0, help="which faults, where and when")
-    parser.add_argument("--workdir", default="runs/chaos",
-                        help=f"emptied first: only a directory this command made (with its "
-                             f"{MARKER} marker), or an empty or new one")
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    args = parse_config(lambda variant: Config(), argv, description=__doc__.split("\n\n")[0])
     if args.processes < 2 and args.elastic:
-        parser.error("--elastic needs at least 2 processes")
+        return _usage("--elastic needs at least 2 processes (or --elastic false)")
     if min(args.kills, args.freezes, args.max_restarts) < 0 or args.hang_timeout <= 0:
-        parser.error("--kills, --freezes and --max_restarts must be >= 0, --hang_timeout > 0")
+        return _usage("--kills, --freezes and --max_restarts must be >= 0, --hang_timeout > 0")
     if args.kills + args.freezes > args.max_restarts:
-        parser.error("more faults than --max_restarts: the job could not survive them all")
+        return _usage("more faults than --max_restarts: the job could not survive them all")
     out = Path(args.workdir)
     try:
         prepare_workdir(out)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage(e)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     # the runtime's heartbeat check would end a frozen job too; leave that to the watchdog
@@ -346,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     print(("PASS" if ok else "FAIL") + f": see {out}/*.log", flush=True)
     return 0 if ok else 1
+
+
+def _usage(message) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def format_table(s: dict) -> str:

@@ -1,0 +1,157 @@
+"""The LM's speed per strategy and mesh, and the pipeline schedules' memory per stage.
+
+    python -m benchmarks.lm                               # both tables, the tiny LM, 8 CPU devices
+    python -m benchmarks.lm --table memory --stages 4 --microbatches 4,8,16
+
+`speed`: tokens/s of the train step (AdamW, random tokens, after a warm-up) for each strategy and
+mesh, pipeline meshes with both schedules. `memory`: per-stage temporary bytes of the compiled
+step (XLA's `memory_analysis()`: the activations a stage keeps for its backward, plus scratch)
+for GPipe and 1F1B at the same microbatch count M on pipeline=S: GPipe keeps all M
+microbatches' activations until the backward, 1F1B at most S, so its activation memory should be
+at most about S/M of GPipe's (1F1B keeps each stage's input and recomputes its forward in the
+backward, so it is compared with GPipe both without and with full rematerialization). Both
+print the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Literal
+
+from benchmarks import harness
+
+SPEED_CONFIGS = [
+    ("dp", "data=8", "gpipe"), ("zero1", "data=8", "gpipe"), ("fsdp", "fsdp=8", "gpipe"),
+    ("tp", "data=4,tensor=2", "gpipe"), ("sp", "data=4,tensor=2", "gpipe"),
+    ("fsdp_tp", "fsdp=4,tensor=2", "gpipe"), ("dp", "data=2,pipeline=4", "gpipe"),
+    ("dp", "data=2,pipeline=4", "1f1b"), ("fsdp_tp", "fsdp=2,pipeline=2,tensor=2", "1f1b"),
+]
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(harness.BenchConfig):
+    table: Literal["speed", "memory", "both"] = "both"
+    """which table: tokens/s per strategy and mesh, pipeline memory per stage, or both"""
+    lm_size: str = "tiny"
+    """LM size (jaxdist.models.lm.LM_SIZES: test, tiny, small, ...)"""
+    global_batch: int = 32
+    """speed table: sequences per step"""
+    steps: int = 5
+    """speed table: timed steps per round"""
+    rounds: int = 3
+    """speed table: rounds (the median is shown)"""
+    stages: int = 4
+    """memory table: pipeline stages S"""
+    microbatches: tuple[int, ...] = (4, 8, 16)
+    """memory table: values of M, comma-separated"""
+    memory_batch: int = 64
+    """memory table: global batch (divisible by data x M)"""
+    cpu_devices: int = 8
+    """virtual CPU devices"""
+
+
+def _trainer(cfg, strategy, mesh, schedule, microbatches=None):
+    import optax
+    from flax import nnx
+
+    from jaxdist import Pipeline, Trainer
+    from jaxdist.models.lm import GPT, lm_loss
+
+    if "pipeline" in mesh:
+        strategy = Pipeline(rules=strategy, microbatches=microbatches, schedule=schedule)
+    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
+                   strategy=strategy, mesh=mesh)
+
+
+def _batch(cfg, global_batch, seed=0):
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(0, 256, (global_batch, cfg.seq_len + 1),
+                                                  dtype=np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def speed_rows(cfg, global_batch: int, steps: int, rounds: int):
+    import jax
+
+    for strategy, mesh, schedule in SPEED_CONFIGS:
+        trainer = _trainer(cfg, strategy, mesh, schedule)
+        state = trainer.init()
+        batch = trainer.shard_batch(_batch(cfg, global_batch))
+        for _ in range(2):  # compile, then one more warm step
+            state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+
+        def timed() -> float:
+            nonlocal state, metrics
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = trainer.step(state, batch)
+            jax.block_until_ready(metrics)
+            return (time.perf_counter() - start) / steps
+
+        step_s = harness.repeat(timed, rounds).median
+        yield strategy, mesh, schedule if "pipeline" in mesh else "-", step_s, \
+            global_batch * cfg.seq_len / step_s
+
+
+def memory_rows(cfg, stages: int, microbatch_counts, global_batch: int):
+    from jaxdist.parallel.pipeline import bubble_fraction, peak_in_flight, schedule_1f1b
+
+    mesh = f"data={8 // stages},pipeline={stages}" if stages < 8 else "pipeline=8"
+    batch = _batch(cfg, global_batch)
+    remat = dataclasses.replace(cfg, remat="full")
+    for m in microbatch_counts:
+        temps = {}
+        for name, model_cfg, schedule in (("gpipe", cfg, "gpipe"), ("gpipe_remat", remat, "gpipe"),
+                                          ("1f1b", cfg, "1f1b")):
+            trainer = _trainer(model_cfg, "dp", mesh, schedule, m)
+            compiled = trainer.lower(trainer.abstract_state(), trainer.shard_batch(batch)).compile()
+            temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
+        in_flight = max(peak_in_flight(schedule_1f1b(stages, m)))
+        yield (m, bubble_fraction(stages, m), bubble_fraction(stages, m, "1f1b"), temps["gpipe"],
+               temps["gpipe_remat"], temps["1f1b"], in_flight)
+
+
+@harness.reports_usage_errors
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parse(Config, argv, __doc__)
+
+    from jaxdist.cluster import configure_cpu_devices
+
+    configure_cpu_devices(args.cpu_devices)
+    from jaxdist.models.lm import LM_SIZES, lm_config, param_count
+
+    if args.lm_size not in LM_SIZES:
+        return harness.fail(f"unknown --lm_size {args.lm_size!r}; choose from "
+                            f"{', '.join(LM_SIZES)}")
+    cfg = lm_config(args.lm_size)
+    report = harness.Report(args)
+    report.say(f"LM-{args.lm_size} ({param_count(cfg) / 1e6:.2f}M params, seq {cfg.seq_len}) on "
+               f"{args.cpu_devices} virtual CPU devices")
+    if args.table in ("speed", "both"):
+        report.say(f"\nglobal batch {args.global_batch} x {cfg.seq_len} tokens, AdamW, median of "
+                   f"{args.rounds} rounds of {args.steps} steps\n")
+        report.table(["strategy", "mesh", "schedule", "step ms", "tokens/s"],
+                     [(strategy, mesh, schedule, f"{1e3 * step_s:.1f}", f"{tps:,.0f}")
+                      for strategy, mesh, schedule, step_s, tps in speed_rows(
+                          cfg, args.global_batch, args.steps, args.rounds)])
+    if args.table in ("memory", "both"):
+        report.say(f"\npipeline={args.stages}, global batch {args.memory_batch}: per-stage "
+                   f"temporary bytes of the compiled step (activations kept + scratch)\n")
+        report.table(
+            ["M", "GPipe bubble", "1F1B bubble", "GPipe MiB", "GPipe + remat full MiB",
+             "1F1B MiB", "1F1B / GPipe", "1F1B / GPipe+remat", "S/M", "1F1B in flight"],
+            [(m, f"{bubble:.1%}", f"{bubble_1f1b:.1%}", f"{gpipe / MIB:.2f}",
+              f"{gpipe_remat / MIB:.2f}", f"{one / MIB:.2f}", f"{one / gpipe:.2f}",
+              f"{one / gpipe_remat:.2f}", f"{args.stages / m:.2f}", in_flight)
+             for m, bubble, bubble_1f1b, gpipe, gpipe_remat, one, in_flight in memory_rows(
+                 cfg, args.stages, args.microbatches, args.memory_batch)])
+    report.save()
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
