@@ -179,7 +179,9 @@ def with_batch_stats_over(graphdef: nnx.GraphDef, state: TrainState,
     """`graphdef` whose BatchNorm layers (those without an axis of their own) average their batch
     statistics over `axis_name`: per replica, the statistics of the whole global batch."""
     model = nnx.merge(graphdef, state.params, state.rest)
-    for _, module in model.iter_modules():
+    # nnx.iter_modules(m) in current flax; older ones (the GPU machine's) have only the method
+    modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+    for _, module in modules:
         if isinstance(module, nnx.BatchNorm) and module.axis_name is None:
             module.axis_name = axis_name
     return split_model(model)[0]
