@@ -84,11 +84,12 @@ def _mean_floats(tree: Any) -> Any:
 
 @dataclasses.dataclass
 class Backend:
-    """A compiled data-parallel step and the layout it expects.
+    """A compiled step and the layout it expects (the rules layout's too: its `place` lays the
+    state out by the rules, its `canonical` is the identity).
 
     Attributes:
         name: the strategy.
-        mesh: the 1-D data mesh.
+        mesh: the mesh it runs on (the mapped layouts': the 1-D data mesh).
         place: canonical (single-copy) TrainState -> the backend's layout on the mesh.
         step: (placed state, placed batch) -> (placed state, metrics); jitted, donates the state.
         canonical: placed state -> one replicated TrainState (for evaluation and checkpoints).

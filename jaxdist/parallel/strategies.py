@@ -114,7 +114,7 @@ def _replica_mesh(name: str, mesh: str | Mesh | None, devices: Sequence[jax.Devi
     return make(devices)
 
 
-class _DataParallel:
+class _Replicated:
     """What the data-parallel values share: the data mesh."""
 
     name: ClassVar[str]
@@ -134,7 +134,7 @@ class _DataParallel:
 
 
 @_strategy
-class Jit(_DataParallel):
+class Jit(_Replicated):
     """`jax.jit` over a data mesh: replicated state, the batch split over `data`, XLA inserts the
     gradient all-reduce (the rules layout with `dp`'s rules on a data-only mesh)."""
 
@@ -151,7 +151,7 @@ class Jit(_DataParallel):
 
 
 @_strategy
-class ShardMap(_DataParallel):
+class ShardMap(_Replicated):
     """`jax.shard_map`: each device runs the step on its shard and `lax.pmean`s the gradients as
     one flat buffer per dtype.
 
@@ -183,7 +183,7 @@ class ShardMap(_DataParallel):
 
 
 @_strategy
-class Pmap(_DataParallel):
+class Pmap(_Replicated):
     """`jax.pmap` + `lax.pmean`, the classic per-device program (state carries a leading replica
     axis).
 
@@ -205,7 +205,7 @@ class Pmap(_DataParallel):
 
 
 @_strategy
-class LocalSGD(_DataParallel):
+class LocalSGD(_Replicated):
     """Each replica steps alone on its shard; every `every` steps the parameters (and batch
     statistics) are averaged. Optimizer state stays per replica.
 
