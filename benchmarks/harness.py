@@ -27,11 +27,10 @@ import shlex
 import statistics
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
-from jaxdist.config import ArgumentParser, literal_choices, parse_config
+from jaxdist.config import parse_config
 from jaxdist.errors import EXIT_USAGE, UsageError
 
 C = TypeVar("C")
@@ -51,8 +50,8 @@ def parse(config: type[C], argv: Sequence[str] | None, doc: str | None, *,
           variants: Mapping[str, C] | None = None) -> C:
     """The config `config()` overridden by flags, one per field (`jaxdist.config.parse_config`:
     help from the docstring under each field, choices from `Literal` types); `--config NAME`
-    starts from `variants[NAME]` instead. A `tuple[Literal[...], ...]` field's items are checked
-    too. Bad input exits 2 with one line."""
+    starts from `variants[NAME]` instead (a `tuple[Literal[...], ...]` field's items are checked
+    too). Bad input exits 2 with one line."""
 
     def get_config(variant: str) -> C:
         if not variant:
@@ -62,16 +61,7 @@ def parse(config: type[C], argv: Sequence[str] | None, doc: str | None, *,
             raise ValueError(f"unknown --config {variant!r}; choose from {names}")
         return variants[variant]
 
-    cfg = parse_config(get_config, argv, description=(doc or "").split("\n\n")[0])
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        args = typing.get_args(hints[f.name])
-        allowed = literal_choices(args[0]) if typing.get_origin(hints[f.name]) is tuple else None
-        wrong = [v for v in getattr(cfg, f.name) if v not in allowed] if allowed else []
-        if wrong:
-            ArgumentParser(prog=_prog(type(cfg))).error(
-                f"argument --{f.name}: {wrong[0]!r} is not one of {', '.join(map(str, allowed))}")
-    return cfg
+    return parse_config(get_config, argv, description=(doc or "").split("\n\n")[0])
 
 
 def fail(message: Any) -> int:

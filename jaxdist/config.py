@@ -115,12 +115,13 @@ def _converter(kind: Any) -> Callable[[str], Any]:
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if _is_union(kind) and len(args) == 1:
         return _converter(args[0])
-    if origin is typing.Literal:
+    if origin is typing.Literal:  # argparse checks a flag's choices; a tuple's items: `_one_of`
         return type(args[0])
     if kind is bool:
         return _parse_bool
     if origin is tuple:
-        item = _converter(args[0])
+        item = _one_of(args[0]) if typing.get_origin(args[0]) is typing.Literal else _converter(
+            args[0])
 
         def comma_list(text: str) -> tuple:
             return tuple(item(t) for t in text.split(",") if t)
@@ -128,6 +129,20 @@ def _converter(kind: Any) -> Callable[[str], Any]:
         comma_list.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}"
         return comma_list
     return kind
+
+
+def _one_of(kind: Any) -> Callable[[str], Any]:
+    """A converter of one item of a `tuple[Literal[...], ...]` flag that refuses other values."""
+    allowed = typing.get_args(kind)
+
+    def one_of(text: str) -> Any:
+        value = type(allowed[0])(text)
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+
+    return one_of
 
 
 def _parse_bool(text: str) -> bool:
