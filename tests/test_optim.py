@@ -6,7 +6,8 @@ import optax
 import pytest
 
 from jaxdist import UsageError
-from jaxdist.train import OPTIMIZERS, SCHEDULES, OptimizerConfig, make_optimizer, make_schedule
+from jaxdist.train import OptimizerConfig, make_optimizer, make_schedule
+from jaxdist.train.optim import OPTIMIZERS, SCHEDULES
 
 
 def _minimize(tx, steps=60):

@@ -1,8 +1,21 @@
-"""Layers written for speed on XLA's CPU backend, numerically equal to the textbook ones."""
+"""Layers written for speed on XLA's CPU backend, numerically equal to the textbook ones, and the
+metadata that names a parameter's dimensions."""
 
 from __future__ import annotations
 
 import jax
+from flax.nnx import variablelib
+
+# flax 0.12.12 names a variable's logical axes `out_sharding` (and warns on `sharding_names`);
+# older releases, such as the GPU machine's, know only `sharding_names`
+_AXES_KEY = ("out_sharding" if hasattr(variablelib, "_remap_sharding_metadata")
+             else "sharding_names")
+
+
+def axes(*names: str | None) -> dict:
+    """Variable metadata naming a parameter's dimensions with logical axes
+    (`jaxdist.parallel.rules`); no mesh is needed to build the model."""
+    return {_AXES_KEY: names, "eager_sharding": False}
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

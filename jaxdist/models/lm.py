@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxdist.core.layout import constrain, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
+from jaxdist.models.layers import axes
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -114,7 +115,7 @@ def train_flops(cfg: LMConfig, tokens: int) -> float:
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
     value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, **axes(*names))
 
 
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_in", "w_out")

@@ -14,11 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdist.errors import UsageError
+from jaxdist.models.layers import axes
 
 
-def axes(*names: str | None) -> dict:
-    """Variable metadata naming a parameter's dimensions; no mesh is needed to build the model."""
-    return {"sharding_names": names, "eager_sharding": False}
 
 
 @dataclasses.dataclass(frozen=True)

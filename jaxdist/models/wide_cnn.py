@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from jaxdist.models.layers import max_pool_2x2
-from jaxdist.models.vit import axes
+from jaxdist.models.layers import axes
 
 
 class WideCNN(nnx.Module):

@@ -70,13 +70,13 @@ def mfu(flops_per_device_step: float, steps_per_second: float, peak_tflops: floa
 
 
 def lowered_step(trainer: Any, state: Any, batch: Any) -> Any:
-    """The lowered train step of a DataParallel or ShardedTrainer for these arguments."""
+    """The lowered train step of a `Trainer` for these arguments."""
     lower = getattr(trainer, "lower", None) or trainer.backend.step.lower
     return lower(state, batch)
 
 
 def compiled_step(trainer: Any, state: Any, batch: Any) -> Any:
-    """The compiled train step of a DataParallel or ShardedTrainer for these arguments.
+    """The compiled train step of a `Trainer` for these arguments.
 
     After the first step has run this is a cache hit (milliseconds), not a second compilation.
     """

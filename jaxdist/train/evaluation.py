@@ -25,8 +25,11 @@ class EvalConfig:
     """the metrics are reported as <prefix>_<name> (test_accuracy, val_loss, ...)"""
 
     def validate(self) -> None:
-        if min(self.every, self.batch, self.examples) < 0:
-            raise UsageError("eval_every, eval_batch and eval_examples must be >= 0 (0: default)")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and value < 0:
+                meaning = "all" if f.name == "examples" else "the default"
+                raise UsageError(f"{f.metadata['flag']} must be >= 0 (0: {meaning}), got {value}")
 
 
 def eval_means(sums: dict[str, float], prefix: str) -> dict[str, float]:
