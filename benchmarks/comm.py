@@ -43,13 +43,11 @@ OPTIONS = {
 
 def step_wire_bytes(dp, cfg) -> float:
     """Ring wire bytes per device per step of the compiled train step."""
-    import numpy as np
-
+    from experiments.mnist import model_variant
     from jaxdist.observe import collective_ledger
     from jaxdist.observe.flops import compiled_step
 
-    batch = (np.zeros((cfg.global_batch, 28, 28, 1), np.uint8),
-             np.zeros((cfg.global_batch,), np.int32))
+    batch = model_variant(cfg).random_batch(cfg.global_batch)
     hlo = compiled_step(dp, dp.init(), dp.shard_batch(batch)).as_text()
     wire = collective_ledger(hlo, dp.num_devices).total(wire=True)
     parallel = cfg.parallel

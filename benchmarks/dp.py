@@ -36,14 +36,6 @@ class Config(harness.BenchConfig):
     """alternating rounds (the median is reported)"""
 
 
-def _batches(global_batch: int, count: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 256, (global_batch, 28, 28, 1), dtype=np.uint8),
-             rng.integers(0, 10, global_batch).astype(np.int32)) for _ in range(count)]
-
-
 def _time_steps(step, state, batches, warmup: int):
     import jax
 
@@ -57,7 +49,7 @@ def _time_steps(step, state, batches, warmup: int):
     return state, time.perf_counter() - start
 
 
-def baseline_runner(devices, tx, loss_fn):
+def baseline_runner(devices, tx, cnn):
     """The hand-written reference: what `jaxdist` must not be slower than."""
     import jax
     import optax
@@ -65,10 +57,9 @@ def baseline_runner(devices, tx, loss_fn):
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxdist.models import MnistCNN
-
+    loss_fn = cnn.loss_fn
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
-    graphdef, params = nnx.split(MnistCNN(rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(cnn.build(seed=0))
     state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
     batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -89,13 +80,10 @@ def baseline_runner(devices, tx, loss_fn):
     return run
 
 
-def toolkit_runner(strategy, devices, tx, loss_fn):
-    from flax import nnx
-
+def toolkit_runner(strategy, devices, tx, cnn):
     from jaxdist import Trainer
-    from jaxdist.models import MnistCNN
 
-    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), tx, loss_fn, strategy=strategy, devices=devices)
+    dp = Trainer(cnn.build(seed=0), tx, cnn.loss_fn, strategy=strategy, devices=devices)
     state = dp.init()
 
     def run(batches, warmup):
@@ -114,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return harness.fail(f"--devices takes device counts >= 1, got {counts}")
     configure_cpu_devices(max(counts))
 
+    import numpy as np
     import optax
 
-    from experiments.mnist import loss_fn
     from jaxdist import select_devices
+    from jaxdist.models import get_model
 
     all_devices = select_devices(max(counts))
     for n in counts:
@@ -125,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             return harness.fail(f"global batch {args.global_batch} does not divide over {n} "
                                 f"devices")
     tx = optax.sgd(0.01, momentum=0.9)
-    batches = _batches(args.global_batch, args.warmup + args.steps)
+    cnn = get_model("cnn").variant()
+    rng = np.random.default_rng(0)
+    batches = [cnn.random_batch(args.global_batch, rng) for _ in range(args.warmup + args.steps)]
     images = args.global_batch * args.steps
     report = harness.Report(args)
     report.say(f"{all_devices[0].platform}, global batch {args.global_batch}, medians of "
@@ -134,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in counts:
         devices = all_devices[:n]
-        baseline = baseline_runner(devices, tx, loss_fn)
+        baseline = baseline_runner(devices, tx, cnn)
         for strategy in args.strategies:
-            toolkit = toolkit_runner(strategy, devices, tx, loss_fn)
+            toolkit = toolkit_runner(strategy, devices, tx, cnn)
             harness.progress(f"{strategy} on {n} device(s)")
             ips = harness.alternate(
                 {"jaxdist": lambda: images / toolkit(batches, args.warmup),

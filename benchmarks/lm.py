@@ -53,34 +53,25 @@ class Config(harness.BenchConfig):
     """virtual CPU devices"""
 
 
-def _trainer(cfg, strategy, mesh, schedule, microbatches=None):
+def _trainer(lm, strategy, mesh, schedule, microbatches=None):
+    """A Trainer of `lm` (the registry's LM variant), a pipeline on a mesh with pipeline."""
     import optax
-    from flax import nnx
 
     from jaxdist import Pipeline, Trainer
-    from jaxdist.models.lm import GPT, lm_loss
 
     if "pipeline" in mesh:
         strategy = Pipeline(rules=strategy, microbatches=microbatches, schedule=schedule)
-    return Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3), lm_loss,
-                   strategy=strategy, mesh=mesh)
+    return Trainer(lm.model_fn(seed=0), optax.adamw(1e-3), lm.loss_fn, strategy=strategy,
+                   mesh=mesh)
 
 
-def _batch(cfg, global_batch, seed=0):
-    import numpy as np
-
-    tokens = np.random.default_rng(seed).integers(0, 256, (global_batch, cfg.seq_len + 1),
-                                                  dtype=np.int32)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def speed_rows(cfg, global_batch: int, steps: int, rounds: int):
+def speed_rows(lm, global_batch: int, steps: int, rounds: int):
     import jax
 
     for strategy, mesh, schedule in SPEED_CONFIGS:
-        trainer = _trainer(cfg, strategy, mesh, schedule)
+        trainer = _trainer(lm, strategy, mesh, schedule)
         state = trainer.init()
-        batch = trainer.shard_batch(_batch(cfg, global_batch))
+        batch = trainer.shard_batch(lm.random_batch(global_batch))
         for _ in range(2):  # compile, then one more warm step
             state, metrics = trainer.step(state, batch)
         jax.block_until_ready(metrics)
@@ -95,20 +86,20 @@ def speed_rows(cfg, global_batch: int, steps: int, rounds: int):
 
         step_s = harness.repeat(timed, rounds).median
         yield strategy, mesh, schedule if "pipeline" in mesh else "-", step_s, \
-            global_batch * cfg.seq_len / step_s
+            global_batch * lm.config.seq_len / step_s
 
 
-def memory_rows(cfg, stages: int, microbatch_counts, global_batch: int):
+def memory_rows(lm, stages: int, microbatch_counts, global_batch: int):
     from jaxdist.parallel.pipeline import bubble_fraction, peak_in_flight, schedule_1f1b
 
     mesh = f"data={8 // stages},pipeline={stages}" if stages < 8 else "pipeline=8"
-    batch = _batch(cfg, global_batch)
-    remat = dataclasses.replace(cfg, remat="full")
+    batch = lm.random_batch(global_batch)
+    remat = lm.spec.variant(lm.size, remat="full")
     for m in microbatch_counts:
         temps = {}
-        for name, model_cfg, schedule in (("gpipe", cfg, "gpipe"), ("gpipe_remat", remat, "gpipe"),
-                                          ("1f1b", cfg, "1f1b")):
-            trainer = _trainer(model_cfg, "dp", mesh, schedule, m)
+        for name, model, schedule in (("gpipe", lm, "gpipe"), ("gpipe_remat", remat, "gpipe"),
+                                      ("1f1b", lm, "1f1b")):
+            trainer = _trainer(model, "dp", mesh, schedule, m)
             compiled = trainer.lower(trainer.abstract_state(), trainer.shard_batch(batch)).compile()
             temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
         in_flight = max(peak_in_flight(schedule_1f1b(stages, m)))
@@ -123,22 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdist.cluster import configure_cpu_devices
 
     configure_cpu_devices(args.cpu_devices)
-    from jaxdist.models.lm import LM_SIZES, lm_config, param_count
+    from jaxdist.models import get_model
 
-    if args.lm_size not in LM_SIZES:
+    spec = get_model("lm")
+    if args.lm_size not in spec.sizes:
         return harness.fail(f"unknown --lm_size {args.lm_size!r}; choose from "
-                            f"{', '.join(LM_SIZES)}")
-    cfg = lm_config(args.lm_size)
+                            f"{', '.join(spec.sizes)}")
+    lm = spec.variant(args.lm_size)
+    seq = lm.config.seq_len
     report = harness.Report(args)
-    report.say(f"LM-{args.lm_size} ({param_count(cfg) / 1e6:.2f}M params, seq {cfg.seq_len}) on "
+    report.say(f"LM-{args.lm_size} ({lm.param_count / 1e6:.2f}M params, seq {seq}) on "
                f"{args.cpu_devices} virtual CPU devices")
     if args.table in ("speed", "both"):
-        report.say(f"\nglobal batch {args.global_batch} x {cfg.seq_len} tokens, AdamW, median of "
+        report.say(f"\nglobal batch {args.global_batch} x {seq} tokens, AdamW, median of "
                    f"{args.rounds} rounds of {args.steps} steps\n")
         report.table(["strategy", "mesh", "schedule", "step ms", "tokens/s"],
                      [(strategy, mesh, schedule, f"{1e3 * step_s:.1f}", f"{tps:,.0f}")
                       for strategy, mesh, schedule, step_s, tps in speed_rows(
-                          cfg, args.global_batch, args.steps, args.rounds)])
+                          lm, args.global_batch, args.steps, args.rounds)])
     if args.table in ("memory", "both"):
         report.say(f"\npipeline={args.stages}, global batch {args.memory_batch}: per-stage "
                    f"temporary bytes of the compiled step (activations kept + scratch)\n")
@@ -149,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{gpipe_remat / MIB:.2f}", f"{one / MIB:.2f}", f"{one / gpipe:.2f}",
               f"{one / gpipe_remat:.2f}", f"{args.stages / m:.2f}", in_flight)
              for m, bubble, bubble_1f1b, gpipe, gpipe_remat, one, in_flight in memory_rows(
-                 cfg, args.stages, args.microbatches, args.memory_batch)])
+                 lm, args.stages, args.microbatches, args.memory_batch)])
     report.save()
     return 0
 

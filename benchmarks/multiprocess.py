@@ -55,18 +55,14 @@ def worker(strategy: str, global_batch: int, steps: int, warmup: int) -> None:
     import jax
     import numpy as np
     import optax
-    from flax import nnx
 
     from jaxdist import Trainer
-    from jaxdist.models import MnistCNN
-    from jaxdist.models.classification import mnist_loss
+    from jaxdist.models import get_model
 
-    rows = global_batch // jax.process_count()
+    cnn = get_model("cnn").variant()
     rng = np.random.default_rng(jax.process_index())
-    batches = [(rng.integers(0, 256, (rows, 28, 28, 1), dtype=np.uint8),
-                rng.integers(0, 10, rows).astype(np.int32)) for _ in range(8)]
-    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0)), optax.sgd(0.01, momentum=0.9), mnist_loss,
-                 strategy=strategy)
+    batches = [cnn.random_batch(global_batch // jax.process_count(), rng) for _ in range(8)]
+    dp = Trainer(cnn.build(seed=0), optax.sgd(0.01, momentum=0.9), cnn.loss_fn, strategy=strategy)
     state = dp.init()
     for k in range(warmup):
         state, metrics = dp.step(state, batches[k % len(batches)])

@@ -82,23 +82,21 @@ def parse_configs(text: str) -> list[tuple[str, str]]:
 
 
 def run_config(strategy, shape, args, vit, batch_np):
+    """One row: `vit` (the registry's ViT variant) under `strategy` over mesh `shape`."""
     import jax
     import optax
-    from flax import nnx
 
-    from experiments.mnist import loss_fn
-    from jaxdist.models import ViT
     from jaxdist import Trainer, make_mesh
     from jaxdist.plan import analyze_step
 
     mesh = make_mesh(shape)
-    trainer = Trainer(lambda: ViT(vit, rngs=nnx.Rngs(0)), optax.adam(args.learning_rate),
-                      loss_fn, mesh=mesh, strategy=strategy)
+    trainer = Trainer(vit.model_fn(seed=0), optax.adam(args.learning_rate), vit.loss_fn,
+                      mesh=mesh, strategy=strategy)
     analysis = analyze_step(trainer, batch_np)  # ahead of time, from shapes: nothing allocated
     memory, ledger = analysis.memory, analysis.ledger
     row = {"strategy": strategy, "mesh": shape, "memory": memory,
            "wire": ledger.total(wire=True),
-           "ideal": ideal_wire_bytes(mesh, memory.params, args.global_batch, vit),
+           "ideal": ideal_wire_bytes(mesh, memory.params, args.global_batch, vit.config),
            "fits": not args.budget_mib or memory.peak_estimate <= args.budget_mib * MIB,
            "step_ms": None, "loss": None}
     if row["fits"] and args.steps:
@@ -145,17 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdist.cluster import configure_cpu_devices
 
     configure_cpu_devices(8)
-    import numpy as np
-
-    from jaxdist.models import param_count, vit_config
+    from jaxdist.models import get_model
 
     configs = parse_configs(args.configs) if args.configs else CONFIGS
-    vit = vit_config(args.vit_size)
-    rng = np.random.default_rng(0)
-    batch = (rng.integers(0, 255, (args.global_batch, 28, 28, 1)).astype(np.float32),
-             rng.integers(0, 10, args.global_batch).astype(np.int32))
+    vit = get_model("vit").variant(args.vit_size)
+    batch = vit.random_batch(args.global_batch)
     report = harness.Report(args)
-    report.say(f"ViT-{args.vit_size}: {param_count(vit) / 1e6:.1f}M parameters, global batch "
+    report.say(f"ViT-{args.vit_size}: {vit.param_count / 1e6:.1f}M parameters, global batch "
                f"{args.global_batch}, Adam, fp32, 8 devices; bytes per device, MiB; comm = ring "
                f"wire bytes per step from the HLO; ideal = textbook ring traffic\n")
     rows = []

@@ -104,24 +104,20 @@ def run_torch(python: str, *, processes: int, global_batch: int, steps: int,
 def jax_runner(args, end_to_end: bool, train_split, compute_dtype: str = "float32"):
     """A function timing `args.steps` jaxdist steps (the program compiled beforehand)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
-    from flax import nnx
 
-    from experiments.mnist import loss_fn
     from jaxdist import Trainer
     from jaxdist.data.pipeline import train_batches
-    from jaxdist.models import MnistCNN
+    from jaxdist.models import get_model
 
-    dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)  # fp32 master weights
-    dp = Trainer(MnistCNN(rngs=nnx.Rngs(0), dtype=dtype), optax.sgd(0.01, momentum=0.9),
-                 loss_fn, strategy=args.strategy, devices=args.devices or None,
+    cnn = get_model("cnn").variant(compute_dtype=compute_dtype)  # bf16: fp32 master weights
+    dp = Trainer(cnn.build(seed=0), optax.sgd(0.01, momentum=0.9), cnn.loss_fn,
+                 strategy=args.strategy, devices=args.devices or None,
                  microbatches=args.microbatches)
     state = dp.init()
     rng = np.random.default_rng(0)
-    pool = [(rng.integers(0, 256, (args.global_batch, 28, 28, 1), dtype=np.uint8),
-             rng.integers(0, 10, args.global_batch).astype(np.int32)) for _ in range(8)]
+    pool = [cnn.random_batch(args.global_batch, rng) for _ in range(8)]
     state, _ = dp.step(state, pool[0])
     jax.block_until_ready(state)
     start_step = [0]

@@ -22,7 +22,8 @@ import time
 from typing import Literal
 
 from jaxdist.errors import UsageError
-from jaxdist.models.lm import GPT, LM_SIZES, REMAT_POLICIES, lm_config, lm_eval
+from jaxdist.models.lm import REMAT_POLICIES
+from jaxdist.models.registry import ModelVariant, get_model
 from jaxdist.train import CheckpointConfig, EvalConfig, run_config
 from jaxdist.train.optim import OptimizerConfig
 from jaxdist.train.run_config import (
@@ -85,15 +86,15 @@ def get_config(variant: str = "") -> LmConfig:
     return with_variant(LmConfig(), variant)
 
 
-def lm_cfg(cfg: LmConfig):
-    overrides = dict(remat=cfg.remat, **({"seq_len": cfg.seq_len} if cfg.seq_len else {}))
-    return lm_config(cfg.lm_size, **overrides)
+def model_variant(cfg: LmConfig) -> ModelVariant:
+    """The registry's LM at `cfg.lm_size` with `cfg.remat` and `cfg.seq_len` (0: the size's own);
+    UsageError for a size or shape that does not exist."""
+    seq_len = {"seq_len": cfg.seq_len} if cfg.seq_len else {}
+    return get_model("lm").variant(cfg.lm_size, remat=cfg.remat, **seq_len)
 
 
 def validate(cfg: LmConfig, num_devices: int) -> None:
     """The shared flags' checks, then the LM's own, before any text is read."""
-    from flax import nnx
-
     from jaxdist import STRATEGIES
 
     if STRATEGIES[cfg.parallel.strategy].parallelism == "data":
@@ -112,22 +113,13 @@ def validate(cfg: LmConfig, num_devices: int) -> None:
     if not cfg.prompt:
         raise UsageError("--prompt must not be empty")
     check_directory("cache_dir", cfg.cache_dir)
-    model_cfg = lm_cfg(cfg)  # a size or shape that does not exist fails here
-    check_best_metric(cfg, eval_metric_names(lm_eval, lambda: GPT(model_cfg, rngs=nnx.Rngs(0)),
-                                             _eval_batch(model_cfg.seq_len), cfg.eval.prefix))
+    model = model_variant(cfg)  # a size or shape that does not exist fails here
+    check_best_metric(cfg, eval_metric_names(model.eval_fn, model.model_fn(cfg.seed),
+                                             model.eval_batch(1), cfg.eval.prefix))
 
 
 # sizes from here on (125m and up) are the planner's: a run first checks that its step fits
 PLANNED_PARAMS = 100e6
-
-
-def _eval_batch(seq_len: int):
-    """Shapes of one evaluation batch: inputs, targets and the padding mask."""
-    import jax
-    import numpy as np
-
-    tokens = jax.ShapeDtypeStruct((1, seq_len), np.int32)
-    return tokens, tokens, jax.ShapeDtypeStruct((1,), np.float32)
 
 
 def check_memory(cfg: LmConfig, devices) -> None:
@@ -135,24 +127,20 @@ def check_memory(cfg: LmConfig, devices) -> None:
     estimates it (an ahead-of-time compile from shapes, ~2 s, nothing allocated), needs more
     memory per device than a device has: the run would otherwise exhaust memory and be killed.
     """
-    import jax
-    import numpy as np
-
-    from jaxdist.models.lm import param_count
     from jaxdist.observe.memory import device_memory_bytes
     from jaxdist.plan import GIB, analyze_step
     from jaxdist.train import make_optimizer
 
-    model_cfg = lm_cfg(cfg)
-    if param_count(model_cfg) < PLANNED_PARAMS:
+    model = model_variant(cfg)
+    if model.param_count < PLANNED_PARAMS:
         return
     trainer = make_trainer(cfg, devices, make_optimizer(cfg.optimizer, 1))
-    tokens = jax.ShapeDtypeStruct((cfg.global_batch, model_cfg.seq_len), np.int32)
-    need = analyze_step(trainer, (tokens, tokens)).memory.peak_estimate
+    need = analyze_step(trainer, model.batch(cfg.global_batch)).memory.peak_estimate
     have, where = device_memory_bytes(devices[0])
     mesh = ",".join(f"{axis}={n}" for axis, n in trainer.mesh.shape.items() if n > 1) or "1 device"
     if need > have:
-        fits = ", ".join(s for s in LM_SIZES if param_count(lm_config(s)) < PLANNED_PARAMS)
+        lm = model.spec
+        fits = ", ".join(s for s in lm.sizes if lm.variant(s).param_count < PLANNED_PARAMS)
         raise UsageError(
             f"LM-{cfg.lm_size} needs about {need / GIB:.1f} GiB per device for this step "
             f"(the planner's estimate: {cfg.parallel.strategy} over {mesh}, global batch "
@@ -162,20 +150,18 @@ def check_memory(cfg: LmConfig, devices) -> None:
 
 
 def make_trainer(cfg: LmConfig, devices, tx):
-    from flax import nnx
-
+    """The `jaxdist.Trainer` of the configured LM, a pipeline on a mesh with pipeline > 1."""
     from jaxdist import Pipeline, Trainer
-    from jaxdist.models.lm import GPT, lm_eval, lm_loss
     from jaxdist.parallel.mesh import parse_mesh_shape
 
-    model_cfg = lm_cfg(cfg)
+    model = model_variant(cfg)
     options = trainer_options(cfg)
     if parse_mesh_shape(cfg.parallel.mesh or "").get("pipeline", 1) > 1:
         options["strategy"] = Pipeline(rules=cfg.parallel.strategy,
                                        microbatches=cfg.pipeline_microbatches or None,
                                        schedule=cfg.pipeline_schedule)
-    return Trainer(lambda: GPT(model_cfg, rngs=nnx.Rngs(cfg.seed)), tx, lm_loss,
-                   devices=devices, eval_fn=lm_eval, **options)
+    return Trainer(model.model_fn(cfg.seed), tx, model.loss_fn, devices=devices,
+                   eval_fn=model.eval_fn, **options)
 
 
 def train(cfg: LmConfig) -> dict:
@@ -185,7 +171,7 @@ def train(cfg: LmConfig) -> dict:
 
     from jaxdist import data, fit
     from jaxdist.cluster import select_devices
-    from jaxdist.models.lm import flops_per_token, generate, param_count
+    from jaxdist.models.lm import flops_per_token, generate
     from jaxdist.observe.flops import default_peak_tflops
     from jaxdist import STRATEGIES, Schedule, make_mesh, make_optimizer
 
@@ -195,19 +181,19 @@ def train(cfg: LmConfig) -> dict:
     mesh = cfg.parallel.mesh or STRATEGIES[cfg.parallel.strategy].default_mesh(len(devices))
     make_mesh(mesh, devices)  # a bad mesh fails before any text is read
     check_memory(cfg, devices)
-    model_cfg = lm_cfg(cfg)
+    lm = model_variant(cfg)
     leader = jax.process_index() == 0
     corpus = data.load_text([p for p in cfg.text.split(",") if p] if cfg.text else None,
                             cfg.cache_dir, validation_fraction=cfg.validation_fraction,
                             progress=cfg.observe.progress and leader)
-    seq = model_cfg.seq_len
+    seq = lm.config.seq_len
     train_data = corpus.dataset("train", seq_len=seq, global_batch=cfg.global_batch,
                                 seed=cfg.seed)
     val_data = corpus.dataset("validation", seq_len=seq, global_batch=cfg.eval.batch)
     total_steps = Schedule.of(train_data, epochs=cfg.epochs, steps=cfg.max_steps or None).total
     tx = make_optimizer(cfg.optimizer, total_steps)
     trainer = make_trainer(cfg, devices, tx)
-    name = f"LM-{cfg.lm_size} ({param_count(model_cfg) / 1e6:.2f}M params, seq {seq})"
+    name = f"LM-{cfg.lm_size} ({lm.param_count / 1e6:.2f}M params, seq {seq})"
     if leader:
         pipeline = (f", {cfg.pipeline_schedule} pipeline" if trainer.mesh.shape["pipeline"] > 1
                     else "")
@@ -229,7 +215,7 @@ def train(cfg: LmConfig) -> dict:
     peak_tflops = cfg.observe.peak_tflops
     peak, peak_note = ((peak_tflops, f"{peak_tflops:g} TFLOP/s per device (--peak_tflops)")
                        if peak_tflops else default_peak_tflops())
-    mfu = tokens_per_second * flops_per_token(model_cfg) / (peak * 1e12 * len(devices))
+    mfu = tokens_per_second * flops_per_token(lm.config) / (peak * 1e12 * len(devices))
     sample = ""
     if cfg.sample_bytes:
         model = trainer.sync_model(run.state)
@@ -269,7 +255,7 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     return run_main(argv, get_config, description=__doc__.split("\n\n")[0], train=train,
                     summary=format_summary,
-                    choices={"lm_size": tuple(LM_SIZES), "remat": REMAT_POLICIES})
+                    choices={"lm_size": get_model("lm").sizes, "remat": REMAT_POLICIES})
 
 
 if __name__ == "__main__":

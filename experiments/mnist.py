@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 from jaxdist.errors import UsageError
-from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: F401 - usual names
-from jaxdist.models.classification import mnist_loss as loss_fn
-from jaxdist.models.registry import get_model, model_names
+# the registered image models' loss and evaluation, under their usual names for callers
+from jaxdist.models.classification import mnist_eval as eval_fn  # noqa: F401
+from jaxdist.models.classification import mnist_loss as loss_fn  # noqa: F401
+from jaxdist.models.registry import ModelVariant, get_model, model_names
 from jaxdist.train import CheckpointConfig, EvalConfig, run_config
 from jaxdist.train.run_config import (
     RunConfig,
@@ -73,12 +74,18 @@ def get_config(variant: str = "") -> MnistConfig:
 MODELS = model_names(task="image_classification")  # cnn, wide_cnn, vit: the registry's
 
 
-def model_builder(cfg: MnistConfig):
-    """(name for messages, a function that builds the model): the registry's `cfg.model`, at
-    `cfg.vit_size` where it has sizes, computing in `cfg.compute_dtype` (the CNN's option)."""
+def model_variant(cfg: MnistConfig) -> ModelVariant:
+    """The registry's `cfg.model`, at `cfg.vit_size` where it has sizes, computing in
+    `cfg.compute_dtype` (the CNN's option)."""
     spec = get_model(cfg.model)
     options = {} if cfg.compute_dtype == "float32" else {"compute_dtype": cfg.compute_dtype}
-    variant = spec.variant(cfg.vit_size if spec.sizes else None, **options)
+    return spec.variant(cfg.vit_size if spec.sizes else None, **options)
+
+
+def model_builder(cfg: MnistConfig):
+    """(name for messages, a function that builds the model from `cfg.seed`) of
+    `model_variant(cfg)`."""
+    variant = model_variant(cfg)
     return variant.title, variant.model_fn(cfg.seed)
 
 
@@ -86,9 +93,11 @@ def make_trainer(cfg: MnistConfig, devices, tx):
     """The `jaxdist.Trainer` of the configured model and strategy."""
     from jaxdist import Trainer
 
-    _, build = model_builder(cfg)
-    model = build() if _data_parallel(cfg) else build  # model-parallel: born sharded
-    return Trainer(model, tx, loss_fn, devices=devices, eval_fn=eval_fn, **trainer_options(cfg))
+    model = model_variant(cfg)
+    build = model.model_fn(cfg.seed)
+    return Trainer(build() if _data_parallel(cfg) else build,  # model-parallel: born sharded
+                   tx, model.loss_fn, devices=devices, eval_fn=model.eval_fn,
+                   **trainer_options(cfg))
 
 
 def validate(cfg: MnistConfig, num_devices: int) -> None:
@@ -100,8 +109,9 @@ def validate(cfg: MnistConfig, num_devices: int) -> None:
     if cfg.compute_dtype != "float32" and cfg.model != "cnn":
         raise UsageError("--compute_dtype is implemented for the CNN")
     check_directory("data_dir", cfg.data_dir)
-    check_best_metric(cfg, eval_metric_names(eval_fn, model_builder(cfg)[1], _eval_batch(),
-                                             cfg.eval.prefix))
+    model = model_variant(cfg)
+    check_best_metric(cfg, eval_metric_names(model.eval_fn, model.model_fn(cfg.seed),
+                                             model.eval_batch(1), cfg.eval.prefix))
 
 
 def _data_parallel(cfg: MnistConfig) -> bool:
@@ -109,15 +119,6 @@ def _data_parallel(cfg: MnistConfig) -> bool:
     from jaxdist import STRATEGIES
 
     return STRATEGIES[cfg.parallel.strategy].parallelism == "data"
-
-
-def _eval_batch():
-    """Shapes of one evaluation batch: images, labels and the padding mask."""
-    import jax
-    import numpy as np
-
-    return (jax.ShapeDtypeStruct((1, 28, 28, 1), np.uint8),
-            jax.ShapeDtypeStruct((1,), np.int32), jax.ShapeDtypeStruct((1,), np.float32))
 
 
 def train(cfg: MnistConfig) -> dict:

@@ -44,6 +44,26 @@ def test_a_seed_gives_the_same_parameters_and_another_seed_others(name):
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.parametrize("name", model_names())
+def test_a_random_batch_has_the_example_batchs_shapes_and_runs_the_loss(name):
+    variant = get_model(name).variant()
+    batch = variant.random_batch(4, 0)
+    assert [(x.shape, x.dtype) for x in batch] == [(s.shape, s.dtype) for s in variant.batch(4)]
+    loss, _ = variant.loss_fn(variant.build(0), batch)
+    assert math.isfinite(float(loss))
+    rng = np.random.default_rng(0)  # a seed, or a generator that goes on drawing
+    assert all(np.array_equal(x, y) for x, y in zip(batch, variant.random_batch(4, rng)))
+    assert not np.array_equal(batch[0], variant.random_batch(4, rng)[0])
+
+
+def test_random_labels_are_classes_and_random_targets_the_next_tokens():
+    images, labels = get_model("vit").variant("tiny", num_classes=3).random_batch(64)
+    assert images.dtype == np.uint8 and set(labels) == {0, 1, 2}
+    lm = get_model("lm").variant("test", vocab=7)
+    inputs, targets = lm.random_batch(8)
+    assert np.array_equal(inputs[:, 1:], targets[:, :-1]) and inputs.max() < 7
+
+
 def test_sizes_and_config_fields_are_checked_with_a_usage_error():
     with pytest.raises(UsageError, match="unknown model 'gpt'; choose one of: cnn, wide_cnn"):
         get_model("gpt")

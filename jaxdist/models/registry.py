@@ -2,10 +2,11 @@
 the benchmarks alike (torchtitan's `protocols/model_spec.py`, small).
 
 A `ModelSpec` says how to configure a model (its named sizes and config fields), build it from a
-config and a seed, what one batch of it looks like, and how it is scored (loss and evaluation
-functions), with its parameter count and, where the model knows them, its training FLOPs and the
-layer stack a pipeline splits. `ModelSpec.variant(size, **overrides)` fixes a size and config: a
-`ModelVariant` builds the module and describes its batches.
+config and a seed, what one batch of it looks like (and a random one, for benchmarks to time
+steps on), and how it is scored (loss and evaluation functions), with its parameter count and,
+where the model knows them, its training FLOPs and the layer stack a pipeline splits.
+`ModelSpec.variant(size, **overrides)` fixes a size and config: a `ModelVariant` builds the module
+and describes its batches.
 
     >>> lm = get_model("lm").variant("test", depth=2)
     >>> lm.label, lm.param_count, [x.shape for x in lm.batch(8)]
@@ -46,6 +47,9 @@ class ModelSpec:
         make_module: `(config, rngs) -> nnx.Module`.
         example_batch: `(config, n) -> tuple of ShapeDtypeStructs`: a training batch of n
             examples (its evaluation batch adds a float32 mask of n).
+        random_batch: `(config, n, rng) -> tuple of numpy arrays`: a training batch of n
+            examples like `example_batch`, of random values the model takes, drawn from `rng`
+            (a `np.random.Generator`).
         loss_fn: the Trainer's loss, `loss_fn(model, batch) -> (loss, metrics)`.
         eval_fn: sums over an evaluation batch, `eval_fn(model, batch + (mask,))`; None: none.
         title: `variant -> str`, the name a recipe prints ("ViT-tiny (0.14M params)").
@@ -67,6 +71,7 @@ class ModelSpec:
     eval_fn: Callable | None
     title: Callable[[ModelVariant], str]
     inputs: Callable[[Any], str]
+    random_batch: Callable[[Any, int, np.random.Generator], tuple]
     sizes: tuple[str, ...] = ()
     param_count: Callable[[Any], int] | None = None
     pipeline_layers: Callable[[Any], int | None] = lambda config: None
@@ -154,6 +159,19 @@ class ModelVariant:
         """ShapeDtypeStructs of a training batch of `n` examples (no sharding)."""
         return self.spec.example_batch(self.config, n)
 
+    def random_batch(self, n: int, rng: np.random.Generator | int = 0) -> tuple:
+        """A training batch of `n` examples of random values in host memory, drawn from `rng` (a
+        generator, or a seed): what a benchmark times steps on when it leaves out the input
+        pipeline. Images are uint8 with labels below the number of classes; the LM's targets are
+        its inputs shifted by one.
+
+            >>> [x.shape for x in get_model("cnn").variant().random_batch(4, 0)]
+            [(4, 28, 28, 1), (4,)]
+        """
+        if not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(rng)
+        return self.spec.random_batch(self.config, n, rng)
+
     def eval_batch(self, n: int) -> tuple:
         """ShapeDtypeStructs of an evaluation batch: the training batch and a float32 mask."""
         return (*self.batch(n), jax.ShapeDtypeStruct((n,), np.float32))
@@ -201,6 +219,13 @@ def _images(config: Any, n: int) -> tuple:
             jax.ShapeDtypeStruct((n,), np.int32))
 
 
+def _random_images(config: Any, n: int, rng: np.random.Generator) -> tuple:
+    """Random pixels, and labels below the number of classes (MNIST's 10 by default)."""
+    images, _ = _images(config, n)
+    return (rng.integers(0, 256, images.shape, dtype=np.uint8),
+            rng.integers(0, getattr(config, "num_classes", 10), n).astype(np.int32))
+
+
 def _images_in_words(config: Any) -> str:
     size, channels = getattr(config, "image_size", 28), getattr(config, "channels", 1)
     return f"uint8 {size}x{size}x{channels} images, int32 labels"
@@ -241,6 +266,12 @@ def _tokens(config: lm.LMConfig, n: int) -> tuple:
     return tokens, tokens
 
 
+def _random_tokens(config: lm.LMConfig, n: int, rng: np.random.Generator) -> tuple:
+    """Random tokens of the vocabulary; the targets are the inputs shifted by one."""
+    tokens = rng.integers(0, config.vocab, (n, config.seq_len + 1), dtype=np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
 def _with_params(title: str) -> Callable[[ModelVariant], str]:
     return lambda v: f"{title}-{v.size} ({v.param_count / 1e6:.2f}M params)"
 
@@ -248,20 +279,21 @@ def _with_params(title: str) -> Callable[[ModelVariant], str]:
 register(ModelSpec(
     "cnn", "image_classification", _cnn_config, _cnn, _images, mnist_loss, mnist_eval,
     title=lambda v: "CNN" + (" (bf16 compute)" if v.config.compute_dtype == "bfloat16" else ""),
-    inputs=_images_in_words))
+    inputs=_images_in_words, random_batch=_random_images))
 register(ModelSpec(
     "wide_cnn", "image_classification", lambda size, **fields: WideCNNConfig(**fields),
     lambda config, rngs: WideCNN(config.c1, config.c2, config.hidden, rngs=rngs), _images,
-    mnist_loss, mnist_eval, title=lambda v: "wide CNN", inputs=_images_in_words))
+    mnist_loss, mnist_eval, title=lambda v: "wide CNN", inputs=_images_in_words,
+    random_batch=_random_images))
 register(ModelSpec(
     "vit", "image_classification", vit.vit_config,
     lambda config, rngs: vit.ViT(config, rngs=rngs), _images, mnist_loss, mnist_eval,
-    title=_with_params("ViT"), inputs=_images_in_words, sizes=tuple(vit.VIT_SIZES),
-    param_count=vit.param_count))
+    title=_with_params("ViT"), inputs=_images_in_words, random_batch=_random_images,
+    sizes=tuple(vit.VIT_SIZES), param_count=vit.param_count))
 register(ModelSpec(
     "lm", "language_modeling", lm.lm_config, lambda config, rngs: lm.GPT(config, rngs=rngs),
     _tokens, lm.lm_loss, lm.lm_eval, title=_with_params("LM"),
     inputs=lambda c: f"sequences of {c.seq_len} int32 tokens, inputs and targets",
-    sizes=tuple(lm.LM_SIZES), param_count=lm.param_count,
+    random_batch=_random_tokens, sizes=tuple(lm.LM_SIZES), param_count=lm.param_count,
     pipeline_layers=lambda config: config.depth,
     train_flops=lambda config, n: lm.train_flops(config, n * config.seq_len)))
