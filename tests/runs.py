@@ -40,10 +40,11 @@ class Run:
         self._reader.start()
 
     def _read(self):
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
+        with self.proc.stdout:  # closed at the end of the output: no pipe left to the collector
+            for line in self.proc.stdout:
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
         with self._changed:
             self.ended = True
             self._changed.notify_all()

@@ -70,6 +70,9 @@ def test_a_checkpoint_of_another_optimizer_is_a_clear_error_not_a_fallback(tmp_p
     assert Checkpointer(tmp_path).all_steps() == [1]  # still there
 
 
+# expected: orbax's reader of the truncated array leaves callbacks for an asyncio loop it has
+# already closed ("Event loop is closed", raised where Python can only report it)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate array data", "garble metadata", "remove state",
                                     "remove the commit record"])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_a_process_that_expects_another_process_count_exits_2_saying_so():
     finally:
         for p in procs:
             p.kill()
-            p.wait()
+            p.communicate()  # reaps it and closes its pipes
     assert procs[1].returncode == 2
     assert "expected 3 processes but the job has 2" in err
 
@@ -300,7 +301,7 @@ def _listening_addresses(port: int) -> set[str]:
     """The local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
+        for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
@@ -325,7 +326,7 @@ def test_a_real_coordinator_listens_on_its_own_address_only():
         addresses = _listening_addresses(port)
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert addresses, "nothing listens on the coordinator's port"
     wildcard = {"00000000", "0" * 32}  # 0.0.0.0 and ::
     assert not addresses & wildcard, addresses

@@ -145,7 +145,7 @@ def test_flops_are_read_from_a_dict_or_a_list_of_dicts():
      "lm-test's 4 layers do not split into 3 pipeline stages"),
     (["--model", "lm", "--pipeline_stages", "two"], "argument --pipeline_stages: invalid"),
     (["--model", "lm", "--remat", "most"], "argument --remat: invalid choice: 'most'"),
-    (["--model", "lm", "--schedules", "gpipe,zb"], "unknown pipeline schedule 'zb'"),
+    (["--model", "lm", "--schedules", "gpipe,zb"], "'zb' is not one of gpipe, 1f1b"),
     (["--model", "lm", "--pipeline_microbatches", "0"], "--pipeline_microbatches must be at least 1"),
     (["--model", "lm", "--seq_len", "0"], "LM sizes must be positive"),
     (["--remat", "full"], "--remat: options of --model lm, not --model vit"),

@@ -84,7 +84,7 @@ class DropoutProbe(nnx.Module):
 
     def __call__(self, x):
         kept = self.drop(np.ones((x.shape[0], 256), np.float32))
-        self.seen.value = kept[0]  # each replica's first example
+        self.seen[...] = kept[0]  # each replica's first example
         return (kept * self.scale).mean(-1) * x[:, 0]
 
 
@@ -95,7 +95,7 @@ def test_dropout_masks_are_independent_across_replicas(strategy):
     dp = Trainer(DropoutProbe(nnx.Rngs(0, dropout=1)), optax.sgd(0.0),
                  lambda m, b: m(b).mean(), strategy=value, devices=8)
     state, _ = dp.step(dp.init(), np.ones((64, 1), np.float32))
-    seen = np.asarray(dp.canonical(state).rest["seen"].value)
+    seen = np.asarray(dp.canonical(state).rest["seen"][...])
     # the mean over 8 replicas of a unit's keep/scale (0 or 2): only 0 or 2 if every replica
     # drew the same mask; independent masks give k/8 * 2 for k kept of 8
     kept_by = np.round(seen * 4).astype(int)  # k
@@ -115,7 +115,7 @@ def _masks_and_leaves(trainer, state, steps):
     masks = []
     for _ in range(steps):
         state, _ = trainer.step(state, batch)
-        masks.append(np.asarray(trainer.canonical(state).rest["seen"].value))
+        masks.append(np.asarray(trainer.canonical(state).rest["seen"][...]))
     canonical = trainer.canonical(state)
     leaves = [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(canonical)]
