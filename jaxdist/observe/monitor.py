@@ -17,6 +17,7 @@ import jax
 from jaxdist.cluster.compile_cache import compiled_by_this_process_only
 from jaxdist.core.callback import Callback, throughput_key
 from jaxdist.errors import UsageError
+from jaxdist.progress import PLAIN_EVERY_SECONDS
 from jaxdist.observe.flops import default_peak_tflops, flops_per_step, lowered_step, mfu
 from jaxdist.observe.goodput import Goodput, format_goodput
 from jaxdist.observe.watchdog import ProgressStatus, Watchdog
@@ -32,7 +33,7 @@ class ObserveConfig:
     with a work dir, else none)"""
     progress: bool = True
     """show progress: a bar on a terminal, else plain lines (see --progress_every)"""
-    progress_every: float = 30.0
+    progress_every: float = PLAIN_EVERY_SECONDS
     """seconds between plain progress lines when output is not a terminal (0: a line every step)"""
     profile_steps: str = ""
     """A,B: capture a jax.profiler trace of steps A..B into <logdir>/profile"""
@@ -79,13 +80,11 @@ class TrainMonitor(Callback):
     Steps are numbered like checkpoints: step N is the N-th step (the state's step after it).
 
     Args:
+        config: what to watch and how (`ObserveConfig`: the peak for MFU, the profiled steps,
+            the hang watchdog's timeout and action; its `logdir` unless `logdir` is given).
         logdir: where metrics, event files, status files and profiles go (None: nothing written;
             goodput and the watchdog still work).
         start: `time.perf_counter()` at the start of the run (goodput's wall-clock origin).
-        peak_tflops: peak TFLOP/s per device for MFU (0: `default_peak_tflops`).
-        profile_steps: (A, B): trace steps A..B with `jax.profiler` into `<logdir>/profile`.
-        hang_timeout: seconds without progress before the watchdog acts (0: no watchdog).
-        hang_action: "exit" (stacks to the status dir, exit `EXIT_HANG`) or "report".
         meta: the run-metadata record (devices, strategy, global batch, model, ...).
         log: where the leader's one-line notes go (the MFU assumption, the goodput summary).
         unit: (name, count per example) the data's throughput is counted in: train and epoch
@@ -93,21 +92,13 @@ class TrainMonitor(Callback):
         examples_per_step: the global batch (each step's throughput).
     """
 
-    @classmethod
-    def from_config(cls, cfg: ObserveConfig, *, logdir: str | os.PathLike | None, start: float,
-                    meta: dict | None, unit: tuple[str, int], examples_per_step: int,
-                    log: Callable[[str], None] = print) -> "TrainMonitor":
-        return cls(logdir, start=start, peak_tflops=cfg.peak_tflops,
-                   profile_steps=parse_step_range(cfg.profile_steps),
-                   hang_timeout=cfg.hang_timeout, hang_action=cfg.hang_action, meta=meta,
-                   unit=unit, examples_per_step=examples_per_step, log=log)
-
-    def __init__(self, logdir: str | os.PathLike | None = None, *, start: float | None = None,
-                 peak_tflops: float = 0.0, profile_steps: tuple[int, int] | None = None,
-                 hang_timeout: float = 0.0, hang_action: str = "exit",
-                 meta: dict | None = None,
-                 log: Callable[[str], None] = print, writer: MetricsWriter | None = None,
-                 unit: tuple[str, int] = ("img", 1), examples_per_step: int = 0):
+    def __init__(self, config: ObserveConfig = ObserveConfig(hang_timeout=0), *,
+                 logdir: str | os.PathLike | None = None, start: float | None = None,
+                 meta: dict | None = None, log: Callable[[str], None] = print,
+                 writer: MetricsWriter | None = None, unit: tuple[str, int] = ("img", 1),
+                 examples_per_step: int = 0):
+        logdir = logdir or config.logdir
+        peak_tflops, profile_steps = config.peak_tflops, parse_step_range(config.profile_steps)
         self.logdir = Path(logdir) if logdir else None
         self.leader = jax.process_index() == 0
         self.writer = writer or (MetricsWriter(self.logdir) if self.logdir else None)
@@ -128,8 +119,9 @@ class TrainMonitor(Callback):
         self.profile_dir = None
         self._profiling = False
         self.status = ProgressStatus(self.logdir)
-        self.watchdog = (Watchdog(self.status, hang_timeout, action=hang_action).start()
-                         if hang_timeout > 0 else None)
+        self.watchdog = (Watchdog(self.status, config.hang_timeout,
+                                  action=config.hang_action).start()
+                         if config.hang_timeout > 0 else None)
         self._first_step = None
         self._last_read = None
         if meta is not None:

@@ -133,7 +133,7 @@ def fit(
             run_meta = {"devices": len(trainer.devices), "platform": trainer.devices[0].platform,
                         "strategy": trainer.strategy, "global_batch": data.global_batch,
                         "steps": schedule.total, "eval_prefix": eval.prefix, **(meta or {})}
-            monitor = stack.enter_context(TrainMonitor.from_config(
+            monitor = stack.enter_context(TrainMonitor(
                 observe, logdir=logdir, start=start, meta=run_meta if logdir else None,
                 unit=unit, examples_per_step=data.global_batch))
         measure = monitor.measure if monitor is not None else unmeasured
@@ -151,10 +151,8 @@ def fit(
             Evaluation(eval, eval_data, trainer, preemption=preemption, measure=measure)
         ] if eval_data is not None else []
         services += [s for s in (checkpointing, monitor) if s is not None]
-        services += [ProgressReport(total_steps=schedule.total,
-                                    examples_per_step=data.global_batch, unit=unit,
-                                    show=observe.progress and leader,
-                                    every=observe.progress_every, log=say),
+        services += [ProgressReport(observe, total_steps=schedule.total,
+                                    examples_per_step=data.global_batch, unit=unit, log=say),
                      preemption, *callbacks, NonFiniteGuard(guard, log=say)]
         run = _train(trainer, data, state, start_step, schedule, services, unit, measure,
                      rollback=checkpointing.state_before if checkpointing else _diverged)

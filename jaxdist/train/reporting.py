@@ -8,19 +8,23 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+
 from jaxdist.core.callback import Callback, throughput_key
-from jaxdist.progress import PLAIN_EVERY_SECONDS, Progress
+from jaxdist.observe.monitor import ObserveConfig
+from jaxdist.progress import Progress
 
 
 class ProgressReport(Callback):
     """Shows `loss | <unit>/s` while an epoch runs and prints its record when it ends."""
 
-    def __init__(self, *, total_steps: int, examples_per_step: int, unit: tuple[str, int],
-                 show: bool = True, every: float = PLAIN_EVERY_SECONDS,
+    def __init__(self, config: ObserveConfig = ObserveConfig(), *, total_steps: int,
+                 examples_per_step: int, unit: tuple[str, int] = ("img", 1),
                  log: Callable[[str], None] = print):
         self.total, self.per_step, (self.unit, self.per_example) = (total_steps,
                                                                     examples_per_step, unit)
-        self.show, self.every, self.log = show, every, log
+        self.show = config.progress and jax.process_index() == 0
+        self.every, self.log = config.progress_every, log
         self.bar: Progress | None = None
         self.loss = "-"
         self.clock, self.examples = time.perf_counter(), 0
