@@ -201,7 +201,8 @@ def test_two_processes_share_their_status_through_the_kv_store_and_the_behind_on
         configure_cpu_devices(1)
         pid = int(sys.argv[1])
         jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=pid)
-        from jaxdist.observe.watchdog import KV_PREFIX, ProgressStatus, Watchdog, _kv_client
+        from jaxdist.cluster.kv import client as _kv_client
+        from jaxdist.observe.watchdog import KV_PREFIX, ProgressStatus, Watchdog
         status = ProgressStatus()
         status.update(*(("step", 57) if pid == 0 else ("data", 41)))
         status.publish()

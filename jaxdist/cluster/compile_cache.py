@@ -45,6 +45,7 @@ from pathlib import Path
 
 import jax
 
+from jaxdist.cluster import kv
 from jaxdist.errors import UsageError, first_line
 
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxdist" / "xla"
@@ -103,10 +104,10 @@ _lock = threading.Lock()
 
 def _job() -> tuple[int, int, object]:
     """(process id, process count, coordinator client) of the joined job; (0, 1, None) if none."""
-    from jax._src import distributed
+    from jax._src import distributed  # its process id and count, set while joining
 
     state = distributed.global_state
-    return state.process_id or 0, state.num_processes or 1, state.client
+    return state.process_id or 0, state.num_processes or 1, kv.client()
 
 
 def _per_process(backend) -> bool:

@@ -17,7 +17,7 @@ Deleting is made atomic the same way: an old step is first renamed into `.deleti
 
 Restoring (`resume`) never throws a good checkpoint away and never splits a job: each process finds
 the newest step it can read, the processes agree on the oldest of those (through the
-coordinator's key-value store, `jaxdist.io.exchange`), all read it, and agree again that every
+coordinator's key-value store, `jaxdist.cluster.kv`), all read it, and agree again that every
 one did. A step is moved aside (to `<step>.damaged-<time>`, never deleted; by process 0, after the
 agreement) only when it is shown to be damaged (`jaxdist.io.integrity`): missing or empty files,
 metadata that does not parse, a short or undecodable array file. A transient read error (EIO, a
@@ -42,7 +42,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxdist.core.step import TrainState, is_prng_key, path_name
 from jaxdist.errors import TransientError, UsageError
-from jaxdist.io import exchange
+from jaxdist.cluster import kv
 from jaxdist.io.integrity import first_line, kind_of, missing_or_broken, retrying
 
 _DELETING = ".deleting"  # where old steps wait, already out of the listing, to be removed
@@ -196,7 +196,7 @@ class Checkpointer:
         while True:
             mine, found_damaged, found_kept = (step, {}, {}) if step is not None else \
                 self._newest_whole(below, damaged.keys() | kept.keys())
-            views = exchange.allgather("checkpoint-candidates", {
+            views = kv.allgather("checkpoint-candidates", {
                 "step": mine, "damaged": found_damaged, "kept": found_kept})
             for view in views:
                 damaged.update({int(s): r for s, r in view["damaged"].items()})
@@ -209,7 +209,7 @@ class Checkpointer:
                 return Restored(0, None, {})
             agreed = min(candidates)
             state, replicas, meta, outcome = self._attempt(agreed, like, replicas_like)
-            outcomes = exchange.allgather("checkpoint-read", outcome)
+            outcomes = kv.allgather("checkpoint-read", outcome)
             failed = [(i, o) for i, o in enumerate(outcomes) if o["kind"] != "ok"]
             if not failed:
                 self._set_aside(damaged)
@@ -346,7 +346,7 @@ class Checkpointer:
                     source.rename(target)
                 print(f"warning: checkpoint step {step} is damaged ({reason}); moved to "
                       f"{target.name}, an older one is used", file=sys.stderr, flush=True)
-        exchange.allgather("checkpoint-set-aside", True)  # renamed before anyone lists again
+        kv.allgather("checkpoint-set-aside", True)  # renamed before anyone lists again
         self._manager.reload()
 
     def _empty_deleted(self) -> None:

@@ -47,7 +47,7 @@ from typing import Iterator
 import jax
 
 from jaxdist.errors import TransientError, UsageError
-from jaxdist.io import exchange
+from jaxdist.cluster import kv
 
 LOCK_NAME = "jaxdist.lock"
 LEASE_S = 60.0
@@ -73,7 +73,7 @@ def hold(workdir: str | os.PathLike) -> Iterator[None]:
         except TransientError as e:
             outcome = {"kind": "transient", "message": str(e)}
     # every process learns process 0's outcome, so a refused job ends everywhere at once
-    outcome = exchange.allgather("workdir-lock", outcome)[0]
+    outcome = kv.allgather("workdir-lock", outcome)[0]
     if outcome["kind"] == "usage":
         raise UsageError(outcome["message"])
     if outcome["kind"] == "transient":

@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 
+from jaxdist.cluster import kv
 from jaxdist.errors import EXIT_HANG
 
 PHASES = ("startup", "data", "step", "eval", "checkpoint", "done")
@@ -89,12 +90,8 @@ def _names(processes: list[int]) -> str:
 
 
 def _kv_client():
-    """The distributed runtime's client when several processes run, else None."""
-    if jax.process_count() <= 1:
-        return None
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    """The key-value store when several processes run, else None."""
+    return kv.client() if jax.process_count() > 1 else None
 
 
 class ProgressStatus:
