@@ -175,3 +175,18 @@ def test_gradient_accumulation_equals_the_whole_batch_under_every_layout(strateg
 
     for got, want in zip(train(4), train(1)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_jaxdist_and_the_benchmarks_import_without_grain_or_tfds():
+    """The GPU machine's Python has jax, flax, optax and orbax only: training a model with
+    arrays and the benchmarks must not need the data-pipeline dependencies at import."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = ("import sys\nsys.modules['grain'] = None\nsys.modules['tensorflow_datasets'] = None\n"
+              "import jaxdist, benchmarks.dp\nfrom jaxdist import Trainer, fit\nprint('imported')")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]

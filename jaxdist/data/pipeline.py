@@ -15,14 +15,16 @@ background thread, resuming at a step by slicing.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import grain
 import numpy as np
 
 from jaxdist.data.augment import Augment
 from jaxdist.data.tfds_source import ArraySplit
 from jaxdist.errors import UsageError
+
+if TYPE_CHECKING:
+    import grain
 
 
 def _local_batch_size(global_batch: int, process_count: int) -> int:
@@ -100,6 +102,8 @@ def train_index_batches(
     process_count: int = 1,
 ) -> grain.MapDataset:
     """Element k: the example indices of this process's rows of global batch k."""
+    import grain  # here, not at import: jaxdist also runs where grain is not installed
+
     local = _local_batch_size(global_batch, process_count)
     if num_examples < 1:
         raise UsageError("the training split is empty")
@@ -124,6 +128,8 @@ def train_batches(
     Batches are gathered from the decoded arrays on a background thread, `prefetch` ahead.
     `augment(image, rng)` (see `jaxdist.data.augment`) transforms each training example.
     """
+    import grain
+
     if augment is None:
         indices = train_index_batches(len(split), global_batch, seed, process_index,
                                       process_count)

@@ -18,7 +18,6 @@ import bisect
 import dataclasses
 from typing import Any, Callable, Iterator, Protocol
 
-import grain
 import jax
 import numpy as np
 
@@ -109,6 +108,8 @@ class Dataset:
 
     def batches(self, start_step: int = 0) -> Iterator[Any]:
         """This process's rows of global batches `start_step`, `start_step + 1`, ... (endless)."""
+        import grain  # here, not at import: jaxdist also runs where grain is not installed
+
         index_of = _EpochPermutations(len(self), self.seed)
         rows = np.arange(self.local_batch, dtype=np.int64) + self.process_index * self.local_batch
         positions = grain.MapDataset.range(_ENDLESS)[start_step:].map(
