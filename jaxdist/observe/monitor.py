@@ -55,6 +55,12 @@ class ObserveConfig:
         except ValueError as e:
             raise UsageError(str(e)) from None
 
+    def logdir_for(self, workdir: str | None) -> str | None:
+        """--logdir, else <workdir>/logs with a work dir, else None (nothing written)."""
+        if self.logdir:
+            return self.logdir
+        return str(Path(workdir) / "logs") if workdir else None
+
     def wanted(self, logdir: str | None) -> bool:
         """Whether a run needs a monitor: something to write, or a watchdog to run."""
         return bool(logdir) or self.hang_timeout > 0

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
@@ -123,7 +122,7 @@ def fit(
     leader = jax.process_index() == 0
     say = log if leader else (lambda _: None)
     workdir = checkpoint.workdir
-    logdir = observe.logdir or (str(Path(workdir) / "logs") if workdir else None)
+    logdir = observe.logdir_for(workdir)
     unit = (getattr(data, "unit", "img"), getattr(data, "units_per_example", 1))
     with contextlib.ExitStack() as stack:
         if workdir is not None:  # a second job on this work dir ends here, before any write

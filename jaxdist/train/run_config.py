@@ -178,16 +178,13 @@ class RunConfig:
 
     @property
     def logdir(self) -> str | None:
-        """--logdir, else <workdir>/logs with a work dir, else None (nothing written)."""
-        if self.observe.logdir:
-            return self.observe.logdir
-        return str(Path(self.checkpoint.workdir) / "logs") if self.checkpoint.workdir else None
+        """Where the run writes its logs (`ObserveConfig.logdir_for` the work dir)."""
+        return self.observe.logdir_for(self.checkpoint.workdir)
 
     def fit_options(self) -> dict[str, Any]:
         """`jaxdist.fit`'s keyword arguments: the length and the services' configs."""
         return dict(epochs=self.epochs, steps=self.max_steps or None, eval=self.eval,
-                    checkpoint=self.checkpoint, guard=self.guard,
-                    observe=dataclasses.replace(self.observe, logdir=self.logdir))
+                    checkpoint=self.checkpoint, guard=self.guard, observe=self.observe)
 
 
 def _float_fields(cfg: Any):
