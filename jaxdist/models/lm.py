@@ -178,7 +178,8 @@ def block(cfg: LMConfig, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return constrain(x + jnp.einsum("btf,fe->bte", h, p["w_out"]), ("batch", "seq", "embed"))
 
 
-def _remat(fn, policy: str):
+def remat(fn, policy: str):
+    """`fn` under the `jax.checkpoint` policy named `policy` (one of REMAT_POLICIES)."""
     if policy == "none":
         return fn
     policies = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
@@ -214,7 +215,7 @@ class GPT(nnx.Module):
             self.unembed = _param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
 
     def _layer_fn(self):
-        return _remat(lambda p, x: block(self.cfg, p, x), self.cfg.remat)
+        return remat(lambda p, x: block(self.cfg, p, x), self.cfg.remat)
 
     def _head(self) -> dict[str, jax.Array]:
         out = self.embedding[...].T if self.cfg.tied else self.unembed[...]

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdist.errors import UsageError
-from jaxdist.models import lm, vit
+from jaxdist.models import llama, lm, vit
 from jaxdist.models.classification import mnist_eval, mnist_loss
 from jaxdist.models.cnn import MnistCNN
 from jaxdist.models.wide_cnn import WideCNN
@@ -297,3 +297,11 @@ register(ModelSpec(
     random_batch=_random_tokens, sizes=tuple(lm.LM_SIZES), param_count=lm.param_count,
     pipeline_layers=lambda config: config.depth,
     train_flops=lambda config, n: lm.train_flops(config, n * config.seq_len)))
+register(ModelSpec(
+    "llama", "language_modeling", llama.llama_config,
+    lambda config, rngs: llama.Llama(config, rngs=rngs), _tokens, llama.llama_loss,
+    llama.llama_eval, title=_with_params("Llama"),
+    inputs=lambda c: f"sequences of {c.seq_len} int32 tokens, inputs and targets",
+    random_batch=_random_tokens, sizes=tuple(llama.LLAMA_SIZES),
+    param_count=llama.param_count, pipeline_layers=lambda config: config.depth,
+    train_flops=lambda config, n: llama.train_flops(config, n * config.seq_len)))

@@ -52,7 +52,7 @@ from jaxdist.parallel.mesh import MESH_AXES, make_mesh
 if TYPE_CHECKING:
     from jaxdist.parallel.backends import StepLayout
 
-LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv", "vocab", "layers", "patch", "seq",
+LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "layers", "patch", "seq",
                 "classes", "conv_in", "conv_out", "features")
 
 MeshAxes = str | tuple[str, ...] | None

@@ -1,0 +1,395 @@
+"""The Llama family of decoders (Llama 2/3, Mistral, Qwen-style shapes), in the layout of
+Hugging Face's `LlamaForCausalLM`, so its checkpoints load as they are (`jaxdist.io.hf`).
+
+Grouped-query attention (`kv_heads` dividing `heads`; 1 is multi-query), a SwiGLU MLP, rotary
+embeddings with a chosen theta and, optionally, Llama 3's frequency scaling, RMSNorm, tied or
+untied embeddings. Every parameter names its dimensions with logical axes, so every strategy's
+rules shard it; the blocks are one stack with a leading `layers` axis, run by
+`jaxdist.core.layout.run_layers` (a scan, or a pipeline over the mesh's `pipeline` axis).
+
+Packed documents: `model(tokens, segment_ids)` lets a token attend only to earlier tokens of its
+own document (segment ids number the documents of a row from 1; 0 is padding), and rotary
+positions restart at each document, so a document's logits do not depend on its neighbours.
+
+    >>> model = Llama(llama_config("test"), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 16), jnp.int32)).shape
+    (2, 16, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdist.core.layout import constrain, layers_then_loss, run_layers
+from jaxdist.errors import UsageError
+from jaxdist.models.layers import axes
+from jaxdist.models.lm import REMAT_POLICIES, remat, rms_norm, token_losses
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's rotary frequency scaling (HF `rope_type: llama3`): wavelengths longer than the
+    original context / `low_freq_factor` are stretched by `factor`, shorter than original /
+    `high_freq_factor` kept, those between interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-family decoder's shape; `to_hf` / `from_hf` translate HF's `config.json`.
+
+    `seq_len` is the training window (not a limit of the model: rotary embeddings have none;
+    `max_positions` is what HF's config records). `remat` is each block's `jax.checkpoint`
+    policy (see `jaxdist.models.lm.LMConfig`)."""
+
+    vocab: int = 256
+    seq_len: int = 128
+    embed: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    mlp: int = 352
+    head_dim: int = 0  # 0: embed // heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tied: bool = False
+    max_positions: int = 2048
+    remat: str = "none"
+
+    @property
+    def dim(self) -> int:
+        """Features per head."""
+        return self.head_dim or self.embed // self.heads
+
+    def to_hf(self) -> dict[str, Any]:
+        """HF `LlamaConfig` fields (both the `rope_theta`/`rope_scaling` of transformers 4 and
+        the `rope_parameters` of 5 are written, so either reads it)."""
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+                    **dataclasses.asdict(self.rope_scaling)}
+        scaling = None if self.rope_scaling is None else {
+            k: v for k, v in rope.items() if k != "rope_theta"}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab, "hidden_size": self.embed,
+            "intermediate_size": self.mlp, "num_hidden_layers": self.depth,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+            "head_dim": self.dim, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
+            "tie_word_embeddings": self.tied, "max_position_embeddings": self.max_positions,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+        """The config of HF's `config.json` fields; UsageError naming what jaxdist cannot run
+        (another architecture, biases, another activation or rope type)."""
+        if hf.get("model_type", "llama") not in ("llama", "mistral"):
+            raise UsageError(f"config.json: model_type {hf.get('model_type')!r} is not a Llama "
+                             f"(llama or mistral)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise UsageError(f"config.json: {flag} is true; jaxdist's Llama has no biases")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UsageError(f"config.json: hidden_act {hf['hidden_act']!r}; only silu (SwiGLU)")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UsageError(f"config.json: rope type {rope_type!r}; only default and llama3")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(**{f.name: rope[f.name] for f in
+                                     dataclasses.fields(RopeScaling) if f.name in rope})
+        try:
+            heads = hf["num_attention_heads"]
+            config = cls(
+                vocab=hf["vocab_size"], embed=hf["hidden_size"], mlp=hf["intermediate_size"],
+                depth=hf["num_hidden_layers"], heads=heads,
+                kv_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or 0, rope_theta=float(theta), rope_scaling=scaling,
+                norm_eps=hf.get("rms_norm_eps", 1e-6), tied=hf.get("tie_word_embeddings", False),
+                max_positions=hf.get("max_position_embeddings", 2048))
+        except KeyError as missing:
+            raise UsageError(f"config.json has no {missing.args[0]!r}") from None
+        if config.head_dim == config.embed // config.heads:
+            config = dataclasses.replace(config, head_dim=0)
+        return validate(dataclasses.replace(config, **overrides))
+
+
+# Small sizes train here; the published shapes are for the planner (`python -m jaxdist.plan`).
+LLAMA_SIZES = {
+    "test": LlamaConfig(seq_len=32, embed=32, depth=4, heads=4, kv_heads=2, mlp=64),
+    "tiny": LlamaConfig(),
+    "small": LlamaConfig(vocab=4096, seq_len=256, embed=256, depth=6, heads=8, kv_heads=2,
+                         mlp=704),
+    "llama-3.2-1b": LlamaConfig(
+        vocab=128256, seq_len=8192, embed=2048, depth=16, heads=32, kv_heads=8, mlp=8192,
+        rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tied=True,
+        max_positions=131072),
+    "llama-3.1-8b": LlamaConfig(
+        vocab=128256, seq_len=8192, embed=4096, depth=32, heads=32, kv_heads=8, mlp=14336,
+        rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        max_positions=131072),
+    "llama-3.1-70b": LlamaConfig(
+        vocab=128256, seq_len=8192, embed=8192, depth=80, heads=64, kv_heads=8, mlp=28672,
+        rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        max_positions=131072),
+    # Qwen2.5-7B's shapes (its q/k/v biases, 0.01% of the parameters, are left out)
+    "qwen2.5-7b": LlamaConfig(
+        vocab=152064, seq_len=4096, embed=3584, depth=28, heads=28, kv_heads=4, mlp=18944,
+        rope_theta=1000000.0, norm_eps=1e-6, max_positions=32768),
+    "mistral-7b": LlamaConfig(
+        vocab=32000, seq_len=4096, embed=4096, depth=32, heads=32, kv_heads=8, mlp=14336,
+        rope_theta=10000.0, max_positions=32768),
+}
+
+
+def llama_config(size: str, **overrides: Any) -> LlamaConfig:
+    """A named size, optionally with fields replaced."""
+    if size not in LLAMA_SIZES:
+        raise UsageError(f"unknown Llama size {size!r}; choose one of {', '.join(LLAMA_SIZES)}")
+    return validate(dataclasses.replace(LLAMA_SIZES[size], **overrides))
+
+
+def validate(cfg: LlamaConfig) -> LlamaConfig:
+    if min(cfg.vocab, cfg.seq_len, cfg.embed, cfg.depth, cfg.heads, cfg.kv_heads, cfg.mlp) < 1:
+        raise UsageError(f"Llama sizes must be positive: {cfg}")
+    if cfg.heads % cfg.kv_heads:
+        raise UsageError(f"kv_heads {cfg.kv_heads} must divide heads {cfg.heads} "
+                         f"(each key/value head serves a group of query heads)")
+    if not cfg.head_dim and cfg.embed % cfg.heads:
+        raise UsageError(f"embed {cfg.embed} does not split into {cfg.heads} heads; set head_dim")
+    if cfg.dim % 2:
+        raise UsageError(f"head dimension {cfg.dim} must be even (rotary embeddings rotate pairs)")
+    if cfg.remat not in REMAT_POLICIES:
+        raise UsageError(f"unknown remat policy {cfg.remat!r}; choose one of "
+                         f"{', '.join(REMAT_POLICIES)}")
+    return cfg
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    """Parameters, from the shapes alone (the published sizes are never allocated)."""
+    e, f, d = cfg.embed, cfg.mlp, cfg.dim
+    attention = e * d * (2 * cfg.heads + 2 * cfg.kv_heads)
+    per_layer = attention + 3 * e * f + 2 * e
+    return cfg.depth * per_layer + cfg.vocab * e * (1 if cfg.tied else 2) + e
+
+
+def train_flops(cfg: LlamaConfig, tokens: int) -> float:
+    """Training FLOPs of `tokens` tokens: 6 per parameter of every matmul (the embedding lookup
+    is none, the unembedding is one) plus attention's scores and mixing, 12 L T H d (PaLM's
+    appendix B), the full causal square, as XLA computes it; plus the forward that remat
+    recomputes (see `jaxdist.models.lm.train_flops`)."""
+    matmul_params = param_count(cfg) - cfg.embed * (cfg.depth * 2 + 1) - (
+        0 if cfg.tied else cfg.vocab * cfg.embed)
+    attention = 4 * cfg.depth * cfg.seq_len * cfg.heads * cfg.dim  # forward
+    layer_matmuls = param_count(cfg) - param_count(dataclasses.replace(cfg, depth=0)) \
+        - 2 * cfg.embed * cfg.depth
+    again = {"none": 0, "dots": 0, "dots_no_batch": attention,
+             "full": 2 * layer_matmuls + attention - 2 * cfg.depth * cfg.mlp * cfg.embed
+             }[cfg.remat]
+    return float(tokens) * (6 * matmul_params + 3 * attention + again)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
+    value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
+    return nnx.Param(value, **axes(*names))
+
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+class LlamaLayers(nnx.Module):
+    """All blocks' parameters, each with a leading axis of `depth` layers. Key/value heads are
+    their own logical axis (`kv_heads`): tensor parallelism splits query heads and replicates
+    the few key/value heads (multi-query has one), whose projections are small."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        n, e, h, k, d, f = cfg.depth, cfg.embed, cfg.heads, cfg.kv_heads, cfg.dim, cfg.mlp
+        std = 0.02  # HF's initializer_range, for every matrix
+        self.attn_norm = _param(rngs, (n, e), ("layers", "embed"), None)
+        self.wq = _param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
+        self.wk = _param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
+        self.wv = _param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
+        self.wo = _param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), std)
+        self.mlp_norm = _param(rngs, (n, e), ("layers", "embed"), None)
+        self.w_gate = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
+        self.w_up = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
+        self.w_down = _param(rngs, (n, f, e), ("layers", "mlp", "embed"), std)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+
+
+def inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """Rotary angular frequencies of a head's feature pairs, with Llama 3's scaling if set
+    (HF's `_compute_llama3_parameters`)."""
+    d = cfg.dim
+    inverse = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d)
+    s = cfg.rope_scaling
+    if s is None:
+        return inverse.astype(np.float32)
+    low_wavelength = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelength = s.original_max_position_embeddings / s.high_freq_factor
+    wavelength = 2 * math.pi / inverse
+    scaled = np.where(wavelength > low_wavelength, inverse / s.factor, inverse)
+    smooth = (s.original_max_position_embeddings / wavelength - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotate(x: jax.Array, positions: jax.Array, inverse: np.ndarray) -> jax.Array:
+    """Rotary embedding in HF's layout: feature i pairs with feature i + d/2 ("rotate half")."""
+    angles = positions[..., None].astype(jnp.float32) * inverse  # (b, t, d/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position within its document: its index less its document's first index."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def attention_mask(segment_ids: jax.Array | None, t: int) -> jax.Array:
+    """(b or 1, 1, t, t): causal, and within a document where segment ids are given."""
+    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if segment_ids is None:
+        return causal
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return causal & same
+
+
+def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
+          context: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """One pre-norm block on the residual stream x (batch, seq, embed); `context` is (segment
+    ids, positions) of packed documents, None for one document per row."""
+    b, t, _ = x.shape
+    segment_ids, positions = context if context is not None else (
+        None, jnp.broadcast_to(jnp.arange(t), (b, t)))
+    heads = ("batch", None, "heads", "kv")
+    inverse = inverse_frequencies(cfg)
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = rotate(constrain(jnp.einsum("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
+    k = rotate(jnp.einsum("bte,ekd->btkd", h, p["wk"]), positions, inverse)
+    v = jnp.einsum("bte,ekd->btkd", h, p["wv"])
+    group = cfg.heads // cfg.kv_heads  # query heads per key/value head
+    k = constrain(jnp.repeat(k, group, axis=2), heads)
+    v = constrain(jnp.repeat(v, group, axis=2), heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.dim)
+    logits = jnp.where(attention_mask(segment_ids, t), logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    mixed = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), heads)
+    x = constrain(x + jnp.einsum("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    gate = jnp.einsum("bte,ef->btf", h, p["w_gate"])
+    up = jnp.einsum("bte,ef->btf", h, p["w_up"])
+    h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+    return constrain(x + jnp.einsum("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
+
+
+def _context(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
+    if segment_ids is None:
+        return None
+    return segment_ids, document_positions(segment_ids)
+
+
+class Llama(nnx.Module):
+    """Tokens (batch, seq) int [, segment ids (batch, seq)] -> next-token logits
+    (batch, seq, vocab)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = validate(cfg)
+        self.embedding = _param(rngs, (cfg.vocab, cfg.embed), ("vocab", "embed"), 0.02)
+        self.layers = LlamaLayers(cfg, rngs=rngs)
+        self.final_norm = _param(rngs, (cfg.embed,), ("embed",), None)
+        if not cfg.tied:
+            self.unembed = _param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
+
+    def _layer_fn(self):
+        return remat(lambda p, x, context=None: block(self.cfg, p, x, context), self.cfg.remat)
+
+    def _head(self) -> dict[str, jax.Array]:
+        out = self.embedding[...].T if self.cfg.tied else self.unembed[...]
+        return {"norm": self.final_norm[...], "out": out}
+
+    def _logits(self, head: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bte,ev->btv", rms_norm(h, head["norm"], self.cfg.norm_eps),
+                            head["out"])
+        return constrain(logits, ("batch", None, "vocab"))
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens),
+                       **_context_kw(segment_ids))
+        return self._logits(self._head(), h)
+
+    def loss(self, tokens: jax.Array, targets: jax.Array,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+        """Mean cross-entropy in nats over the targets that are not padding (target < 0).
+
+        Each token's loss is weighted by (tokens in the batch) / (real targets in the batch),
+        worked out here on the whole batch, so the mean over any split of the batch into
+        microbatches is the mean over its real tokens (a pipeline averages microbatch means)."""
+        real = (targets >= 0).astype(jnp.float32)
+        weights = real * (real.size / jnp.maximum(real.sum(), 1.0))
+
+        def head_loss(head, h, target_weights):
+            targets, weights = target_weights
+            return (token_losses(self._logits(head, h), targets) * weights).mean()
+
+        return layers_then_loss(self._layer_fn(), head_loss, self.layers.stacked(),
+                                self._head(), self._embed(tokens), (targets, weights),
+                                **_context_kw(segment_ids))
+
+
+def _context_kw(segment_ids: jax.Array | None) -> dict[str, Any]:
+    context = _context(segment_ids)
+    return {} if context is None else {"context": context}
+
+
+def _unpack(batch: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    inputs, targets, *rest = batch
+    return inputs, targets, rest[0] if rest else None
+
+
+def llama_loss(model: Llama, batch: Any) -> tuple[jax.Array, dict]:
+    """The Trainer's loss: `batch` is (inputs, targets[, segment_ids]) of int (batch, seq);
+    targets < 0 are padding. Mean loss per real token in nats, and in bits."""
+    inputs, targets, segment_ids = _unpack(batch)
+    loss = model.loss(inputs, targets, segment_ids)
+    return loss, {"loss": loss, "bits_per_token": loss / math.log(2)}
+
+
+def llama_eval(model: Llama, batch: Any) -> dict[str, jax.Array]:
+    """Sums over an evaluation batch (inputs, targets[, segment_ids], row mask): the loss of
+    every real target token in nats and in bits, and their count, so `fit`'s means are per
+    token."""
+    *train, mask = batch
+    inputs, targets, segment_ids = _unpack(train)
+    real = (targets >= 0) & (mask[:, None] > 0)
+    losses = jnp.where(real, token_losses(model(inputs, segment_ids), jnp.maximum(targets, 0)), 0)
+    return {"loss": losses.sum(), "bits_per_token": losses.sum() / math.log(2),
+            "count": real.sum().astype(jnp.float32)}
