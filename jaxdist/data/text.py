@@ -24,7 +24,7 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -150,20 +150,27 @@ def from_tokens(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
                        np.int32)
         return w[:, :-1], w[:, 1:]
 
-    class Windows:
-        def __len__(self):
-            return windows
-
-        def __getitem__(self, i):
-            if not 0 <= i < windows:
-                raise IndexError(f"window {i} of {windows}")
-            inputs, targets = gather(np.array([i]))
-            return inputs[0], targets[0]
-
     kw = {"unit": "tokens", "units_per_example": seq_len, **kw}
     settings = {"seq_len": seq_len, **kw.pop("settings", {})}  # a resume with another refused
-    return Dataset(Windows(), global_batch, seed, name=name, gather=gather, settings=settings,
-                   **kw)
+    return Dataset(Windows(windows, gather), global_batch, seed, name=name, gather=gather,
+                   settings=settings, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """`count` examples read through a vectorized `gather(indices) -> tuple of batches`, one at a
+    time: the random-access source behind `from_tokens` and `documents.from_documents`."""
+
+    count: int
+    gather: Callable[[np.ndarray], tuple]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple:
+        if not 0 <= i < self.count:
+            raise IndexError(f"window {i} of {self.count}")
+        return tuple(part[0] for part in self.gather(np.array([i])))
 
 
 def load_text(patterns: str | Sequence[str] | None = None, cache_dir: str | Path | None = None,
@@ -199,12 +206,7 @@ def prepare_tokens(files: Iterable[str | Path], cache_dir: str | Path | None = N
         UsageError: no files, a file outside `root`; DataError: a file that cannot be read.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "text"
-    paths = [Path(f).resolve() for f in files]
-    if not paths:
-        raise UsageError("no text files to prepare")
-    root = Path(root).resolve() if root is not None else Path(
-        os.path.commonpath([p.parent for p in paths]))
-    entries = _stat(paths, root, validation_fraction)
+    root, entries = corpus_entries(files, root, validation_fraction)
     key = hashlib.sha256(json.dumps(
         [FORMAT_VERSION, SEPARATOR, validation_fraction,
          [(e["path"], e["bytes"], e["mtime_ns"]) for e in entries]]).encode()).hexdigest()[:16]
@@ -222,6 +224,23 @@ def prepare_tokens(files: Iterable[str | Path], cache_dir: str | Path | None = N
               f"train / {len(corpus.validation) / 1e6:.1f} MB validation -> {directory}",
               flush=True)
     return corpus
+
+
+def corpus_entries(files: Iterable[str | Path], root: str | Path | None,
+                   fraction: float) -> tuple[Path, list[dict]]:
+    """(root, entries) of `files`: the root (default: their common directory) and, per file in
+    relative-path order, its `path` relative to root, `bytes`, `mtime_ns` and `split`; what a
+    cache key of the files is made of (one `stat` per file, nothing read).
+
+    Raises:
+        UsageError: no files, a file outside `root`; DataError: a file that cannot be stat'ed.
+    """
+    paths = [Path(f).resolve() for f in files]
+    if not paths:
+        raise UsageError("no text files to prepare")
+    root = Path(root).resolve() if root is not None else Path(
+        os.path.commonpath([p.parent for p in paths]))
+    return root, _stat(paths, root, fraction)
 
 
 def _stat(paths: list[Path], root: Path, fraction: float) -> list[dict]:
