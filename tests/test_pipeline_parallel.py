@@ -1,5 +1,6 @@
 """GPipe over the pipeline axis computes what the unpipelined model computes: outputs, gradients and
-training steps, alone or combined with data parallelism."""
+training steps, alone or combined with data parallelism; GPipe and 1F1B pass every layer the
+context (e.g. segment ids) of exactly the rows it works on."""
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,13 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import needs_devices
 from jaxdist import UsageError
+from jaxdist.core.layout import Layout, active_layout, layers_then_loss, run_layers
 from jaxdist.models.vit import Block, vit_config
 from jaxdist.parallel import make_mesh
 from jaxdist.parallel.pipeline import (
     bubble_fraction,
     pipeline_call,
+    stack_runners,
     stack_stages,
     unstack_stages,
 )
@@ -129,9 +132,80 @@ def test_bad_pipeline_inputs_are_clear_errors():
                       num_microbatches=4)
     with pytest.raises(UsageError, match="no axis 'stages'"):
         pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=4, axis="stages")
+    with pytest.raises(UsageError, match="give every context leaf the batch as its leading"):
+        pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=4,
+                      context=jnp.zeros((16, TOKENS), jnp.int32))
 
 
 def test_the_bubble_shrinks_with_more_microbatches():
     assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
     assert bubble_fraction(4, 16) < bubble_fraction(4, 4)
     assert bubble_fraction(1, 8) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A per-row context (segment ids of packed documents) through both schedules
+
+ROWS, SEQ, WIDTH, LAYERS = 24, 4, 8, 4  # 24 rows: 1, 2, 3 or 6 microbatches per data group
+
+
+def _context_layer(params, h, context):
+    """A layer whose output depends on every row's context."""
+    mixed = jnp.tanh(h @ params["w"] + 0.1 * context["positions"][..., None])
+    return h + 0.25 * mixed * (1 + context["segments"][..., None])
+
+
+def _head_loss(head, h, targets):
+    return (((h @ head) - targets["y"]) ** 2 * targets["mask"]).mean()
+
+
+def _context_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    stacked = {"w": rng.normal(0, 0.5, (LAYERS, WIDTH, WIDTH)).astype(np.float32)}
+    head = rng.normal(size=WIDTH).astype(np.float32)
+    h = rng.normal(size=(ROWS, SEQ, WIDTH)).astype(np.float32)
+    targets = {"y": rng.normal(size=(ROWS, SEQ)).astype(np.float32),
+               "mask": (rng.random((ROWS, SEQ)) > 0.3).astype(np.float32)}
+    context = {"segments": rng.integers(0, 3, (ROWS, SEQ)).astype(np.int32),
+               "positions": np.tile(np.arange(SEQ, dtype=np.int32), (ROWS, 1))}
+    return stacked, head, h, targets, context
+
+
+def _context_loss(layout, schedule, stacked, head, h, targets, context):
+    with active_layout(layout):
+        if schedule == "1f1b":
+            return layers_then_loss(_context_layer, _head_loss, stacked, head, h, targets,
+                                    context=context)
+        return _head_loss(head, run_layers(_context_layer, stacked, h, context=context), targets)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("shape,microbatches", [("pipeline=2,data=4", 1),
+                                                ("pipeline=2,data=4", 3),
+                                                ("pipeline=4,data=2", 2),
+                                                ("pipeline=4,data=2", 6)])
+def test_pipelines_give_every_layer_the_context_of_its_rows(schedule, shape, microbatches):
+    mesh = make_mesh(shape)
+    run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule)
+    layout = Layout(mesh, {}, run, then_loss)
+    stacked, head, h, targets, context = _context_problem()
+
+    def value_and_grads(layout, context):
+        def loss(stacked, head, h):
+            return _context_loss(layout, schedule, stacked, head, h, targets, context)
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(stacked, head, h)
+
+    want = value_and_grads(None, context)  # the sequential scan
+    got = jax.jit(lambda c: value_and_grads(layout, c))(context)
+    _close(got, want)
+    if schedule == "gpipe":
+        with active_layout(layout):
+            outputs = jax.jit(lambda c: run_layers(_context_layer, stacked, h, context=c))(context)
+        _close(outputs, run_layers(_context_layer, stacked, h, context=context))
+    # the context matters: the rows' context in another order gives another loss and gradients
+    reversed_rows = jax.tree.map(lambda c: c[::-1], context)
+    other = value_and_grads(None, reversed_rows)
+    assert not np.allclose(got[0], other[0], rtol=1e-3)
+    assert not np.allclose(got[1][0]["w"], other[1][0]["w"], rtol=1e-3)

@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-LayerFn = Callable[[Any, jax.Array], jax.Array]  # (one layer's parameters, h) -> h
+LayerFn = Callable[..., jax.Array]  # (one layer's parameters, h[, context]) -> h
 HeadLossFn = Callable[[Any, jax.Array, Any], jax.Array]  # (head params, h, targets) -> mean loss
 
 
@@ -32,9 +32,11 @@ class Layout:
     Attributes:
         mesh: the trainer's mesh.
         activations: logical activation name -> mesh axes (a name or a tuple of names).
-        run_layers: `(layer_fn, stacked, h) -> h` over all layers (None: a scan).
-        layers_then_loss: `(layer_fn, head_loss_fn, stacked, head_params, h, targets) -> loss`
-            when the schedule must own the loss too (1F1B); None: `run_layers`, then the head.
+        run_layers: `(layer_fn, stacked, h, *, context=None) -> h` over all layers (None: a
+            scan).
+        layers_then_loss: `(layer_fn, head_loss_fn, stacked, head_params, h, targets, *,
+            context=None) -> loss` when the schedule must own the loss too (1F1B); None:
+            `run_layers`, then the head.
     """
 
     mesh: Mesh
@@ -97,24 +99,36 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def scan_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array) -> jax.Array:
-    """The layers one after the other: `stacked`'s leaves have a leading axis of layers."""
-    return lax.scan(lambda carry, params: (layer_fn(params, carry), None), h, stacked)[0]
+def scan_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, context: Any = None
+                ) -> jax.Array:
+    """The layers one after the other: `stacked`'s leaves have a leading axis of layers. A
+    `context` (a pytree of per-row inputs that are not differentiated, e.g. the segment ids of
+    packed documents) reaches every layer unchanged: `layer_fn(params, h, context)`."""
+    if context is None:
+        return lax.scan(lambda carry, params: (layer_fn(params, carry), None), h, stacked)[0]
+    return lax.scan(lambda carry, params: (layer_fn(params, carry, context), None), h,
+                    stacked)[0]
 
 
-def run_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array) -> jax.Array:
-    """All layers of a stack, as the current strategy runs them (pipelined or scanned)."""
+def run_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, *, context: Any = None
+               ) -> jax.Array:
+    """All layers of a stack, as the current strategy runs them (pipelined or scanned). Every
+    leaf of `context` has the batch as leading dimension; each layer sees the rows of `h` it
+    gets (a pipeline splits the context into microbatches with `h`)."""
     layout = current_layout()
     if layout is not None and layout.run_layers is not None:
-        return layout.run_layers(layer_fn, stacked, h)
-    return scan_layers(layer_fn, stacked, h)
+        return layout.run_layers(layer_fn, stacked, h, context=context)
+    return scan_layers(layer_fn, stacked, h, context)
 
 
 def layers_then_loss(layer_fn: LayerFn, head_loss_fn: HeadLossFn, stacked: Any,
-                     head_params: Any, h: jax.Array, targets: Any) -> jax.Array:
+                     head_params: Any, h: jax.Array, targets: Any, *, context: Any = None
+                     ) -> jax.Array:
     """`head_loss_fn(head_params, run_layers(...), targets)`: the mean loss of a layer stack and
-    its head, which a 1F1B pipeline computes microbatch by microbatch, interleaving backward."""
+    its head, which a 1F1B pipeline computes microbatch by microbatch, interleaving backward.
+    The head does not see `context`: what it needs per row (a loss mask) goes into `targets`."""
     layout = current_layout()
     if layout is not None and layout.layers_then_loss is not None:
-        return layout.layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets)
-    return head_loss_fn(head_params, run_layers(layer_fn, stacked, h), targets)
+        return layout.layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets,
+                                       context=context)
+    return head_loss_fn(head_params, run_layers(layer_fn, stacked, h, context=context), targets)

@@ -17,6 +17,11 @@ parallelism, FSDP and tensor parallelism in one mesh (e.g. pipeline=2,data=2,ten
   schedule is computed once in Python (`schedule_1f1b`) and run as a scan of 2 (M + S - 1) - 2
   units, each one masked program (a forward and a backward, see `pipeline_loss_1f1b`): it buys
   the memory with compute, M useful units of those (`bubble_fraction(S, M, "1f1b")`).
+
+Both take an optional `context`: a pytree of per-row inputs that are not differentiated (e.g. the
+segment ids of packed documents), replicated over the pipeline axis, split into microbatches like
+the batch; a stage then runs `stage_fn(params, h, context_k)` with the rows of the microbatch k
+it is working on.
 """
 
 from __future__ import annotations
@@ -78,6 +83,30 @@ def _check(mesh: Mesh, axis: str, batch_axes: tuple[str, ...], stacked: Any, x: 
                          f"divisible by {ways * max(num_microbatches, 1)}")
 
 
+def _check_context(context: Any, x: jax.Array) -> None:
+    rows = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(context)}
+    if rows - {x.shape[0]}:
+        raise UsageError(f"the context's leaves have leading dimensions {sorted(rows, key=str)}, "
+                         f"the batch has {x.shape[0]} rows; give every context leaf the batch "
+                         f"as its leading dimension")
+
+
+def _apply(stage_fn: Callable, params: Any, h: jax.Array, context: Any) -> jax.Array:
+    """`stage_fn(params, h)`, or `stage_fn(params, h, context)` when there is a context: callers
+    without one keep their two-argument stage functions."""
+    return stage_fn(params, h) if context is None else stage_fn(params, h, context)
+
+
+def _microbatch(micro: Any, k: jax.Array) -> Any:
+    """Microbatch `k` of every leaf of a pytree split by `_split_microbatches`."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, k, keepdims=False), micro)
+
+
+def _never_differentiated(tree: Any) -> Any:
+    """The zero cotangents of inputs the loss is not differentiated in (targets, context)."""
+    return jax.tree.map(lambda t: np.zeros(t.shape, jax.dtypes.float0), tree)
+
+
 def _varying(tree: Any, axis: str) -> Any:
     """Marks zeros as differing across `axis`, as the loop's carry will (shard_map's type check)."""
     cast = getattr(lax, "pcast", None)
@@ -100,12 +129,13 @@ def _join_microbatches(micro: jax.Array) -> jax.Array:
     return micro.swapaxes(0, 1).reshape(-1, *micro.shape[2:])
 
 
-def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_params: Any,
-                  x: jax.Array, *, mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
-                  batch_axes: Sequence[str] = ("data",)) -> jax.Array:
+def pipeline_call(stage_fn: Callable[..., jax.Array], stacked_params: Any, x: jax.Array, *,
+                  mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
+                  batch_axes: Sequence[str] = ("data",), context: Any = None) -> jax.Array:
     """GPipe: S stages in sequence, `stage_fn(params_s, h) -> h` (shape-preserving), pipelined.
 
-    Equal to `for s in range(S): x = stage_fn(params[s], x)`, and differentiable.
+    Equal to `for s in range(S): x = stage_fn(params[s], x)`, and differentiable; with a context,
+    to `x = stage_fn(params[s], x, context)`.
 
     Args:
         stage_fn: one stage; all stages share it and differ in their parameters.
@@ -114,21 +144,27 @@ def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_param
         x: the global batch; its other mesh axes stay as XLA lays them out.
         num_microbatches: M; each data-parallel group's batch splits into M equal microbatches.
         batch_axes: the mesh axes that split the batch (kept split inside every microbatch).
+        context: None, or a pytree whose leaves have the batch as leading dimension (per-row
+            inputs that are not differentiated, e.g. segment ids); each stage gets the rows of
+            the microbatch it works on.
     """
     batch_axes = tuple(a for a in batch_axes if a != axis)
     _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
+    _check_context(context, x)
     stages, m = mesh.shape[axis], num_microbatches
 
-    def local(params, h):
+    def local(params, h, ctx):
         params = jax.tree.map(lambda p: p[0], params)  # this device's stage
         stage = lax.axis_index(axis)
         micro = _split_microbatches(h, m, batch_axes)
+        micro_ctx = jax.tree.map(lambda c: _split_microbatches(c, m, batch_axes), ctx)
         forward = [(i, i + 1) for i in range(stages - 1)]
 
         def tick(carry, t):
             held, outputs = carry
             fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
-            out = stage_fn(params, jnp.where(stage == 0, fresh, held))
+            working = _microbatch(micro_ctx, jnp.clip(t - stage, 0, m - 1))  # stage s: t - s
+            out = _apply(stage_fn, params, jnp.where(stage == 0, fresh, held), working)
             done = t - (stages - 1)  # the microbatch the last stage finishes at this tick
             store = (stage == stages - 1) & (done >= 0)
             outputs = jnp.where(store, lax.dynamic_update_index_in_dim(
@@ -141,8 +177,8 @@ def pipeline_call(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked_param
         outputs = lax.psum(jnp.where(stage == stages - 1, outputs, 0), axis)
         return _join_microbatches(outputs)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(),
-                         axis_names={axis})(stacked_params, x)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(),
+                         axis_names={axis})(stacked_params, x, context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,26 +268,30 @@ def peak_in_flight(table: np.ndarray) -> list[int]:
     return peaks
 
 
-def pipeline_loss_1f1b(stage_fn: Callable[[Any, jax.Array], jax.Array],
+def pipeline_loss_1f1b(stage_fn: Callable[..., jax.Array],
                        head_loss_fn: Callable[[Any, jax.Array, Any], jax.Array],
                        stacked_params: Any, head_params: Any, x: jax.Array, targets: Any, *,
                        mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
-                       batch_axes: Sequence[str] = ("data",)) -> jax.Array:
+                       batch_axes: Sequence[str] = ("data",), context: Any = None) -> jax.Array:
     """The mean over microbatches of `head_loss_fn(head_params, stages(x_k), targets_k)`, run as a
     1F1B pipeline; differentiable in `stacked_params`, `head_params` and `x` (the schedule
-    computes the gradients while it runs; the backward pass only scales them)."""
+    computes the gradients while it runs; the backward pass only scales them). With a `context`
+    (see `pipeline_call`) the stages run `stage_fn(params_s, h, context_k)`; the head does not
+    see it, and neither it nor `targets` is differentiated."""
     batch_axes = tuple(a for a in batch_axes if a != axis)
     _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
+    _check_context(context, x)
     stages, m = mesh.shape[axis], num_microbatches
     table = schedule_1f1b(stages, m)
     from_before, from_after = _receipts(table)
     xs = tuple(jnp.asarray(a) for a in (table[..., 0], table[..., 1], from_before, from_after))
 
-    def local(params, head, h, tgt):
+    def local(params, head, h, tgt, ctx):
         params = jax.tree.map(lambda p: p[0], params)
         stage = lax.axis_index(axis)
         micro_x = _split_microbatches(h, m, batch_axes)
         micro_t = jax.tree.map(lambda t: _split_microbatches(t, m, batch_axes), tgt)
+        micro_ctx = jax.tree.map(lambda c: _split_microbatches(c, m, batch_axes), ctx)
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
         slots = jnp.zeros((stages, *micro_x.shape[1:]), micro_x.dtype)
 
@@ -260,12 +300,13 @@ def pipeline_loss_1f1b(stage_fn: Callable[[Any, jax.Array], jax.Array],
             op, k, before, after = (r[stage] for r in row)
             h_in = jnp.where(stage == 0, micro_x[k], inbox_f[k % stages])
             t_k = jax.tree.map(lambda t: t[k], micro_t)
+            c_k = jax.tree.map(lambda c: c[k], micro_ctx)  # closed over: not differentiated
             # One program for every stage and operation, masked, rather than a `lax.switch` on
             # the operation: the stage's collectives (FSDP gathers, tensor-parallel reductions)
             # must run in the same order on every device of a stage, and XLA:CPU runs the
             # collectives of a conditional's branch in no fixed order (it deadlocked 1 run in 4).
             # The price: a forward unit also pays for a backward.
-            y, stage_vjp = jax.vjp(stage_fn, params, h_in)
+            y, stage_vjp = jax.vjp(lambda p, h_: _apply(stage_fn, p, h_, c_k), params, h_in)
             mean = lambda hp, y_: head_loss_fn(hp, y_, t_k) / m  # noqa: E731
             value, (d_head, d_y) = jax.value_and_grad(mean, argnums=(0, 1))(head, y)
             last, backward = op == LAST, op == BACKWARD
@@ -295,25 +336,25 @@ def pipeline_loss_1f1b(stage_fn: Callable[[Any, jax.Array], jax.Array],
         return (lax.psum(loss, axis), jax.tree.map(lambda g: g[None], g_params),
                 lax.psum(g_head, axis), _join_microbatches(lax.psum(dx, axis)))
 
-    run = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
+    run = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(), P(), P()),
                         out_specs=(P(), P(axis), P(), P()), axis_names={axis}, check_vma=False)
 
     @jax.custom_vjp
-    def loss_of(params, head, h, tgt):
-        return run(params, head, h, tgt)[0]
+    def loss_of(params, head, h, tgt, ctx):
+        return run(params, head, h, tgt, ctx)[0]
 
-    def forward(params, head, h, tgt):
-        loss, g_params, g_head, d_h = run(params, head, h, tgt)
-        return loss, (g_params, g_head, d_h, tgt)
+    def forward(params, head, h, tgt, ctx):
+        loss, g_params, g_head, d_h = run(params, head, h, tgt, ctx)
+        return loss, (g_params, g_head, d_h, tgt, ctx)
 
     def backward(saved, g):
-        g_params, g_head, d_h, tgt = saved
+        g_params, g_head, d_h, tgt, ctx = saved
         scale = lambda tree: jax.tree.map(lambda a: a * g.astype(a.dtype), tree)  # noqa: E731
-        no_grad = jax.tree.map(lambda t: np.zeros(t.shape, jax.dtypes.float0), tgt)
-        return scale(g_params), scale(g_head), scale(d_h), no_grad
+        return (scale(g_params), scale(g_head), scale(d_h), _never_differentiated(tgt),
+                _never_differentiated(ctx))
 
     loss_of.defvjp(forward, backward)
-    return loss_of(stacked_params, head_params, x, targets)
+    return loss_of(stacked_params, head_params, x, targets, context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,13 +381,14 @@ def stack_runners(mesh: Mesh, *, microbatches: int, schedule: str = "gpipe",
     stages = mesh.shape[axis]
     options = dict(mesh=mesh, num_microbatches=microbatches, axis=axis, batch_axes=batch_axes)
 
-    def run_layers(layer_fn, stacked, h):
-        stage_fn = functools.partial(scan_layers, layer_fn)
-        return pipeline_call(stage_fn, as_stages(stacked, stages), h, **options)
+    def run_layers(layer_fn, stacked, h, *, context=None):
+        stage_fn = functools.partial(scan_layers, layer_fn)  # (params, h[, context])
+        return pipeline_call(stage_fn, as_stages(stacked, stages), h, context=context, **options)
 
-    def layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets):
+    def layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets, *,
+                         context=None):
         stage_fn = functools.partial(scan_layers, layer_fn)
         return pipeline_loss_1f1b(stage_fn, head_loss_fn, as_stages(stacked, stages),
-                                  head_params, h, targets, **options)
+                                  head_params, h, targets, context=context, **options)
 
     return run_layers, (layers_then_loss if schedule == "1f1b" else None)
