@@ -61,18 +61,13 @@ def _assert_equal(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+# the full list of strategies and meshes runs on the Llama model (tests/test_llama.py); the GPT
+# keeps one of each kind: hybrid FSDP, sequence parallelism, GPipe and 1F1B pipelines
 CASES = [
-    ("dp", "data=8"),
-    ("zero1", "data=8"),
-    ("fsdp", "fsdp=8"),
     ("fsdp", "data=2,fsdp=4"),
-    ("tp", "data=4,tensor=2"),
     ("sp", "data=2,tensor=4"),
-    ("fsdp_tp", "fsdp=4,tensor=2"),
     ("dp", "data=2,pipeline=4"),  # a name on a pipelined mesh: Pipeline's default options
-    (Pipeline(rules="fsdp", schedule="1f1b"), "fsdp=2,pipeline=2,data=2"),
     (Pipeline(rules="fsdp_tp", schedule="1f1b"), "fsdp=2,pipeline=2,tensor=2"),
-    (Pipeline(rules="sp", microbatches=2), "data=2,pipeline=2,tensor=2"),
 ]
 
 

@@ -96,7 +96,7 @@ def test_recipes_and_the_planner_take_their_models_from_the_registry():
     from jaxdist import plan
 
     assert mnist.MODELS == model_names(task="image_classification") == ("cnn", "wide_cnn", "vit")
-    assert plan.MODELS == ("vit", "lm")  # those with named sizes
+    assert plan.MODELS == ("vit", "lm", "llama")  # those with named sizes
     cfg = dataclasses.replace(mnist.get_config(), model="vit", vit_size="tiny")
     name, build = mnist.model_builder(cfg)
     assert name == "ViT-tiny (0.14M params)" and isinstance(build(), nnx.Module)

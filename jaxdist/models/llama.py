@@ -136,15 +136,15 @@ LLAMA_SIZES = {
     "tiny": LlamaConfig(),
     "small": LlamaConfig(vocab=4096, seq_len=256, embed=256, depth=6, heads=8, kv_heads=2,
                          mlp=704),
-    "llama-3.2-1b": LlamaConfig(
+    "3.2-1b": LlamaConfig(
         vocab=128256, seq_len=8192, embed=2048, depth=16, heads=32, kv_heads=8, mlp=8192,
         rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tied=True,
         max_positions=131072),
-    "llama-3.1-8b": LlamaConfig(
+    "3.1-8b": LlamaConfig(
         vocab=128256, seq_len=8192, embed=4096, depth=32, heads=32, kv_heads=8, mlp=14336,
         rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
         max_positions=131072),
-    "llama-3.1-70b": LlamaConfig(
+    "3.1-70b": LlamaConfig(
         vocab=128256, seq_len=8192, embed=8192, depth=80, heads=64, kv_heads=8, mlp=28672,
         rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
         max_positions=131072),

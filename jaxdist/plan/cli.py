@@ -8,6 +8,7 @@ import sys
 from typing import Any, Literal, Sequence, TextIO
 
 from jaxdist.errors import EXIT_USAGE, UsageError
+from jaxdist.models.registry import get_model
 from jaxdist.plan.cost import (DEFAULT_BANDWIDTH_GBPS, DEFAULT_LATENCY_US, DEFAULT_PEAK_TFLOPS,
                                Assumptions)
 from jaxdist.plan.models import DEFAULT_SIZES
@@ -24,12 +25,15 @@ LM_ONLY = ("remat", "seq_len", "pipeline_stages", "pipeline_microbatches")
 class PlanConfig:
     """What to plan, on how many devices, under which stated assumptions: one flag per field."""
 
-    model: Literal["vit", "lm"] = "vit"
+    model: Literal["vit", "lm", "llama"] = "vit"
     """model family (a registered model with named sizes, `jaxdist.models.registry`)"""
     vit_size: tuple[str, ...] = (DEFAULT_SIZES["vit"],)
     """one or more ViT sizes, comma separated: tiny, small, base, large"""
     lm_size: tuple[str, ...] = (DEFAULT_SIZES["lm"],)
     """one or more LM sizes, comma separated: test, tiny, small, 125m, 350m, 1.3b, 7b"""
+    llama_size: tuple[str, ...] = (DEFAULT_SIZES["llama"],)
+    """one or more Llama sizes, comma separated: test, tiny, small, and the published shapes
+    3.2-1b, 3.1-8b, 3.1-70b (Llama), qwen2.5-7b, mistral-7b"""
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None
     """LM only: remat policy of each block (default full)"""
     seq_len: int | None = None
@@ -86,8 +90,9 @@ def plan_options(cfg: PlanConfig) -> dict[str, Any]:
     """`plan`'s and `validate_inputs`' arguments from the flags; UsageError for LM-only flags
     given to another model."""
     given = [f"--{k}" for k in LM_ONLY if getattr(cfg, k) is not None]
-    if cfg.model != "lm" and given:
-        raise UsageError(f"{', '.join(given)}: options of --model lm, not --model {cfg.model}")
+    if get_model(cfg.model).task != "language_modeling" and given:
+        raise UsageError(f"{', '.join(given)}: options of the language models (--model lm or "
+                         f"llama), not --model {cfg.model}")
     strategies = (DEFAULT_STRATEGIES[cfg.model] if cfg.strategies is None
                   else tuple(s.strip() for s in cfg.strategies if s.strip()))
     return dict(model=cfg.model, sizes=cfg.sizes, device_counts=cfg.devices,

@@ -10,10 +10,11 @@ from jaxdist.models.registry import ModelVariant, get_model, model_names
 
 # the registered models with named sizes (each has a --<model>_size flag)
 MODELS = tuple(name for name in model_names() if get_model(name).sizes)
-DEFAULT_SIZES = {"vit": "small", "lm": "125m"}
+DEFAULT_SIZES = {"vit": "small", "lm": "125m", "llama": "3.2-1b"}
 DEFAULT_LM_REMAT = "full"
 # config fields the planner sets unless overridden: the sizes it plans need the memory remat saves
-PLAN_DEFAULTS: dict[str, dict[str, Any]] = {"lm": {"remat": DEFAULT_LM_REMAT}}
+PLAN_DEFAULTS: dict[str, dict[str, Any]] = {"lm": {"remat": DEFAULT_LM_REMAT},
+                                             "llama": {"remat": DEFAULT_LM_REMAT}}
 
 
 def planned_model(model: str, size: str, overrides: dict | None = None) -> ModelVariant:

@@ -22,7 +22,7 @@ DEFAULT_GLOBAL_BATCH = 256
 # be tp again.
 DEFAULT_STRATEGIES = {model: tuple(name for name, s in STRATEGIES.items()
                                    if s.parallelism == "model" and (model, name) != ("vit", "sp"))
-                      for model in ("vit", "lm")}
+                      for model in MODELS}
 PIPELINE_STAGES = (2, 4)  # pipeline sizes planned for the LM where they divide n and its depth
 SCHEDULES = ("gpipe", "1f1b")
 # (strategy, schedule) pairs not compiled on pipeline meshes, with the reason the row shows: XLA
