@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -220,6 +221,21 @@ class DocumentCorpus:
     files: tuple[str, ...]
     manifest: dict
     name: str = "text"
+
+    def bytes_per_token(self, split: str = "validation") -> float:
+        """Bytes of text per token of a split (end-of-document tokens counted as tokens): turns a
+        loss per token into bits per byte, comparable across tokenizers. From the files' sizes
+        where the split is whole files, else by decoding the split."""
+        tokens = getattr(self, split)
+        if not len(tokens):
+            return math.nan
+        if self.manifest.get("split_by") == "file":
+            size = sum(e["bytes"] for e in self.manifest["files"] if e["split"] == split)
+        else:
+            ids = np.asarray(tokens)
+            size = len(self.tokenizer.decode(ids[ids != self.tokenizer.eod_id].tolist())
+                       .encode("utf-8"))
+        return size / len(tokens)
 
     def dataset(self, split: str = "train", *, seq_len: int, global_batch: int, seed: int = 0,
                 **kw) -> Dataset:

@@ -16,6 +16,7 @@ The blocks are one stack of parameters with a leading `layers` axis, run by
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -259,20 +260,24 @@ def lm_eval(model: GPT, batch: Any) -> dict[str, jax.Array]:
             "count": mask.sum()}
 
 
-def generate(model: GPT, prompt: jax.Array, steps: int, key: jax.Array,
+def generate(model: Any, prompt: jax.Array, steps: int, key: jax.Array,
              temperature: float = 0.8) -> jax.Array:
     """Samples `steps` tokens after `prompt` (1-D), recomputing a window of `seq_len` each step
-    (no key-value cache: this is for a short sample at the end of a run)."""
+    (no key-value cache: this is for a short sample at the end of a run). A model that takes
+    segment ids (the Llama) is told the left padding of a short context is another document."""
     window = model.cfg.seq_len
     graphdef, state = nnx.split(model)
+    documents = "segment_ids" in inspect.signature(type(model).__call__).parameters
 
     @jax.jit
-    def next_token(state, context, key):
-        logits = nnx.merge(graphdef, state)(context[None])[0, -1]
+    def next_token(state, context, real, key):
+        module = nnx.merge(graphdef, state)
+        logits = (module(context[None], real[None]) if documents else module(context[None]))[0, -1]
         return jax.random.categorical(key, logits / temperature)
 
     tokens = list(map(int, prompt))
     for i in range(steps):
         context = jnp.asarray(([0] * window + tokens)[-window:], jnp.int32)
-        tokens.append(int(next_token(state, context, jax.random.fold_in(key, i))))
+        real = jnp.asarray(([0] * window + [1] * len(tokens))[-window:], jnp.int32)
+        tokens.append(int(next_token(state, context, real, jax.random.fold_in(key, i))))
     return jnp.asarray(tokens[len(prompt):], jnp.int32)
