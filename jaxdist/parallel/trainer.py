@@ -50,6 +50,11 @@ class Trainer:
             gradients before the one reduction (gradient accumulation), under every strategy.
         skip_nonfinite: skip updates whose loss or gradients are not finite; the step reports
             `metrics["nonfinite"]`.
+        init_params: where `init` (and so `fit`) takes the starting weights from instead of the
+            model: a function of the parameters' shapes, dtypes and shardings (a tree of
+            `jax.ShapeDtypeStruct`) returning them laid out so, e.g. a checkpoint read straight
+            into its shards (`jaxdist.io.hf.hf_init_params(path)`). The optimizer state is made
+            from them.
 
     Attributes:
         strategy: the strategy's name (`strategy.name`: "fsdp", "local_sgd", "custom" for your
@@ -71,6 +76,7 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         microbatches: int = 1,
         skip_nonfinite: bool = True,
+        init_params: Callable[[Any], Any] | None = None,
     ):
         value = resolve(strategy)
         self.strategy = value.name
@@ -86,6 +92,7 @@ class Trainer:
         self.mesh = value.mesh_for(mesh, list(devices))
         self.devices = list(self.mesh.devices.flat)
         self.model = model if isinstance(model, nnx.Module) else None
+        self._tx, self._init_params = tx, init_params
         layout = value.build(model, tx, loss_fn, self.mesh, eval_fn,
                              dict(skip_nonfinite=skip_nonfinite, microbatches=microbatches))
         self.graphdef, self.backend = layout.graphdef, layout.backend
@@ -107,7 +114,24 @@ class Trainer:
 
     def init(self) -> Any:
         """The initial state, laid out on the devices for this strategy."""
-        return self._initial_state()
+        state = self._initial_state()
+        return state if self._init_params is None else self._start_from_init_params(state)
+
+    def _start_from_init_params(self, state: Any) -> Any:
+        """`state` with `init_params`' weights and an optimizer state made from them (the
+        model's own weights are made first and dropped: the rest of the state comes with
+        them)."""
+        canonical = self.canonical(state)
+        if jax.tree.leaves(canonical.comm):
+            raise UsageError(f"init_params: strategy {self.strategy} keeps gradient-reducer "
+                             f"state made from the model's weights; give it a model holding them")
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            canonical.params)
+        params = self._init_params(like)
+        if jax.tree.structure(params) != jax.tree.structure(like):
+            raise UsageError("init_params returned another tree than the model's parameters")
+        opt_state = jax.jit(self._tx.init)(params)
+        return self.place(canonical._replace(params=params, opt_state=opt_state))
 
     def place(self, state: TrainState) -> Any:
         """A canonical `TrainState` (e.g. restored from a checkpoint) in this strategy's layout."""
