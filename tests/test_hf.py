@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import needs_devices
 from hf_support import transformers  # noqa: F401 - the fixture
-from jaxdist import Trainer, UsageError
+from jaxdist import LocalSGD, Trainer, UsageError
 from jaxdist.io.hf import hf_init_params, load_hf_config, load_hf_params, save_hf
 from jaxdist.models.llama import Llama, RopeScaling, llama_config, llama_loss
 from jaxdist.models.llama_hf import LLAMA_HF
@@ -155,6 +155,24 @@ def test_saved_from_fsdp_tp_transformers_loads_it_with_the_same_logits(hf, fsdp_
         assert _max_diff(np.load(tmp_path / f"{name}.npy"), jaxdist) < TOLERANCE
 
 
+@needs_devices(8)
+def test_loaded_trained_five_steps_under_fsdp_tp_and_saved_transformers_gives_its_logits(
+        hf, fsdp_tp, tmp_path, transformers):  # noqa: F811
+    trainer, state = fsdp_tp
+    state = jax.tree.map(jnp.copy, state)  # the step donates it; the fixture's stays
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        tokens = rng.integers(0, GQA.vocab, (8, 17)).astype(np.int32)
+        state, _ = trainer.step(state, (tokens[:, :-1], tokens[:, 1:]))
+    trained = _logits(GQA, state.params)
+    assert _max_diff(trained, np.load(hf / "gqa.npy")) > 100 * TOLERANCE  # it did learn
+    save_hf(tmp_path / "trained", trainer.canonical(state), GQA)
+    np.save(tmp_path / "tokens.npy", TOKENS)
+    transformers.run([{"logits": str(tmp_path / "trained"), "tokens": str(tmp_path / "tokens.npy"),
+                       "out": str(tmp_path / "trained.npy")}])
+    assert _max_diff(np.load(tmp_path / "trained.npy"), trained) < TOLERANCE
+
+
 @pytest.mark.parametrize("inner", [False, True])
 def test_any_block_of_a_parameter_reads_from_its_hf_tensor(inner):
     """The windows of rows and columns read for a device's block, head features split too."""
@@ -189,6 +207,34 @@ def _one_line_error(path, cfg, match: str) -> str:
         _load(path, cfg)
     assert "\n" not in str(error.value)
     return str(error.value)
+
+
+def _model_holding(cfg, value: float) -> Llama:
+    """A Llama whose every weight is `value` (made without drawing any)."""
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(lambda x: np.full(x.shape, value, np.float32),
+                                   nnx.state(model, nnx.Param)))
+    return model
+
+
+@needs_devices(4)
+@pytest.mark.parametrize("strategy", ["shard_map", "pmap", "local_sgd"])
+def test_init_params_start_the_replicated_layouts_from_the_checkpoint(saved, strategy):
+    path, cfg = saved
+    trainer = Trainer(_model_holding(cfg, 0.0), optax.adam(1e-3), llama_loss,
+                      strategy=strategy, devices=4, init_params=hf_init_params(path, cfg=cfg))
+    got = _host(trainer.canonical(trainer.init()).params)
+    for name, want in _host(_load(path, cfg)).items():
+        np.testing.assert_array_equal(got[name], want)
+
+
+def test_init_params_refuse_a_strategy_whose_reducer_state_comes_from_the_weights(saved):
+    path, cfg = saved
+    trainer = Trainer(_model_holding(cfg, 0.0), optax.sgd(0.1), llama_loss, devices=2,
+                      strategy=LocalSGD(every=2, outer=optax.sgd(0.7)),
+                      init_params=hf_init_params(path, cfg=cfg))
+    with pytest.raises(UsageError, match="gradient-reducer state made from the model's weights"):
+        trainer.init()
 
 
 def test_a_missing_tensor_fails_naming_it(saved):

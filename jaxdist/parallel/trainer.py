@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdist.cluster.devices import select_devices
-from jaxdist.core.step import EvalFn, LossFn, TrainState
+from jaxdist.core.step import EvalFn, LossFn, TrainState, split_model
 from jaxdist.errors import UsageError
 from jaxdist.parallel.backends import to_host
 from jaxdist.parallel.mesh import batch_sharded, put_global_batch
@@ -92,6 +93,7 @@ class Trainer:
         self.mesh = value.mesh_for(mesh, list(devices))
         self.devices = list(self.mesh.devices.flat)
         self.model = model if isinstance(model, nnx.Module) else None
+        self._builder = None if self.model is not None else model
         self._tx, self._init_params = tx, init_params
         layout = value.build(model, tx, loss_fn, self.mesh, eval_fn,
                              dict(skip_nonfinite=skip_nonfinite, microbatches=microbatches))
@@ -114,24 +116,36 @@ class Trainer:
 
     def init(self) -> Any:
         """The initial state, laid out on the devices for this strategy."""
-        state = self._initial_state()
-        return state if self._init_params is None else self._start_from_init_params(state)
+        if self._init_params is None:
+            return self._initial_state()
+        return self._start_from_init_params()
 
-    def _start_from_init_params(self, state: Any) -> Any:
-        """`state` with `init_params`' weights and an optimizer state made from them (the
-        model's own weights are made first and dropped: the rest of the state comes with
-        them)."""
-        canonical = self.canonical(state)
-        if jax.tree.leaves(canonical.comm):
-            raise UsageError(f"init_params: strategy {self.strategy} keeps gradient-reducer "
-                             f"state made from the model's weights; give it a model holding them")
+    def _start_from_init_params(self) -> Any:
+        """The initial state with `init_params`' weights and an optimizer state made from them.
+        Under the rules layout the model's own weights are never made, only its other state
+        (the mapped layouts hold them on the host already)."""
+        if self.state_shardings is None:
+            start = self.canonical(self._initial_state())
+            if jax.tree.leaves(start.comm):
+                raise UsageError(f"init_params: strategy {self.strategy} keeps gradient-reducer "
+                                 f"state made from the model's weights; give it a model holding "
+                                 f"them")
+        else:
+            start = TrainState(jnp.zeros((), jnp.int32), self.abstract_state().params,
+                               self._model_rest(), None)
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            canonical.params)
+                            start.params)
         params = self._init_params(like)
         if jax.tree.structure(params) != jax.tree.structure(like):
             raise UsageError("init_params returned another tree than the model's parameters")
-        opt_state = jax.jit(self._tx.init)(params)
-        return self.place(canonical._replace(params=params, opt_state=opt_state))
+        return self.place(start._replace(params=params, opt_state=jax.jit(self._tx.init)(params)))
+
+    def _model_rest(self) -> Any:
+        """The model's state that is not parameters (RNG counters, batch statistics); from a
+        builder, made under jit, where the weights it also draws are compiled away."""
+        if self.model is not None:
+            return split_model(self.model)[2]
+        return jax.jit(lambda: split_model(self._builder())[2])()
 
     def place(self, state: TrainState) -> Any:
         """A canonical `TrainState` (e.g. restored from a checkpoint) in this strategy's layout."""
