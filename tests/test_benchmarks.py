@@ -8,12 +8,14 @@ import typing
 
 import pytest
 
-from benchmarks import comm, harness, multiprocess, parallel, time_to_accuracy, vs_torch
+from benchmarks import comm, harness, lm_torch, multiprocess, parallel, time_to_accuracy, vs_torch
 from conftest import REPO
 from jaxdist.config import field_docs
-from jaxdist.errors import EXIT_USAGE
+from jaxdist.errors import EXIT_USAGE, UsageError
+from jaxdist.observe.flops import measure_matmul_peak
+from jaxdist.observe.machine import physical_cores, theoretical_peak_flops, vector_flops_per_cycle
 
-BENCHMARKS = ("checkpoint", "comm", "dp", "lm", "multiprocess", "parallel", "restart",
+BENCHMARKS = ("checkpoint", "comm", "dp", "lm", "lm_torch", "multiprocess", "parallel", "restart",
               "time_to_accuracy", "vs_torch")
 
 
@@ -40,6 +42,8 @@ def _exit_code(main, argv) -> int:
     (parallel, ["--configs", "dp:data=8;fsdp:data=3"], "mesh data=3 needs 3 devices"),
     (comm, ["--options", "fp32,fp4"], "argument --options: 'fp4' is not one of fp32, bf16,"),
     (comm, ["--config", "smoke"], "unknown --config 'smoke'"),
+    (lm_torch, ["--size", "huge"], "unknown Llama size 'huge'"),
+    (lm_torch, ["--warmup", "0"], "--warmup (it compiles), --steps, --rounds and --peak_size"),
 ])
 def test_a_benchmark_given_bad_input_exits_with_the_usage_code_and_one_line(capsys, command, argv,
                                                                              message):
@@ -63,12 +67,13 @@ def test_every_benchmark_prints_its_help_with_a_line_per_flag(name):
     assert "--out" in proc.stdout
 
 
-def test_the_pytorch_reference_runs_without_jax():
-    """`torch_reference.py` runs under an interpreter with only torch and numpy: its imports at
-    module level are the standard library's."""
+@pytest.mark.parametrize("reference", ["torch_reference.py", "torch_lm_reference.py"])
+def test_the_pytorch_references_run_without_jax(reference):
+    """The PyTorch references run under an interpreter with only torch, numpy (and transformers):
+    their imports at module level are the standard library's."""
     import ast
 
-    tree = ast.parse((REPO / "benchmarks" / "torch_reference.py").read_text())
+    tree = ast.parse((REPO / "benchmarks" / reference).read_text())
     top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
            for alias in node.names}
     top |= {node.module.split(".")[0] for node in tree.body
@@ -102,3 +107,51 @@ def test_rounds_alternate_and_report_their_median():
     assert calls == ["a", "b"] * 3
     assert rounds["a"].values == (1, 3, 5) and rounds["b"].median == 4
     assert harness.markdown_table(["x", "y"], [(1, "2")]) == "| x | y |\n|---|---|\n| 1 | 2 |"
+
+
+def test_the_theoretical_peak_counts_fma_lanes_per_cycle_from_the_vector_flags():
+    intel = {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert vector_flops_per_cycle(intel, "GenuineIntel")[0] == 64  # 2 units x 16 lanes x FMA
+    assert vector_flops_per_cycle(intel, "GenuineIntel", "bfloat16")[0] == 128
+    assert "AMX not counted" in vector_flops_per_cycle(intel, "GenuineIntel", "bfloat16")[1]
+    assert vector_flops_per_cycle({"avx2", "fma", "avx512f"}, "AuthenticAMD")[0] == 32  # Zen 4
+    assert vector_flops_per_cycle({"avx2", "fma"}, "AuthenticAMD", "bfloat16")[0] == 32
+    assert vector_flops_per_cycle({"sse2"}, "GenuineIntel") is None
+    assert vector_flops_per_cycle(intel, "GenuineIntel", "float16") is None
+    two_threads_of_one_core = "physical id: 0\ncore id: 0\n\nphysical id: 0\ncore id: 0\n"
+    assert physical_cores(two_threads_of_one_core) == 1
+    peak, how = theoretical_peak_flops()
+    assert (peak is None and "unknown" in how) or (peak > 0 and "GHz" in how and "cores x" in how)
+
+
+def test_the_measured_matmul_peak_is_a_rate_of_flops():
+    assert measure_matmul_peak("float32", 64, iters=2, repeats=1) > 1e6
+    assert measure_matmul_peak("bfloat16", 64, iters=2, repeats=1) > 1e6
+
+
+def _torch_python_with_transformers() -> str:
+    python = lm_torch.find_torch_python(None)
+    if python is None:
+        pytest.skip("no interpreter with torch: set JAXDIST_TORCH_PYTHON or run "
+                    "scripts/reference_env.sh")
+    try:
+        lm_torch.library_versions(python)
+    except UsageError as missing:
+        pytest.skip(str(missing))
+    return python
+
+
+def test_the_lm_against_pytorch_times_jaxdist_eager_and_compiled_in_one_table(capsys):
+    python = _torch_python_with_transformers()
+    tiny = ["--torch_python", python, "--size", "test", "--seq_len", "16", "--batch", "2",
+            "--warmup", "1", "--steps", "1", "--rounds", "1", "--peak_size", "64"]
+    assert lm_torch.main(tiny) == 0
+    out = capsys.readouterr().out
+    assert " torch 2." in out and " transformers " in out  # the machine line
+    assert "- float32 peak: measured " in out and "- bfloat16 peak: measured " in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert list(rows) == ["jaxdist", "PyTorch eager", "PyTorch torch.compile"]
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows.values())
+    assert all(row[4].strip(" |").endswith("%") for row in rows.values())
+    assert "jaxdist / best PyTorch (PyTorch " in out

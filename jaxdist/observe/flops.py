@@ -1,13 +1,16 @@
 """FLOPs and MFU: FLOPs of the compiled step from XLA's `cost_analysis()` (per device: the
 compiled module is one device's program) times steps per second, over a peak that is an
-assumption (a flag, or a per-platform default printed as such)."""
+assumption (a flag, or a per-platform default printed as such) or measured
+(`measure_matmul_peak`: what a dense matmul reaches here, a ceiling no datasheet promises)."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxdist.cluster.devices import XLA_OWN_CPU_KERNELS
 
@@ -62,6 +65,31 @@ def default_peak_tflops(device: Any = None) -> tuple[float, str]:
     peak = CPU_CORE_TFLOPS * cores / local
     return peak, (f"cpu: {CPU_CORE_TFLOPS:g} TFLOP/s per core x {cores} cores shared by "
                   f"{local} devices = {peak:.3g} TFLOP/s per device")
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, *, iters: int = 8,
+                        repeats: int = 3, device: Any = None) -> float:
+    """Dense FLOP/s of one device: the best of `repeats` timings of `iters` jitted (n, n) @ (n, n)
+    products (2 n^3 FLOPs each) in `dtype`, after one untimed run (the compilation).
+
+    `device` defaults to the first local device, so on an accelerator it is one chip's peak, the
+    denominator of a per-device MFU. On CPU one device's matmul already runs on every core's
+    threads (XLA's intra-op pool is the process's), so it is the whole process's peak; virtual
+    CPU devices share it. Measured with the XLA flags in force (oneDNN's where jaxdist set them),
+    i.e. the kernels a jaxdist step gets."""
+    device = device or jax.local_devices()[0]
+    a, b = (jax.device_put(jax.random.normal(key, (n, n), dtype), device)
+            for key in jax.random.split(jax.random.key(0)))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = matmul(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - start) / iters)
+    return 2 * n**3 / best
 
 
 def mfu(flops_per_device_step: float, steps_per_second: float, peak_tflops: float) -> float:
