@@ -325,8 +325,8 @@ def prepare_documents(files: Iterable[str | Path], tokenizer: Tokenizer,
     tokens, then EOD.
 
     Raises:
-        UsageError: no files, a file outside `root`; DataError: a file that cannot be read or is
-        not UTF-8.
+        UsageError: no files, a file outside `root`.
+        DataError: a file that cannot be read or is not UTF-8.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "documents"
     root, entries = text.corpus_entries(files, root, validation_fraction)
