@@ -103,7 +103,7 @@ def save_hf(path: str | os.PathLike, params: Any, cfg: LlamaConfig, *,
 
     Call it on every process: each parameter is gathered one layer's tensor at a time (host
     memory holds about one tensor), and process 0 writes into a temporary directory that
-    replaces `path` once complete. `dtype` (e.g. `jnp.bfloat16`) converts on the host; default:
+    replaces `path` whole once complete (files put there before are gone). `dtype` (e.g. `jnp.bfloat16`) converts on the host; default:
     the parameters' own."""
     params = params.params if isinstance(params, TrainState) else params
     arrays = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
