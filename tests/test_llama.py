@@ -118,6 +118,19 @@ def test_a_tokens_logits_do_not_change_when_another_document_in_its_window_chang
     assert not np.allclose(model(other)[0, 5:12], model(tokens)[0, 5:12], atol=1e-3)
 
 
+def test_unrolled_layers_equal_the_scanned_stack_in_loss_and_gradients():
+    batch = _batches()[0]
+
+    def loss_and_grads(unroll):
+        model = Llama(dataclasses.replace(CFG, unroll=unroll), rngs=nnx.Rngs(0))
+        return nnx.value_and_grad(lambda m: llama_loss(m, batch)[0])(model)
+
+    (loss, grads), (loss2, grads2) = loss_and_grads(False), loss_and_grads(True)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+    for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+        np.testing.assert_allclose(g2, g, rtol=1e-5, atol=1e-7)
+
+
 def test_document_positions_restart_at_every_document():
     segments = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8])
     np.testing.assert_array_equal(document_positions(segments),
@@ -157,7 +170,7 @@ def test_padding_is_ignored_by_the_loss_and_its_gradient():
 @pytest.mark.parametrize("size", [s for s in LLAMA_SIZES])
 def test_every_size_round_trips_through_hf_config_json(size):
     cfg = llama_config(size)
-    assert LlamaConfig.from_hf(cfg.to_hf(), seq_len=cfg.seq_len) == cfg
+    assert LlamaConfig.from_hf(cfg.to_hf(), seq_len=cfg.seq_len, unroll=cfg.unroll) == cfg
 
 
 def test_the_published_shapes_have_the_published_parameter_counts():

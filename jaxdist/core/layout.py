@@ -99,31 +99,38 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def scan_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, context: Any = None
-                ) -> jax.Array:
+def scan_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, context: Any = None,
+                unroll: bool = False) -> jax.Array:
     """The layers one after the other: `stacked`'s leaves have a leading axis of layers. A
     `context` (a pytree of per-row inputs that are not differentiated, e.g. the segment ids of
-    packed documents) reaches every layer unchanged: `layer_fn(params, h, context)`."""
+    packed documents) reaches every layer unchanged: `layer_fn(params, h, context)`.
+
+    `unroll` compiles every layer on its own instead of one loop body: the saved activations
+    are then separate buffers rather than slices of one stacked buffer that the loop first
+    zero-fills and then writes layer by layer, which a small model on a CPU pays for (the
+    Llama-small step 10-15% slower); the compile time grows with the depth."""
     if context is None:
-        return lax.scan(lambda carry, params: (layer_fn(params, carry), None), h, stacked)[0]
-    return lax.scan(lambda carry, params: (layer_fn(params, carry, context), None), h,
-                    stacked)[0]
+        body = lambda carry, params: (layer_fn(params, carry), None)  # noqa: E731
+    else:
+        body = lambda carry, params: (layer_fn(params, carry, context), None)  # noqa: E731
+    return lax.scan(body, h, stacked, unroll=bool(unroll))[0]
 
 
-def run_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, *, context: Any = None
-               ) -> jax.Array:
-    """All layers of a stack, as the current strategy runs them (pipelined or scanned). Every
-    leaf of `context` has the batch as leading dimension; each layer sees the rows of `h` it
-    gets (a pipeline splits the context into microbatches with `h`)."""
+def run_layers(layer_fn: LayerFn, stacked: Any, h: jax.Array, *, context: Any = None,
+               unroll: bool = False) -> jax.Array:
+    """All layers of a stack, as the current strategy runs them (pipelined or scanned; `unroll`,
+    see `scan_layers`, only where it is not pipelined). Every leaf of `context` has the batch as
+    leading dimension; each layer sees the rows of `h` it gets (a pipeline splits the context
+    into microbatches with `h`)."""
     layout = current_layout()
     if layout is not None and layout.run_layers is not None:
         return layout.run_layers(layer_fn, stacked, h, context=context)
-    return scan_layers(layer_fn, stacked, h, context)
+    return scan_layers(layer_fn, stacked, h, context, unroll)
 
 
 def layers_then_loss(layer_fn: LayerFn, head_loss_fn: HeadLossFn, stacked: Any,
-                     head_params: Any, h: jax.Array, targets: Any, *, context: Any = None
-                     ) -> jax.Array:
+                     head_params: Any, h: jax.Array, targets: Any, *, context: Any = None,
+                     unroll: bool = False) -> jax.Array:
     """`head_loss_fn(head_params, run_layers(...), targets)`: the mean loss of a layer stack and
     its head, which a 1F1B pipeline computes microbatch by microbatch, interleaving backward.
     The head does not see `context`: what it needs per row (a loss mask) goes into `targets`."""
@@ -131,4 +138,5 @@ def layers_then_loss(layer_fn: LayerFn, head_loss_fn: HeadLossFn, stacked: Any,
     if layout is not None and layout.layers_then_loss is not None:
         return layout.layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets,
                                        context=context)
-    return head_loss_fn(head_params, run_layers(layer_fn, stacked, h, context=context), targets)
+    return head_loss_fn(head_params, run_layers(layer_fn, stacked, h, context=context,
+                                                unroll=unroll), targets)

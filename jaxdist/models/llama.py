@@ -51,7 +51,8 @@ class LlamaConfig:
 
     `seq_len` is the training window (not a limit of the model: rotary embeddings have none;
     `max_positions` is what HF's config records). `remat` is each block's `jax.checkpoint`
-    policy (see `jaxdist.models.lm.LMConfig`)."""
+    policy (see `jaxdist.models.lm.LMConfig`). `unroll` compiles each layer on its own
+    (`jaxdist.core.layout.scan_layers`): faster small models on a CPU, longer compiles."""
 
     vocab: int = 256
     seq_len: int = 128
@@ -67,6 +68,7 @@ class LlamaConfig:
     tied: bool = False
     max_positions: int = 2048
     remat: str = "none"
+    unroll: bool = False
 
     @property
     def dim(self) -> int:
@@ -133,9 +135,9 @@ class LlamaConfig:
 # Small sizes train here; the published shapes are for the planner (`python -m jaxdist.plan`).
 LLAMA_SIZES = {
     "test": LlamaConfig(seq_len=32, embed=32, depth=4, heads=4, kv_heads=2, mlp=64),
-    "tiny": LlamaConfig(),
+    "tiny": LlamaConfig(unroll=True),
     "small": LlamaConfig(vocab=4096, seq_len=256, embed=256, depth=6, heads=8, kv_heads=2,
-                         mlp=704),
+                         mlp=704, unroll=True),
     "3.2-1b": LlamaConfig(
         vocab=128256, seq_len=8192, embed=2048, depth=16, heads=32, kv_heads=8, mlp=8192,
         rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tied=True,
@@ -280,6 +282,30 @@ def attention_mask(segment_ids: jax.Array | None, t: int) -> jax.Array:
     return causal & same
 
 
+@jax.custom_vjp
+def _cotangent_once(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _cotangent_once_fwd(x):
+    return x, None
+
+
+def _cotangent_once_bwd(_, g):
+    return (jax.lax.optimization_barrier(g),)
+
+
+_cotangent_once.defvjp(_cotangent_once_fwd, _cotangent_once_bwd)
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`einsum(spec, x, w)` whose output's gradient is computed once, before the two matmuls of
+    the backward use it. Without the barrier XLA's CPU compiler fuses the elementwise gradient
+    of what follows (SwiGLU, RMSNorm, rotary) into each of them, recomputing it, once into a
+    transposed layout: the backward took 5x the forward instead of 2x."""
+    return _cotangent_once(jnp.einsum(spec, x, w))
+
+
 def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
           context: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """One pre-norm block on the residual stream x (batch, seq, embed); `context` is (segment
@@ -290,22 +316,22 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
     heads = ("batch", None, "heads", "kv")
     inverse = inverse_frequencies(cfg)
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = rotate(constrain(jnp.einsum("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
-    k = rotate(jnp.einsum("bte,ekd->btkd", h, p["wk"]), positions, inverse)
-    v = jnp.einsum("bte,ekd->btkd", h, p["wv"])
+    q = rotate(constrain(dense("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
+    k = rotate(dense("bte,ekd->btkd", h, p["wk"]), positions, inverse)
+    v = dense("bte,ekd->btkd", h, p["wv"])
     group = cfg.heads // cfg.kv_heads  # query heads per key/value head
     k = constrain(jnp.repeat(k, group, axis=2), heads)
     v = constrain(jnp.repeat(v, group, axis=2), heads)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.dim)
+    logits = dense("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.dim)
     logits = jnp.where(attention_mask(segment_ids, t), logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    mixed = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), heads)
-    x = constrain(x + jnp.einsum("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
+    mixed = constrain(dense("bhqk,bkhd->bqhd", weights, v), heads)
+    x = constrain(x + dense("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = jnp.einsum("bte,ef->btf", h, p["w_gate"])
-    up = jnp.einsum("bte,ef->btf", h, p["w_up"])
+    gate = dense("bte,ef->btf", h, p["w_gate"])
+    up = dense("bte,ef->btf", h, p["w_up"])
     h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-    return constrain(x + jnp.einsum("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
+    return constrain(x + dense("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
 
 
 def _context(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
@@ -334,8 +360,7 @@ class Llama(nnx.Module):
         return {"norm": self.final_norm[...], "out": out}
 
     def _logits(self, head: dict[str, jax.Array], h: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bte,ev->btv", rms_norm(h, head["norm"], self.cfg.norm_eps),
-                            head["out"])
+        logits = dense("bte,ev->btv", rms_norm(h, head["norm"], self.cfg.norm_eps), head["out"])
         return constrain(logits, ("batch", None, "vocab"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
@@ -343,7 +368,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens),
-                       **_context_kw(segment_ids))
+                       unroll=self.cfg.unroll, **_context_kw(segment_ids))
         return self._logits(self._head(), h)
 
     def loss(self, tokens: jax.Array, targets: jax.Array,
@@ -362,7 +387,7 @@ class Llama(nnx.Module):
 
         return layers_then_loss(self._layer_fn(), head_loss, self.layers.stacked(),
                                 self._head(), self._embed(tokens), (targets, weights),
-                                **_context_kw(segment_ids))
+                                unroll=self.cfg.unroll, **_context_kw(segment_ids))
 
 
 def _context_kw(segment_ids: jax.Array | None) -> dict[str, Any]:

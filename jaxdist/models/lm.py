@@ -189,14 +189,17 @@ def remat(fn, policy: str):
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Next-token cross-entropy per position, in nats (divide by ln 2 for bits per token).
+    """Next-token cross-entropy per position, in nats (divide by ln 2 for bits per token):
+    log-sum-exp of the logits less the target's logit (log_softmax is never materialized).
 
-    A one-hot contraction rather than a gather of the target's logit: with the vocabulary split
+    The target's logit is a one-hot contraction rather than a gather: with the vocabulary split
     over the tensor axis it is a local product and one reduction, where a gather would need the
-    whole row (and XLA's partitioner cannot always split a gather inside a pipeline stage)."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jax.nn.one_hot(targets, logits.shape[-1], dtype=log_probs.dtype) * log_probs,
-                    axis=-1)
+    whole row (and XLA's partitioner cannot always split a gather inside a pipeline stage). A
+    target outside the vocabulary (e.g. -1 for padding) picks no logit."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.sum(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype) * logits,
+                     axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
