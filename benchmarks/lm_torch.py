@@ -4,7 +4,8 @@
     python -m benchmarks.lm_torch --size small --seq_len 256 --batch 8 --steps 10 --rounds 3
 
 The same Llama (`jaxdist.models.llama`, HF's `LlamaForCausalLM` on the PyTorch side, built from
-the config's `to_hf()` fields with a random init), batch and sequence length, float32, AdamW at
+the config's `to_hf()` fields with a random init), batch and sequence length, precision (float32,
+or `--dtype bfloat16`: bfloat16 compute with float32 weights on both sides), AdamW at
 the same learning rate, random tokens already in memory; each side times whole train steps
 (forward, loss over every position, backward, update) on every core. jaxdist: a `Trainer` (the
 default `jit` strategy) on 1 device of 1 process. PyTorch runs `benchmarks/torch_lm_reference.py`
@@ -12,7 +13,7 @@ under `--torch_python` (default: $JAXDIST_TORCH_PYTHON, else `.venv-reference/bi
 this interpreter when it has torch), one process per variant kept alive across rounds, so
 `torch.compile`'s compilation is paid once, in its warm-up. Rounds alternate jaxdist, eager and
 compiled; warm-ups are excluded and medians of tokens/s are printed, with each variant's MFU
-against the dense matmul peak measured here first (`measure_matmul_peak`, float32) and the ratio
+against the dense matmul peak measured here first (`measure_matmul_peak`, in `--dtype`) and the ratio
 of jaxdist to the best PyTorch variant. Model FLOPs are `jaxdist.models.llama.train_flops` for
 every variant (the full causal square, as jaxdist computes it).
 """
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 from benchmarks import harness
 from benchmarks.vs_torch import torch_python as _torch_python_or_env
@@ -49,6 +51,9 @@ class Config(harness.BenchConfig):
     """tokens per sequence"""
     batch: int = 8
     """sequences per step"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype on both sides; bfloat16 is mixed precision with float32 weights (jaxdist's
+    Llama compute_dtype, PyTorch's torch.autocast), MFU against the bfloat16 peak"""
     lr: float = 1e-3
     """AdamW learning rate (weight decay 1e-4 on both sides, optax's default)"""
     warmup: int = 3
@@ -90,7 +95,8 @@ class TorchWorker:
         self.log = tempfile.TemporaryFile("w+")  # stderr: a pipe nobody reads could fill up
         command = [python, str(REFERENCE), "--serve", "--hf_config", json.dumps(hf_config),
                    "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--lr",
-                   str(args.lr), "--warmup", str(args.warmup), *(["--compile"] * compile)]
+                   str(args.lr), "--warmup", str(args.warmup), "--dtype", args.dtype,
+                   *(["--compile"] * compile)]
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True)
 
@@ -152,17 +158,18 @@ def jax_runner(variant, args: Config):
     return run
 
 
-def peak_lines(n: int) -> tuple[float, list[str]]:
-    """(measured float32 FLOP/s, the header lines): measured and theoretical peaks, fp32, bf16."""
+def peak_lines(n: int, dtype: str) -> tuple[float, list[str]]:
+    """(measured FLOP/s in `dtype`, the header lines): measured and theoretical peaks, fp32,
+    bf16."""
     from jaxdist.observe.flops import measure_matmul_peak
     from jaxdist.observe.machine import theoretical_peak_flops
 
     harness.progress(f"measuring the float32 and bfloat16 matmul peaks ({n}x{n})...")
-    measured = {dtype: measure_matmul_peak(dtype, n) for dtype in ("float32", "bfloat16")}
-    lines = [f"- {dtype} peak: measured {flops / 1e9:,.0f} GFLOP/s (jax, {n}x{n} matmul, 1 "
-             f"device on all cores); theoretical: {theoretical_peak_flops(dtype)[1]}"
-             for dtype, flops in measured.items()]
-    return measured["float32"], lines
+    measured = {d: measure_matmul_peak(d, n) for d in ("float32", "bfloat16")}
+    lines = [f"- {d} peak: measured {flops / 1e9:,.0f} GFLOP/s (jax, {n}x{n} matmul, 1 "
+             f"device on all cores); theoretical: {theoretical_peak_flops(d)[1]}"
+             for d, flops in measured.items()]
+    return measured[dtype], lines
 
 
 def race(variant, python: str, args: Config) -> tuple[dict[str, harness.Rounds], dict]:
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdist.models import get_model
     from jaxdist.models.llama import train_flops
 
-    variant = get_model("llama").variant(args.size, seq_len=args.seq_len)  # UsageError: no size
+    variant = get_model("llama").variant(args.size, seq_len=args.seq_len,  # UsageError: no size
+                                         compute_dtype=args.dtype)
     cfg = variant.config
     python = find_torch_python(args.torch_python)
     if python is None:
@@ -212,18 +220,20 @@ def main(argv: list[str] | None = None) -> int:
                             "--torch_python (or set JAXDIST_TORCH_PYTHON) to an interpreter "
                             "that has torch and transformers")
     report = harness.Report(args, **library_versions(python))
-    peak, header = peak_lines(args.peak_size)
+    peak, header = peak_lines(args.peak_size, args.dtype)
     rounds, info = race(variant, python, args)
     tokens = args.batch * args.seq_len
     best = max((n for n in rounds if n != "jaxdist"), key=lambda n: rounds[n].median)
-    report.say(f"{variant.title}, batch {args.batch} x seq {args.seq_len}, float32, AdamW lr "
+    precision = ("float32" if args.dtype == "float32" else
+                 "bfloat16 compute, float32 weights (jaxdist compute_dtype, torch.autocast)")
+    report.say(f"{variant.title}, batch {args.batch} x seq {args.seq_len}, {precision}, AdamW lr "
                f"{args.lr:g}; jaxdist on 1 device (jit), PyTorch HF LlamaForCausalLM "
                f"({info['attention']} attention, {info['threads']} threads); medians of "
                f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} "
                f"warm-up steps\n")
     report.say("\n".join(header))
     report.say(f"- model FLOPs: {train_flops(cfg, 1) / 1e6:.1f} MFLOP per token "
-               f"(`jaxdist.models.llama.train_flops`); MFU is against the measured float32 "
+               f"(`jaxdist.models.llama.train_flops`); MFU is against the measured {args.dtype} "
                f"peak\n")
     report.table(["variant", "tokens/s", "step ms", "rounds (tokens/s)", "MFU"],
                  list(rows(rounds, train_flops(cfg, 1), peak, tokens)))

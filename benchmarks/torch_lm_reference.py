@@ -32,13 +32,16 @@ def build(hf_config: dict, *, compile: bool, seed: int):
     return (torch.compile(model) if compile else model), list(model.parameters())
 
 
-def train_step(model, opt, inputs, targets):
-    """One step; the loss is the mean over every position, as jaxdist's (no shift inside)."""
+def train_step(model, opt, inputs, targets, bfloat16: bool = False):
+    """One step; the loss is the mean over every position, as jaxdist's (no shift inside).
+    `bfloat16`: PyTorch's mixed precision on CPU, `torch.autocast` (float32 weights)."""
+    import torch
     import torch.nn.functional as F
 
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=inputs).logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
     loss.backward()
     opt.step()
     return loss.detach()
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="optax.adamw's default")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (bfloat16: torch.autocast, float32 weights)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (without --serve)")
@@ -87,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step():
-        return train_step(model, opt, inputs, targets)
+        return train_step(model, opt, inputs, targets, args.dtype == "bfloat16")
 
     start = time.perf_counter()
     for _ in range(args.warmup):
         step().item()
     say({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
          "attention": model.config._attn_implementation, "compile": args.compile,
+         "dtype": args.dtype,
          "params": sum(p.numel() for p in params), "warmup_seconds": time.perf_counter() - start})
     tokens_per_step = args.batch * args.seq_len
     if not args.serve:

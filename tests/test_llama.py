@@ -131,6 +131,23 @@ def test_unrolled_layers_equal_the_scanned_stack_in_loss_and_gradients():
         np.testing.assert_allclose(g2, g, rtol=1e-5, atol=1e-7)
 
 
+def test_bfloat16_compute_keeps_float32_weights_and_stays_close_to_float32():
+    batch = _batches()[0]
+
+    def loss_and_grads(dtype):
+        model = Llama(dataclasses.replace(CFG, compute_dtype=dtype), rngs=nnx.Rngs(0))
+        return model, *nnx.value_and_grad(lambda m: llama_loss(m, batch)[0])(model)
+
+    _, loss, grads = loss_and_grads("float32")
+    model, loss16, grads16 = loss_and_grads("bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+    assert loss16.dtype == jnp.float32 and loss16 != loss  # it did compute in bfloat16
+    np.testing.assert_allclose(loss16, loss, rtol=1e-2)
+    for g, g16 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads16)):
+        assert np.linalg.norm(g16 - g) <= 0.05 * np.linalg.norm(g) + 1e-6
+
+
 def test_document_positions_restart_at_every_document():
     segments = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8])
     np.testing.assert_array_equal(document_positions(segments),
@@ -171,6 +188,7 @@ def test_padding_is_ignored_by_the_loss_and_its_gradient():
 def test_every_size_round_trips_through_hf_config_json(size):
     cfg = llama_config(size)
     assert LlamaConfig.from_hf(cfg.to_hf(), seq_len=cfg.seq_len, unroll=cfg.unroll) == cfg
+    assert cfg.to_hf()["num_key_value_heads"] == cfg.kv_heads
 
 
 def test_the_published_shapes_have_the_published_parameter_counts():
@@ -181,7 +199,8 @@ def test_the_published_shapes_have_the_published_parameter_counts():
 
 
 def test_bad_shapes_and_hf_configs_are_one_line_errors():
-    for bad in (dict(kv_heads=3), dict(embed=30), dict(remat="most")):
+    for bad in (dict(kv_heads=3), dict(embed=30), dict(remat="most"),
+                dict(compute_dtype="float16")):
         with pytest.raises(UsageError) as err:
             llama_config("test", **bad)
         assert "\n" not in str(err.value)

@@ -33,6 +33,9 @@ from jaxdist.models.layers import axes
 from jaxdist.models.lm import REMAT_POLICIES, remat, rms_norm, token_losses
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3's rotary frequency scaling (HF `rope_type: llama3`): wavelengths longer than the
@@ -52,7 +55,9 @@ class LlamaConfig:
     `seq_len` is the training window (not a limit of the model: rotary embeddings have none;
     `max_positions` is what HF's config records). `remat` is each block's `jax.checkpoint`
     policy (see `jaxdist.models.lm.LMConfig`). `unroll` compiles each layer on its own
-    (`jaxdist.core.layout.scan_layers`): faster small models on a CPU, longer compiles."""
+    (`jaxdist.core.layout.scan_layers`): faster small models on a CPU, longer compiles.
+    `compute_dtype` bfloat16 runs the matmuls in bfloat16 (float32 master weights, norms,
+    softmax and loss in float32)."""
 
     vocab: int = 256
     seq_len: int = 128
@@ -69,6 +74,7 @@ class LlamaConfig:
     max_positions: int = 2048
     remat: str = "none"
     unroll: bool = False
+    compute_dtype: str = "float32"
 
     @property
     def dim(self) -> int:
@@ -138,6 +144,8 @@ LLAMA_SIZES = {
     "tiny": LlamaConfig(unroll=True),
     "small": LlamaConfig(vocab=4096, seq_len=256, embed=256, depth=6, heads=8, kv_heads=2,
                          mlp=704, unroll=True),
+    "base": LlamaConfig(vocab=8192, seq_len=512, embed=512, depth=8, heads=8, kv_heads=4,
+                        mlp=1408, unroll=True),
     "3.2-1b": LlamaConfig(
         vocab=128256, seq_len=8192, embed=2048, depth=16, heads=32, kv_heads=8, mlp=8192,
         rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tied=True,
@@ -180,6 +188,9 @@ def validate(cfg: LlamaConfig) -> LlamaConfig:
     if cfg.remat not in REMAT_POLICIES:
         raise UsageError(f"unknown remat policy {cfg.remat!r}; choose one of "
                          f"{', '.join(REMAT_POLICIES)}")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown compute dtype {cfg.compute_dtype!r}; choose one of "
+                         f"{', '.join(COMPUTE_DTYPES)}")
     return cfg
 
 
@@ -315,7 +326,9 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
         None, jnp.broadcast_to(jnp.arange(t), (b, t)))
     heads = ("batch", None, "heads", "kv")
     inverse = inverse_frequencies(cfg)
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    p = {name: w.astype(dtype) if w.ndim > 1 else w for name, w in p.items()}  # not the norms
+    h = _norm(x, p["attn_norm"], cfg)
     q = rotate(constrain(dense("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
     k = rotate(dense("bte,ekd->btkd", h, p["wk"]), positions, inverse)
     v = dense("bte,ekd->btkd", h, p["wv"])
@@ -327,11 +340,16 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     mixed = constrain(dense("bhqk,bkhd->bqhd", weights, v), heads)
     x = constrain(x + dense("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    h = _norm(x, p["mlp_norm"], cfg)
     gate = dense("bte,ef->btf", h, p["w_gate"])
     up = dense("bte,ef->btf", h, p["w_up"])
     h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
     return constrain(x + dense("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
+
+
+def _norm(x: jax.Array, scale: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """RMSNorm in float32, its output in the compute dtype (HF's LlamaRMSNorm)."""
+    return rms_norm(x.astype(jnp.float32), scale, cfg.norm_eps).astype(cfg.compute_dtype)
 
 
 def _context(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
@@ -360,10 +378,12 @@ class Llama(nnx.Module):
         return {"norm": self.final_norm[...], "out": out}
 
     def _logits(self, head: dict[str, jax.Array], h: jax.Array) -> jax.Array:
-        logits = dense("bte,ev->btv", rms_norm(h, head["norm"], self.cfg.norm_eps), head["out"])
+        out = head["out"].astype(self.cfg.compute_dtype)
+        logits = dense("bte,ev->btv", _norm(h, head["norm"], self.cfg), out)
         return constrain(logits, ("batch", None, "vocab"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
+        # the residual stream stays float32: each block adds its compute-dtype output to it
         return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
