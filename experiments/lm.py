@@ -53,7 +53,7 @@ class LmConfig(RunConfig):
     model: Literal["gpt", "llama"] = "gpt"
     """gpt (bytes, GELU MLP) or llama (BPE tokens on packed documents, GQA, SwiGLU)"""
     lm_size: str = "tiny"
-    """model size: gpt test, tiny, small, 125m, 350m, 1.3b, 7b; llama test, tiny, small, 3.2-1b,
+    """model size: gpt test, tiny, small, 125m, 350m, 1.3b, 7b; llama test, tiny, small, base, 3.2-1b,
     3.1-8b, 3.1-70b, qwen2.5-7b, mistral-7b (the large ones are for the planner: a run of them
     starts only where the planner's estimate of its step fits the devices' memory)"""
     seq_len: int = 0
@@ -68,6 +68,8 @@ class LmConfig(RunConfig):
     config sets the model's shape, each process reads only its shards"""
     save_hf: str = ""
     """llama: write the trained model here as a Hugging Face checkpoint at the end"""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """llama: bfloat16 runs the matmuls in bfloat16 (float32 weights, norms, softmax, loss)"""
     remat: str = "none"
     """activation checkpointing policy of each block"""
     text: str = ""
@@ -113,6 +115,8 @@ def model_variant(cfg: LmConfig, vocab: int | None = None) -> ModelVariant:
     size's own); a Llama takes the shape of its --init_from checkpoint and the vocabulary of its
     tokenizer. UsageError for a size or shape that does not exist."""
     fields: dict = {"remat": cfg.remat, **({"seq_len": cfg.seq_len} if cfg.seq_len else {})}
+    if cfg.model == "llama":
+        fields["compute_dtype"] = cfg.compute_dtype
     if cfg.model == "llama" and cfg.init_from:
         from jaxdist.io.hf import load_hf_config
 
@@ -127,6 +131,7 @@ def model_variant(cfg: LmConfig, vocab: int | None = None) -> ModelVariant:
 def _check_llama_flags(cfg: LmConfig) -> None:
     if cfg.model != "llama":
         given = [f"--{k}" for k in ("tokenizer", "init_from", "save_hf") if getattr(cfg, k)]
+        given += ["--compute_dtype"] * (cfg.compute_dtype != "float32")
         if given:
             raise UsageError(f"{', '.join(given)}: options of --model llama")
         return
