@@ -53,9 +53,9 @@ class LmConfig(RunConfig):
     model: Literal["gpt", "llama"] = "gpt"
     """gpt (bytes, GELU MLP) or llama (BPE tokens on packed documents, GQA, SwiGLU)"""
     lm_size: str = "tiny"
-    """model size: gpt test, tiny, small, 125m, 350m, 1.3b, 7b; llama test, tiny, small, base, 3.2-1b,
-    3.1-8b, 3.1-70b, qwen2.5-7b, mistral-7b (the large ones are for the planner: a run of them
-    starts only where the planner's estimate of its step fits the devices' memory)"""
+    """model size: gpt test, tiny, small, 125m, 350m, 1.3b, 7b; llama test, tiny, small, base,
+    3.2-1b, 3.1-8b, 3.1-70b, qwen2.5-7b, mistral-7b (the large ones are for the planner: a run
+    of them starts only where the planner's estimate of its step fits the devices' memory)"""
     seq_len: int = 0
     """tokens per sequence (0: the size's own)"""
     tokenizer: str = ""
