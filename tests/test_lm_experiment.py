@@ -101,7 +101,7 @@ def _final(workdir):
     return read_checkpoint_arrays(workdir / "checkpoints", STEPS)
 
 
-@pytest.mark.parametrize("model", ["gpt", "llama"])
+@pytest.mark.parametrize("model", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_an_lm_run_killed_mid_pipeline_and_rerun_ends_bitwise_equal(tmp_path, cache, model):
     argv = [*RESUMABLE, "--model", model, *(["--vocab", "512"] if model == "llama" else [])]
     straight = tmp_path / "straight"

@@ -148,7 +148,8 @@ def test_flops_are_read_from_a_dict_or_a_list_of_dicts():
     (["--model", "lm", "--schedules", "gpipe,zb"], "'zb' is not one of gpipe, 1f1b"),
     (["--model", "lm", "--pipeline_microbatches", "0"], "--pipeline_microbatches must be at least 1"),
     (["--model", "lm", "--seq_len", "0"], "LM sizes must be positive"),
-    (["--remat", "full"], "--remat: options of --model lm, not --model vit"),
+    (["--remat", "full"], "--remat: options of the language models (--model lm or llama), not "
+                          "--model vit"),
     (["--vit_size", "small,huge"], "unknown ViT size 'huge'"),
     (["--strategies", "dp,zero3"], "unknown strategy 'zero3'"),
     (["--devices", "8,0"], "device counts must be at least 1, got 0"),
@@ -177,12 +178,12 @@ def test_every_flag_is_a_field_of_the_plan_config_with_its_help():
 
     fields = {f.name for f in dataclasses.fields(plan.PlanConfig)}
     assert fields == {
-        "model", "vit_size", "lm_size", "remat", "seq_len", "pipeline_stages",
+        "model", "vit_size", "lm_size", "llama_size", "remat", "seq_len", "pipeline_stages",
         "pipeline_microbatches", "schedules", "devices", "memory_gib", "bandwidth_gbps",
         "latency_us", "peak_tflops", "global_batch", "strategies", "optimizer"}
     assert set(field_docs(plan.PlanConfig)) == fields
     hints = typing.get_type_hints(plan.PlanConfig)
-    assert literal_choices(hints["model"]) == plan.MODELS == ("vit", "lm")
+    assert literal_choices(hints["model"]) == plan.MODELS == ("vit", "lm", "llama")
     assert literal_choices(hints["remat"]) == REMAT_POLICIES
     assert typing.get_args(typing.get_args(hints["schedules"])[0]) == plan.SCHEDULES
     cfg = parse_config(lambda variant: plan.PlanConfig(), [
