@@ -173,6 +173,31 @@ def test_loaded_trained_five_steps_under_fsdp_tp_and_saved_transformers_gives_it
     assert _max_diff(np.load(tmp_path / "trained.npy"), trained) < TOLERANCE
 
 
+@pytest.mark.slow  # a BPE, the corpus and a pipeline-free fsdp_tp run: ~1-2 min
+@needs_devices(8)
+def test_the_lm_experiment_fine_tunes_an_hf_checkpoint_and_saves_what_transformers_loads(
+        transformers, tmp_path, tmp_path_factory):  # noqa: F811
+    from runs import Run
+
+    cfg = llama_config("test", vocab=512)
+    transformers.run([{"create": str(tmp_path / "start"), "config": cfg.to_hf()}])
+    cache = {"JAXDIST_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")}
+    code, log = Run(["--model", "llama", "--config", "smoke", "--init_from", str(tmp_path / "start"),
+                     "--vocab", "512", "--max_steps", "4", "--strategy", "fsdp_tp",
+                     "--mesh", "fsdp=4,tensor=2", "--sample_bytes", "0",
+                     "--save_hf", str(tmp_path / "tuned")], module="experiments.lm",
+                    env=cache).finish()
+    assert code == 0, log[-3000:]
+    assert f"training the Llama from {tmp_path / 'start'}" in log
+    assert (tmp_path / "tuned" / "tokenizer.json").exists()
+    start, tuned = (_load(tmp_path / name, cfg) for name in ("start", "tuned"))
+    assert _max_diff(_logits(cfg, tuned), _logits(cfg, start)) > 100 * TOLERANCE  # it trained
+    np.save(tmp_path / "tokens.npy", TOKENS)
+    transformers.run([{"logits": str(tmp_path / "tuned"), "tokens": str(tmp_path / "tokens.npy"),
+                       "out": str(tmp_path / "tuned.npy")}])
+    assert _max_diff(np.load(tmp_path / "tuned.npy"), _logits(cfg, tuned)) < TOLERANCE
+
+
 @pytest.mark.parametrize("inner", [False, True])
 def test_any_block_of_a_parameter_reads_from_its_hf_tensor(inner):
     """The windows of rows and columns read for a device's block, head features split too."""
