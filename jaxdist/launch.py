@@ -19,6 +19,11 @@ checkpoint. A process that fails before it joined the job (a dead host) cannot s
 `--min_processes M` below `--processes`, the job re-forms with the processes left (at least M),
 which resume on the smaller mesh with the same global batches. SIGTERM or SIGINT to the launcher
 is passed on (the processes save a checkpoint and exit 0) and nothing is restarted.
+
+With `--bandwidth RATE` (tc's syntax: 1gbit, 100mbit) the processes run in a network namespace
+of the job's own whose loopback carries at most RATE (`jaxdist.cluster.bandwidth`); a short
+transfer first prints what it really gives, and the namespace is removed however the launcher
+ends, SIGKILL included.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +41,7 @@ import threading
 import time
 from pathlib import Path
 
+from jaxdist.cluster.bandwidth import LimitedLoopback, parse_rate
 from jaxdist.cluster.distributed import (
     ENV_BIND,
     ENV_COORDINATOR,
@@ -138,31 +145,41 @@ class _Job:
 def launch(command: list[str], processes: int, devices_per_process: int, port: int = 0,
            env: dict | None = None, poll: float = 0.2, max_restarts: int = 0,
            min_processes: int | None = None, run_dir: str | os.PathLike | None = None,
-           grace_seconds: float = 120.0) -> int:
+           grace_seconds: float = 120.0, bandwidth: str | None = None) -> int:
     """Runs `command` as `processes` processes, restarting on failure; 0 or the failure's status.
 
     `run_dir` receives `slot_<i>.json` (the pid of each slot's current process) for tools that
-    inject faults; by default a temporary directory.
+    inject faults; by default a temporary directory. `bandwidth` (tc's syntax, e.g. "100mbit")
+    runs the processes in a network namespace whose loopback carries at most that much.
 
     Raises:
-        UsageError: a command that cannot be run, a `run_dir` that cannot be written.
+        UsageError: a command that cannot be run, a `run_dir` that cannot be written; with
+            `bandwidth`, a malformed rate, not root, no `ip`, `tc` or tbf qdisc.
     """
     min_processes = processes if min_processes is None else min_processes
     base = {**os.environ, **(env or {})}
+    if bandwidth is not None:
+        parse_rate(bandwidth)
+        _check_runnable(command[0])  # inside the namespace `ip` would only exit 255
     if run_dir:
         _check_run_dir(Path(run_dir))
     own_dir = None if run_dir else tempfile.TemporaryDirectory(prefix="jaxdist-launch-")
     run_path = Path(run_dir or own_dir.name)
     slots, restart, stop_signal = list(range(processes)), 0, []
+    net = None
 
     def forward(signum, frame):
         stop_signal.append(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if bandwidth is not None:
+            net = LimitedLoopback(bandwidth)
+            net.start()
+            _say(net.probe_line())
         while True:
-            job = _Job(command, slots, devices_per_process, run_path, restart, base,
-                       port if restart == 0 else 0)
+            job = _Job(net.wrap(command) if net else command, slots, devices_per_process,
+                       run_path, restart, base, port if restart == 0 else 0)
             status, failures = _watch(job, poll, stop_signal, grace_seconds)
             if not failures or stop_signal:
                 return status
@@ -194,6 +211,8 @@ def launch(command: list[str], processes: int, devices_per_process: int, port: i
             _say(f"restart {restart}/{max_restarts}: {cause}; starting {len(slots)} "
                  f"process(es) again")
     finally:
+        if net is not None:
+            net.close()  # after the job's processes: they are all stopped by now
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if own_dir is not None:
@@ -221,6 +240,14 @@ def _watch(job: _Job, poll: float, stop_signal: list, grace_seconds: float
         return (failures[0][1] if failures else 0), ([] if stop_signal else failures)
     finally:
         job.stop()
+
+
+def _check_runnable(program: str) -> None:
+    """`program` names an executable (a path, or a name on PATH); else a `UsageError`."""
+    if shutil.which(program) is None:
+        reason = ("Permission denied" if os.sep in program and os.path.exists(program)
+                  else "No such file or directory")
+        raise UsageError(f"cannot run {program!r}: {reason}")
 
 
 def _check_run_dir(path: Path) -> None:
@@ -259,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                              "temporary directory)")
     parser.add_argument("--grace_seconds", type=float, default=120.0,
                         help="after passing on SIGTERM, SIGKILL what is still running this late")
+    parser.add_argument("--bandwidth", default=None, metavar="RATE",
+                        help="run the processes in a network namespace of their own whose "
+                             "loopback carries at most RATE, in tc's syntax (1gbit, 100mbit, "
+                             "500kbit; needs root, ip and tc)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -273,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return launch(command, args.processes, args.devices_per_process, args.port,
                       max_restarts=args.max_restarts, min_processes=args.min_processes or None,
-                      run_dir=args.run_dir, grace_seconds=args.grace_seconds)
+                      run_dir=args.run_dir, grace_seconds=args.grace_seconds,
+                      bandwidth=args.bandwidth)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
