@@ -4,17 +4,16 @@ trains as it does on one device; documents do not see each other; padding costs 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from jaxdist import Pipeline, Trainer, UsageError
+from equivalence import assert_same_training, case_id, train_steps
+from jaxdist import Pipeline, UsageError
 from jaxdist.models.llama import (LLAMA_SIZES, Llama, LlamaConfig, document_positions,
                                   llama_config, llama_eval, llama_loss, param_count)
 
@@ -38,33 +37,13 @@ def _batches():
 
 
 def _train(strategy="dp", mesh="", cfg=CFG):
-    """Losses and final parameters after STEPS plain-SGD steps."""
-    trainer = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), optax.sgd(0.5), llama_loss,
-                      strategy=strategy, mesh=mesh or None, devices=_devices(mesh),
-                      eval_fn=llama_eval)
-    state = trainer.init()
-    losses = []
-    for batch in _batches():
-        state, metrics = trainer.step(state, trainer.shard_batch(batch))
-        losses.append(float(metrics["loss"]))
-    params = nnx.state(trainer.sync_model(state), nnx.Param)
-    return np.asarray(losses), jax.tree.map(np.asarray, params)
-
-
-def _devices(mesh: str) -> int:
-    return math.prod(int(part.split("=")[1]) for part in mesh.split(",")) if mesh else 1
+    return train_steps(lambda: Llama(cfg, rngs=nnx.Rngs(0)), llama_loss, _batches(),
+                       strategy=strategy, mesh=mesh, eval_fn=llama_eval)
 
 
 @pytest.fixture(scope="module")
 def one_device():
     return _train()
-
-
-def _assert_equal(got, want):
-    (got_losses, got_params), (want_losses, want_params) = got, want
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 CASES = [
@@ -83,23 +62,17 @@ CASES = [
 ]
 
 
-def _case_id(strategy, mesh):
-    if isinstance(strategy, Pipeline):
-        strategy = f"{strategy.name}-{strategy.schedule}-M{strategy.microbatches or 'default'}"
-    return f"{strategy}-{mesh}"
-
-
 @needs_devices(8)
-@pytest.mark.parametrize("strategy,mesh", CASES, ids=[_case_id(*case) for case in CASES])
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[case_id(*case) for case in CASES])
 def test_every_strategy_and_mesh_equals_one_device_for_llama_with_gqa_and_packed_documents(
         one_device, strategy, mesh):
-    _assert_equal(_train(strategy, mesh), one_device)
+    assert_same_training(_train(strategy, mesh), one_device)
 
 
 @needs_devices(4)
 def test_multi_query_attention_under_tensor_parallelism_equals_one_device():
     mqa = dataclasses.replace(CFG, kv_heads=1)  # one key/value head: replicated over tensor
-    _assert_equal(_train("tp", "data=2,tensor=2", mqa), _train(cfg=mqa))
+    assert_same_training(_train("tp", "data=2,tensor=2", mqa), _train(cfg=mqa))
 
 
 def test_a_tokens_logits_do_not_change_when_another_document_in_its_window_changes():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
+from equivalence import assert_same_training, case_id, train_steps
 from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.lm import GPT, generate, lm_config, lm_eval, lm_loss, param_count
 from jaxdist.parallel.pipeline import peak_in_flight, schedule_1f1b, FORWARD, BACKWARD, LAST
@@ -31,34 +31,12 @@ def _batches():
 
 
 def _train(strategy="dp", mesh=""):
-    """Losses and final parameters after STEPS plain-SGD steps (SGD: an exact comparison
-    without Adam's division amplifying float rounding)."""
-    trainer = Trainer(_model, optax.sgd(0.5), lm_loss, strategy=strategy, mesh=mesh or None,
-                      devices=_devices(mesh), eval_fn=lm_eval)
-    state = trainer.init()
-    losses = []
-    for batch in _batches():
-        state, metrics = trainer.step(state, trainer.shard_batch(batch))
-        losses.append(float(metrics["loss"]))
-    params = nnx.state(trainer.sync_model(state), nnx.Param)
-    return np.asarray(losses), jax.tree.map(np.asarray, params), trainer, state
-
-
-def _devices(mesh: str) -> int:
-    return math.prod(int(part.split("=")[1]) for part in mesh.split(",")) if mesh else 1
+    return train_steps(_model, lm_loss, _batches(), strategy=strategy, mesh=mesh, eval_fn=lm_eval)
 
 
 @pytest.fixture(scope="module")
 def one_device():
-    losses, params, _, _ = _train()
-    return losses, params
-
-
-def _assert_equal(got, want):
-    (got_losses, got_params), (want_losses, want_params) = got, want
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    return _train()
 
 
 # the full list of strategies and meshes runs on the Llama model (tests/test_llama.py); the GPT
@@ -71,17 +49,10 @@ CASES = [
 ]
 
 
-def _case_id(strategy, mesh):
-    if isinstance(strategy, Pipeline):
-        strategy = f"{strategy.name}-{strategy.schedule}-M{strategy.microbatches or 'default'}"
-    return f"{strategy}-{mesh}"
-
-
 @needs_devices(8)
-@pytest.mark.parametrize("strategy,mesh", CASES, ids=[_case_id(*case) for case in CASES])
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[case_id(*case) for case in CASES])
 def test_every_strategy_and_mesh_equals_one_device_after_three_steps(one_device, strategy, mesh):
-    losses, params, _, _ = _train(strategy, mesh)
-    _assert_equal((losses, params), one_device)
+    assert_same_training(_train(strategy, mesh), one_device)
 
 
 @needs_devices(4)
@@ -104,7 +75,7 @@ def test_1f1b_equals_gpipe_equals_the_sequential_model_for_outputs_gradients_and
                              nnx.state(_model(), nnx.Param))
         for g, w in zip(jax.tree.leaves(moved), jax.tree.leaves(nnx.state(want_grads))):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
-        _assert_equal(_train(Pipeline(schedule=schedule), "pipeline=4")[:2], one_device)
+        assert_same_training(_train(Pipeline(schedule=schedule), "pipeline=4"), one_device)
 
 
 @pytest.mark.parametrize("stages,microbatches", [(2, 2), (4, 8), (4, 16), (3, 7)])
