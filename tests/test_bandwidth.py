@@ -108,6 +108,7 @@ def test_a_transfer_through_the_limited_loopback_takes_its_size_over_the_rate(ne
     assert free * 4 < limited, (free, limited)
 
 
+@pytest.mark.slow  # two 2-process trainings: ~35 s
 def test_a_2_process_job_under_200mbit_ends_bitwise_equal_to_the_same_job_without(netns,
                                                                                   tmp_path):
     free, limited = tmp_path / "free", tmp_path / "limited"
