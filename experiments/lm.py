@@ -7,6 +7,7 @@ Llama with a BPE tokenizer on packed documents, from scratch or from a Hugging F
     python -m experiments.lm --model llama --tokenizer tokenizer.json --save_hf out/
     python -m experiments.lm --strategy fsdp_tp --mesh fsdp=4,tensor=2
     python -m experiments.lm --mesh data=2,pipeline=4 --pipeline_schedule 1f1b
+    python -m experiments.lm --model llama --moe_experts 8 --strategy ep --mesh expert=8
     python -m experiments.lm --text 'books/*.txt' --lm_size small
     python -m experiments.lm --config smoke                    # a few steps, for CI
 
@@ -70,6 +71,11 @@ class LmConfig(RunConfig):
     """llama: write the trained model here as a Hugging Face checkpoint at the end"""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """llama: bfloat16 runs the matmuls in bfloat16 (float32 weights, norms, softmax, loss)"""
+    moe_experts: int = 0
+    """llama: each layer's MLP a mixture of this many experts (0: the dense SwiGLU); --strategy ep
+    splits them over the mesh's expert axis"""
+    moe_top_k: int = 2
+    """llama with --moe_experts: the experts each token is routed to"""
     remat: str = "none"
     """activation checkpointing policy of each block"""
     text: str = ""
@@ -117,12 +123,16 @@ def model_variant(cfg: LmConfig, vocab: int | None = None) -> ModelVariant:
     fields: dict = {"remat": cfg.remat, **({"seq_len": cfg.seq_len} if cfg.seq_len else {})}
     if cfg.model == "llama":
         fields["compute_dtype"] = cfg.compute_dtype
+    if cfg.model == "llama" and cfg.moe_experts:
+        from jaxdist.models.moe import MoEConfig
+
+        fields["moe"] = MoEConfig(num_experts=cfg.moe_experts, top_k=cfg.moe_top_k)
     if cfg.model == "llama" and cfg.init_from:
         from jaxdist.io.hf import load_hf_config
 
         shape = load_hf_config(cfg.init_from)
         fields |= {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)
-                   if f.name not in ("seq_len", "remat")}
+                   if f.name not in ("seq_len", "remat", "moe")}
     elif cfg.model == "llama" and vocab is not None:
         fields["vocab"] = vocab
     return get_model("lm" if cfg.model == "gpt" else "llama").variant(cfg.lm_size, **fields)
@@ -132,9 +142,15 @@ def _check_llama_flags(cfg: LmConfig) -> None:
     if cfg.model != "llama":
         given = [f"--{k}" for k in ("tokenizer", "init_from", "save_hf") if getattr(cfg, k)]
         given += ["--compute_dtype"] * (cfg.compute_dtype != "float32")
+        given += ["--moe_experts"] * (cfg.moe_experts != 0)
         if given:
             raise UsageError(f"{', '.join(given)}: options of --model llama")
         return
+    if cfg.moe_experts < 0:
+        raise UsageError(f"--moe_experts {cfg.moe_experts}: 0 (dense) or more experts")
+    if cfg.moe_experts and (cfg.init_from or cfg.save_hf):
+        raise UsageError("--moe_experts: Hugging Face checkpoints (--init_from, --save_hf) are of "
+                         "the dense Llama")
     if cfg.vocab < 257 and not (cfg.tokenizer or cfg.init_from):
         raise UsageError(f"--vocab {cfg.vocab}: a byte-level BPE needs at least 257 tokens")
     for flag in ("init_from", "tokenizer"):
@@ -149,7 +165,7 @@ def validate(cfg: LmConfig, num_devices: int) -> None:
 
     if STRATEGIES[cfg.parallel.strategy].parallelism == "data":
         raise UsageError(f"the LM trains under the sharding strategies (dp, zero1, fsdp, tp, sp, "
-                         f"fsdp_tp), not {cfg.parallel.strategy}")
+                         f"fsdp_tp, ep), not {cfg.parallel.strategy}")
     cfg.validate(num_devices)
     if cfg.eval.batch < 1 or cfg.eval.batch % num_devices:
         raise UsageError(f"eval batch {cfg.eval.batch} does not divide over {num_devices} "

@@ -77,7 +77,7 @@ def test_the_step_accepts_already_sharded_batches(rng):
 
 def test_every_registered_strategy_is_a_name_the_trainer_accepts():
     assert tuple(STRATEGIES) == ("jit", "shard_map", "pmap", "local_sgd", "dp", "zero1", "fsdp",
-                                 "tp", "sp", "fsdp_tp")
+                                 "tp", "sp", "fsdp_tp", "ep")
     for name, value in STRATEGIES.items():
         assert resolve(name) is value and value.name == name
         trainer = jaxdist.Trainer(MLPWithBatchNorm(nnx.Rngs(0)), optax.sgd(0.1), loss_fn,

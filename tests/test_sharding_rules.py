@@ -134,7 +134,7 @@ def test_a_checkpoint_saved_under_fsdp_on_8_restores_under_dp_on_4_and_1(tmp_pat
 
 @pytest.mark.parametrize("text,message", [
     ("data=3,fsdp=2", "needs 6 devices, but 8 are in use"),
-    ("data=2,expert=4", "unknown mesh axis 'expert'"),
+    ("data=2,model=4", "unknown mesh axis 'model'"),
     ("data:8", "write AXIS=SIZE"),
     ("data=8,data=1", "given twice"),
 ])

@@ -1,5 +1,6 @@
 """The names of the mesh axes, shared by every layer that builds or reduces over them."""
 
 DATA_AXIS = "data"
-# outermost to innermost: pipeline stages, data-parallel groups, FSDP shards, tensor splits
-MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
+# outermost to innermost: pipeline stages, data-parallel groups, FSDP shards, expert groups
+# (expert parallelism moves tokens between them), tensor splits
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdist.core.layout import constrain, layers_then_loss, run_layers
+from jaxdist.core.layout import constrain, current_layout, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
 from jaxdist.models.layers import axes
 from jaxdist.models.lm import REMAT_POLICIES, remat, rms_norm, token_losses
+from jaxdist.models.moe import (FLOAT32_PARAMS, MOE_PARAMS, MoEConfig, MoEStats, moe_metrics,
+                                moe_mlp, moe_param_count, moe_params, moe_penalty, validate_moe)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -57,7 +59,8 @@ class LlamaConfig:
     policy (see `jaxdist.models.lm.LMConfig`). `unroll` compiles each layer on its own
     (`jaxdist.core.layout.scan_layers`): faster small models on a CPU, longer compiles.
     `compute_dtype` bfloat16 runs the matmuls in bfloat16 (float32 master weights, norms,
-    softmax and loss in float32)."""
+    softmax and loss in float32). `moe`: every layer's MLP is that mixture of experts
+    (`jaxdist.models.moe`); None, the dense SwiGLU."""
 
     vocab: int = 256
     seq_len: int = 128
@@ -75,6 +78,7 @@ class LlamaConfig:
     remat: str = "none"
     unroll: bool = False
     compute_dtype: str = "float32"
+    moe: MoEConfig | None = None
 
     @property
     def dim(self) -> int:
@@ -84,6 +88,8 @@ class LlamaConfig:
     def to_hf(self) -> dict[str, Any]:
         """HF `LlamaConfig` fields (both the `rope_theta`/`rope_scaling` of transformers 4 and
         the `rope_parameters` of 5 are written, so either reads it)."""
+        if self.moe is not None:
+            raise UsageError("a mixture-of-experts Llama has no HF LlamaForCausalLM config")
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
@@ -191,14 +197,18 @@ def validate(cfg: LlamaConfig) -> LlamaConfig:
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"unknown compute dtype {cfg.compute_dtype!r}; choose one of "
                          f"{', '.join(COMPUTE_DTYPES)}")
+    if cfg.moe is not None:
+        validate_moe(cfg.moe)
     return cfg
 
 
-def param_count(cfg: LlamaConfig) -> int:
-    """Parameters, from the shapes alone (the published sizes are never allocated)."""
+def param_count(cfg: LlamaConfig, *, active: bool = False) -> int:
+    """Parameters, from the shapes alone (the published sizes are never allocated); `active`:
+    those one token uses (a mixture of experts': its top_k experts, not all)."""
     e, f, d = cfg.embed, cfg.mlp, cfg.dim
     attention = e * d * (2 * cfg.heads + 2 * cfg.kv_heads)
-    per_layer = attention + 3 * e * f + 2 * e
+    mlp = 3 * e * f if cfg.moe is None else moe_param_count(cfg.moe, e, f, active=active)
+    per_layer = attention + mlp + 2 * e
     return cfg.depth * per_layer + cfg.vocab * e * (1 if cfg.tied else 2) + e
 
 
@@ -206,16 +216,25 @@ def train_flops(cfg: LlamaConfig, tokens: int) -> float:
     """Training FLOPs of `tokens` tokens: 6 per parameter of every matmul (the embedding lookup
     is none, the unembedding is one) plus attention's scores and mixing, 12 L T H d (PaLM's
     appendix B), the full causal square, as XLA computes it; plus the forward that remat
-    recomputes (see `jaxdist.models.lm.train_flops`)."""
-    matmul_params = param_count(cfg) - cfg.embed * (cfg.depth * 2 + 1) - (
+    recomputes (see `jaxdist.models.lm.train_flops`). A mixture of experts counts the
+    parameters a token uses (`param_count(active=True)`; the dispatch's sorting is not counted)."""
+    active = param_count(cfg, active=True)
+    matmul_params = active - cfg.embed * (cfg.depth * 2 + 1) - (
         0 if cfg.tied else cfg.vocab * cfg.embed)
     attention = 4 * cfg.depth * cfg.seq_len * cfg.heads * cfg.dim  # forward
-    layer_matmuls = param_count(cfg) - param_count(dataclasses.replace(cfg, depth=0)) \
+    layer_matmuls = active - param_count(dataclasses.replace(cfg, depth=0), active=True) \
         - 2 * cfg.embed * cfg.depth
     again = {"none": 0, "dots": 0, "dots_no_batch": attention,
-             "full": 2 * layer_matmuls + attention - 2 * cfg.depth * cfg.mlp * cfg.embed
+             "full": 2 * layer_matmuls + attention - 2 * cfg.depth * _down_width(cfg) * cfg.embed
              }[cfg.remat]
     return float(tokens) * (6 * matmul_params + 3 * attention + again)
+
+
+def _down_width(cfg: LlamaConfig) -> int:
+    """The hidden units a token's MLP down-projection reads."""
+    if cfg.moe is None:
+        return cfg.mlp
+    return (cfg.moe.top_k + cfg.moe.shared_experts) * (cfg.moe.expert_mlp or cfg.mlp)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
@@ -229,7 +248,8 @@ LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up
 class LlamaLayers(nnx.Module):
     """All blocks' parameters, each with a leading axis of `depth` layers. Key/value heads are
     their own logical axis (`kv_heads`): tensor parallelism splits query heads and replicates
-    the few key/value heads (multi-query has one), whose projections are small."""
+    the few key/value heads (multi-query has one), whose projections are small. With
+    `cfg.moe` the MLP's are the mixture of experts' (`jaxdist.models.moe.MOE_PARAMS`)."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         n, e, h, k, d, f = cfg.depth, cfg.embed, cfg.heads, cfg.kv_heads, cfg.dim, cfg.mlp
@@ -240,12 +260,17 @@ class LlamaLayers(nnx.Module):
         self.wv = _param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
         self.wo = _param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), std)
         self.mlp_norm = _param(rngs, (n, e), ("layers", "embed"), None)
+        if cfg.moe is not None:
+            for name, param in moe_params(cfg.moe, n, e, f, rngs=rngs).items():
+                setattr(self, name, param)
+            return
         self.w_gate = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
         self.w_up = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
         self.w_down = _param(rngs, (n, f, e), ("layers", "mlp", "embed"), std)
 
     def stacked(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+        return {name: getattr(self, name)[...] for name in LAYER_PARAMS + MOE_PARAMS
+                if hasattr(self, name)}
 
 
 def inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -321,13 +346,42 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
           context: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """One pre-norm block on the residual stream x (batch, seq, embed); `context` is (segment
     ids, positions) of packed documents, None for one document per row."""
+    p = _in_compute_dtype(cfg, p)
+    x = _attention(cfg, p, x, context)
+    h = _norm(x, p["mlp_norm"], cfg)
+    gate = dense("bte,ef->btf", h, p["w_gate"])
+    up = dense("bte,ef->btf", h, p["w_up"])
+    h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+    return constrain(x + dense("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
+
+
+def moe_block(cfg: LlamaConfig, p: dict[str, jax.Array], carry: tuple[jax.Array, MoEStats],
+              context: tuple[jax.Array, jax.Array] | None = None
+              ) -> tuple[jax.Array, MoEStats]:
+    """`block` with the mixture-of-experts MLP: the residual stream travels with the router
+    statistics of the layers so far, which the layer adds its own to."""
+    x, stats = carry
+    p = _in_compute_dtype(cfg, p)
+    x = _attention(cfg, p, x, context)
+    y, layer = moe_mlp(cfg.moe, p, _norm(x, p["mlp_norm"], cfg))
+    return constrain(x + y, ("batch", "seq", "embed")), stats.add(layer)
+
+
+def _in_compute_dtype(cfg: LlamaConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The matrices in the compute dtype; the norms and the router stay float32."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    return {name: w.astype(dtype) if w.ndim > 1 and name not in FLOAT32_PARAMS else w
+            for name, w in p.items()}
+
+
+def _attention(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
+               context: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """The residual stream after the block's attention."""
     b, t, _ = x.shape
     segment_ids, positions = context if context is not None else (
         None, jnp.broadcast_to(jnp.arange(t), (b, t)))
     heads = ("batch", None, "heads", "kv")
     inverse = inverse_frequencies(cfg)
-    dtype = jnp.dtype(cfg.compute_dtype)
-    p = {name: w.astype(dtype) if w.ndim > 1 else w for name, w in p.items()}  # not the norms
     h = _norm(x, p["attn_norm"], cfg)
     q = rotate(constrain(dense("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
     k = rotate(dense("bte,ekd->btkd", h, p["wk"]), positions, inverse)
@@ -339,12 +393,7 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
     logits = jnp.where(attention_mask(segment_ids, t), logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     mixed = constrain(dense("bhqk,bkhd->bqhd", weights, v), heads)
-    x = constrain(x + dense("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
-    h = _norm(x, p["mlp_norm"], cfg)
-    gate = dense("bte,ef->btf", h, p["w_gate"])
-    up = dense("bte,ef->btf", h, p["w_up"])
-    h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-    return constrain(x + dense("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
+    return constrain(x + dense("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
 
 
 def _norm(x: jax.Array, scale: jax.Array, cfg: LlamaConfig) -> jax.Array:
@@ -371,7 +420,8 @@ class Llama(nnx.Module):
             self.unembed = _param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
 
     def _layer_fn(self):
-        return remat(lambda p, x, context=None: block(self.cfg, p, x, context), self.cfg.remat)
+        layer = block if self.cfg.moe is None else moe_block
+        return remat(lambda p, x, context=None: layer(self.cfg, p, x, context), self.cfg.remat)
 
     def _head(self) -> dict[str, jax.Array]:
         out = self.embedding[...].T if self.cfg.tied else self.unembed[...]
@@ -387,6 +437,8 @@ class Llama(nnx.Module):
         return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        if self.cfg.moe is not None:
+            return self._logits(self._head(), self._moe_layers(tokens, segment_ids)[0])
         h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens),
                        unroll=self.cfg.unroll, **_context_kw(segment_ids))
         return self._logits(self._head(), h)
@@ -397,9 +449,11 @@ class Llama(nnx.Module):
 
         Each token's loss is weighted by (tokens in the batch) / (real targets in the batch),
         worked out here on the whole batch, so the mean over any split of the batch into
-        microbatches is the mean over its real tokens (a pipeline averages microbatch means)."""
-        real = (targets >= 0).astype(jnp.float32)
-        weights = real * (real.size / jnp.maximum(real.sum(), 1.0))
+        microbatches is the mean over its real tokens (a pipeline averages microbatch means).
+        A mixture of experts adds its weighted auxiliary losses (`moe_loss`)."""
+        if self.cfg.moe is not None:
+            return self.moe_loss(tokens, targets, segment_ids)[0]
+        weights = _target_weights(targets)
 
         def head_loss(head, h, target_weights):
             targets, weights = target_weights
@@ -408,6 +462,34 @@ class Llama(nnx.Module):
         return layers_then_loss(self._layer_fn(), head_loss, self.layers.stacked(),
                                 self._head(), self._embed(tokens), (targets, weights),
                                 unroll=self.cfg.unroll, **_context_kw(segment_ids))
+
+    def moe_loss(self, tokens: jax.Array, targets: jax.Array,
+                 segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, MoEStats]:
+        """A mixture of experts' (loss, cross-entropy, router statistics): the loss is the
+        cross-entropy (as `loss`) plus the weighted auxiliary losses. The load-balancing loss is
+        a statistic of all the tokens given, so gradient accumulation's microbatches (each its
+        own) change it."""
+        h, stats = self._moe_layers(tokens, segment_ids)
+        logits = self._logits(self._head(), h)
+        cross_entropy = (token_losses(logits, targets) * _target_weights(targets)).mean()
+        return cross_entropy + moe_penalty(self.cfg.moe, stats), cross_entropy, stats
+
+    def _moe_layers(self, tokens: jax.Array, segment_ids: jax.Array | None
+                    ) -> tuple[jax.Array, MoEStats]:
+        layout = current_layout()
+        if layout is not None and layout.run_layers is not None:
+            raise UsageError("the mixture-of-experts Llama does not run in a pipeline yet (its "
+                             "router statistics travel with the layer stack); use pipeline=1")
+        start = (self._embed(tokens), MoEStats.empty(self.cfg.depth, self.cfg.moe.num_experts))
+        return run_layers(self._layer_fn(), self.layers.stacked(), start, unroll=self.cfg.unroll,
+                          **_context_kw(segment_ids))
+
+
+def _target_weights(targets: jax.Array) -> jax.Array:
+    """Per-target loss weights: 0 for padding, (tokens / real targets) for the rest."""
+    real = (targets >= 0).astype(jnp.float32)
+    return real * (real.size / jnp.maximum(real.sum(), 1.0))
 
 
 def _context_kw(segment_ids: jax.Array | None) -> dict[str, Any]:
@@ -422,10 +504,23 @@ def _unpack(batch: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
 
 def llama_loss(model: Llama, batch: Any) -> tuple[jax.Array, dict]:
     """The Trainer's loss: `batch` is (inputs, targets[, segment_ids]) of int (batch, seq);
-    targets < 0 are padding. Mean loss per real token in nats, and in bits."""
+    targets < 0 are padding. Mean loss per real token in nats, and in bits. A mixture of
+    experts' loss adds its auxiliary losses; bits_per_token is then of the cross-entropy alone,
+    and its router statistics are metrics too (`jaxdist.models.moe.moe_metrics`)."""
     inputs, targets, segment_ids = _unpack(batch)
+    if model.cfg.moe is not None:
+        loss, cross_entropy, stats = model.moe_loss(inputs, targets, segment_ids)
+        return loss, {"loss": loss, "cross_entropy": cross_entropy,
+                      "bits_per_token": cross_entropy / math.log(2), **moe_metrics(stats)}
     loss = model.loss(inputs, targets, segment_ids)
     return loss, {"loss": loss, "bits_per_token": loss / math.log(2)}
+
+
+def llama_moe_stats(model: Llama, batch: Any) -> MoEStats:
+    """The router statistics of a mixture of experts on (inputs, targets[, segment_ids]): per
+    layer the share of assignments each expert got (depth, E) and the share dropped."""
+    inputs, targets, segment_ids = _unpack(batch)
+    return model.moe_loss(inputs, targets, segment_ids)[2]
 
 
 def llama_eval(model: Llama, batch: Any) -> dict[str, jax.Array]:

@@ -1,4 +1,4 @@
-"""Device meshes: the 1-D mesh of data parallelism and the named 4-D mesh of model parallelism."""
+"""Device meshes: the 1-D mesh of data parallelism and the named 5-D mesh of model parallelism."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with all four axes of `MESH_AXES` (those not in `shape` have size 1).
+    """A mesh with all the axes of `MESH_AXES` (those not in `shape` have size 1).
 
     Raises:
         UsageError: an unknown axis, a size below 1, or a product other than the device count.

@@ -13,6 +13,8 @@ for parameters and for optimizer state, and which mesh axes split the batch:
 | `sp`      | like tp; activations between     | like the parameters    | data, fsdp      |
 |           | attention and MLP split on seq   |                        |                 |
 | `fsdp_tp` | both                             | like the parameters    | data, fsdp      |
+| `ep`      | fsdp; experts over expert        | like the parameters    | data, fsdp,     |
+|           |                                  |                        | expert          |
 
 Every strategy splits a stack of layers (logical `layers`) over the `pipeline` axis, so a mesh with
 pipeline > 1 pipelines a model that runs its stack through `jaxdist.core.layout.run_layers`, with
@@ -23,8 +25,12 @@ Under `fsdp` with data > 1 the parameters are split within each data group and r
 groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
 wherever the optimizer state is split.
 
+`ep` is expert parallelism: a mixture of experts' weights (logical `expert`, see
+`jaxdist.models.moe`) split over the `expert` mesh axis, the rest as under `fsdp`, and the batch
+over `expert` too, so the expert groups are data parallel everywhere but in the experts.
+
 Each named rule set is a strategy value of `jaxdist.parallel.strategies.STRATEGIES` (`DP`, `ZERO1`,
-`FSDP`, `TP`, `SP`, `FSDP_TP` here); your own `Rules(...)` is one too.
+`FSDP`, `TP`, `SP`, `FSDP_TP`, `EP` here); your own `Rules(...)` is one too.
 
 A model needs no annotations for FSDP or ZeRO-1: an array without logical names is split on its
 largest dimension that divides over the axis (`Rules.unannotated`), as PyTorch FSDP and
@@ -53,7 +59,7 @@ if TYPE_CHECKING:
     from jaxdist.parallel.backends import StepLayout
 
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "layers", "patch", "seq",
-                "classes", "conv_in", "conv_out", "features")
+                "classes", "conv_in", "conv_out", "features", "expert")
 
 MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
@@ -96,10 +102,12 @@ class Rules:
         validate_rules(self)
 
     def default_mesh(self, devices: int) -> str:
-        """All devices on the axis the rules split parameters over (fsdp, else data); rules that
-        split over tensor take pairs (tensor=2)."""
+        """All devices on the axis the rules split parameters over (expert, else fsdp, else
+        data); rules that split over tensor take pairs (tensor=2)."""
         axes = {a for v in self.params.values() for a in as_axis_tuple(v)}
         axes |= set(as_axis_tuple(self.unannotated))
+        if "expert" in axes:
+            return f"expert={devices}"
         outer = "fsdp" if "fsdp" in axes else "data"
         if "tensor" in axes:
             tensor = 2 if devices % 2 == 0 and devices > 1 else 1
@@ -122,9 +130,10 @@ class Rules:
 
     def for_activations(self) -> Mapping[str, MeshAxes]:
         """Activation name -> mesh axes: the batch over the batch axes, heads / hidden units /
-        vocabulary where the parameters split them (tensor parallelism), plus `activations`."""
+        vocabulary / experts where the parameters split them (tensor and expert parallelism),
+        plus `activations`."""
         table: dict[str, MeshAxes] = {"batch": self.batch}
-        table.update({name: self.params[name] for name in ("heads", "mlp", "vocab")
+        table.update({name: self.params[name] for name in ("heads", "mlp", "vocab", "expert")
                       if name in self.params})
         table.update(self.activations or {})
         return table
@@ -145,6 +154,8 @@ _STACK = {"layers": "pipeline"}
 _FSDP = {name: "fsdp" for name in ("embed", "features", "conv_out", "mlp", "heads")}
 # Megatron: attention heads and MLP hidden units split (column then row), and the vocabulary
 _TP = {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"}
+# expert parallelism: a mixture of experts' stacked experts split over the expert axis
+_EP = {"expert": "expert"}
 
 
 def validate_rules(rules: Rules) -> None:
@@ -179,6 +190,8 @@ TP = Rules(params={**_STACK, **_TP}, name="tp")
 # residual adds) split along the sequence over the same tensor axis
 SP = Rules(params={**_STACK, **_TP}, activations={"seq": "tensor"}, name="sp")
 FSDP_TP = Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp", name="fsdp_tp")
+EP = Rules(params={**_STACK, **_EP, **_FSDP}, batch=(*BATCH_AXES, "expert"), unannotated="fsdp",
+           name="ep")
 
 
 def logical_to_mesh(logical: P, table: Mapping[str, MeshAxes], mesh: Mesh,

@@ -12,7 +12,8 @@ its own options, and `STRATEGIES` names the defaults.
 | `ShardMap()` | `reducer`, `batch_stats`                 | `lax.pmean` inside `jax.shard_map`     |
 | `Pmap()`     | `batch_stats`                            | `jax.pmap`, the per-device program     |
 | `LocalSGD()` | `every`, `outer`, `average_opt_state`    | averaging every H steps (DiLoCo)       |
-| `Rules(...)` | the tables of `jaxdist.parallel.rules`   | dp, zero1, fsdp, tp, sp, fsdp_tp, own  |
+| `Rules(...)` | the tables of `jaxdist.parallel.rules`   | dp, zero1, fsdp, tp, sp, fsdp_tp, ep,  |
+|              |                                          | your own                               |
 | `Pipeline()` | `microbatches`, `schedule`, `rules`      | the layer stack over pipeline stages   |
 
 Every value answers the same questions, so no caller keeps a list of names:
@@ -24,7 +25,7 @@ Every value answers the same questions, so no caller keeps a list of names:
   statistics and local SGD need.
 - `parallelism`: "data", the whole model on every device and the batch over the `data` axis
   (jit, shard_map, pmap, local_sgd); or "model", the state laid out over a named mesh of
-  `data`, `fsdp`, `tensor` and `pipeline` axes (the rules strategies, `Pipeline`).
+  `data`, `fsdp`, `expert`, `tensor` and `pipeline` axes (the rules strategies, `Pipeline`).
 - `default_mesh(n)`, `mesh_for(mesh, devices)` and `build(...)`: the mesh it runs on and the
   `StepLayout` (step, state layout, initial state) it gives the trainer.
 
@@ -296,7 +297,7 @@ Strategy = Jit | ShardMap | Pmap | LocalSGD | Rules | Pipeline
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Jit(), ShardMap(), Pmap(), LocalSGD(),
-    _rules.DP, _rules.ZERO1, _rules.FSDP, _rules.TP, _rules.SP, _rules.FSDP_TP,
+    _rules.DP, _rules.ZERO1, _rules.FSDP, _rules.TP, _rules.SP, _rules.FSDP_TP, _rules.EP,
 )}
 
 

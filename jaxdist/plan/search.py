@@ -19,9 +19,10 @@ DEFAULT_GLOBAL_BATCH = 256
 
 # The planner plans the model-parallel strategies of the one registry (`jaxdist.STRATEGIES`); when
 # --strategies is not given all of them, but sp for the ViT: it names no activations, so sp would
-# be tp again.
+# be tp again; and not ep: the planned models have no experts, so ep would be fsdp again.
 DEFAULT_STRATEGIES = {model: tuple(name for name, s in STRATEGIES.items()
-                                   if s.parallelism == "model" and (model, name) != ("vit", "sp"))
+                                   if s.parallelism == "model" and name != "ep"
+                                   and (model, name) != ("vit", "sp"))
                       for model in MODELS}
 PIPELINE_STAGES = (2, 4)  # pipeline sizes planned for the LM where they divide n and its depth
 SCHEDULES = ("gpipe", "1f1b")
@@ -40,7 +41,8 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
     `stages` (default `PIPELINE_STAGES`) that divides n and `layers`, the strategy's first mesh
     on n / S devices with `pipeline=S` (dp, zero1 `data=n/S,pipeline=S`; fsdp
     `fsdp=n/S,pipeline=S`; tp, sp `data=n/2S,tensor=2,pipeline=S`; fsdp_tp
-    `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2)."""
+    `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2; ep, whose mixture of experts does not
+    pipeline, none)."""
     if strategy in ("dp", "zero1"):
         meshes = [f"data={n}"]
     elif strategy == "fsdp":
@@ -49,6 +51,11 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
             meshes.append(f"data=2,fsdp={n // 2}")
     elif strategy in ("tp", "sp"):
         meshes = [f"data={n // 2},tensor=2"] if n % 2 == 0 else []
+    elif strategy == "ep":
+        meshes = [f"expert={n}"]
+        if n % 2 == 0 and n // 2 >= 2:
+            meshes.append(f"fsdp=2,expert={n // 2}")
+        return meshes
     elif strategy == "fsdp_tp":
         meshes = []
         if n % 2 == 0 and n // 2 >= 2:

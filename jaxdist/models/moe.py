@@ -1,0 +1,291 @@
+"""A mixture-of-experts MLP for the Llama family (Mixtral, DeepSeek-MoE and Qwen-MoE shapes).
+
+A router scores every token against `num_experts` SwiGLU experts and sends it to its `top_k`,
+whose outputs are mixed with the top-k scores normalised to sum to 1; `shared_experts` more
+SwiGLUs of the same width see every token (DeepSeek's shared experts). The experts' weights are
+stacked on a leading `expert` logical axis, which the `ep` rules
+(`jaxdist.parallel.rules.EP`) split over the mesh's `expert` axis: expert parallelism.
+
+Two dispatches:
+- `dropless`: the (token, choice) assignments sorted by expert, each expert's contiguous group
+  multiplied by its weights with `jax.lax.ragged_dot` (grouped matmuls); every token is routed.
+- `capacity`: each expert takes at most ceil(capacity_factor * tokens * top_k / num_experts)
+  assignments, in token order (the batch's rows one after another, a token's first choice before
+  its second); the rest are dropped (they add nothing; the residual stream carries the token on).
+  The kept ones go into a fixed (expert, capacity, embed) buffer and through a batched matmul.
+
+Both are written on the global batch and left to XLA's SPMD partitioner: the expert weights are
+split over `expert`, the tokens over the batch axes, and the capacity buffer is constrained to
+(`expert`, ...), so XLA moves the tokens to their experts' devices (no hand-written all-to-all).
+The capacity therefore counts the tokens of the whole step, as one device does, and every mesh
+drops the same tokens.
+
+Two auxiliary losses keep the router healthy, added to the loss with their weights and reported
+as metrics: the load-balancing loss of Switch/GShard, num_experts * sum_e f_e P_e (f_e the share
+of assignments that chose expert e, P_e its mean router probability; 1 when balanced), and the
+router z-loss of ST-MoE, the mean of logsumexp(logits)^2. Both are means over the layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdist.core.layout import constrain
+from jaxdist.errors import UsageError
+from jaxdist.models.layers import axes
+
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity")
+# the MoE layer's parameters, each with a leading `layers` axis (shared_* only with shared experts)
+MOE_PARAMS = ("router", "expert_gate", "expert_up", "expert_down",
+              "shared_gate", "shared_up", "shared_down")
+FLOAT32_PARAMS = ("router",)  # routing decisions stay in float32 under a bfloat16 compute dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE MLP of every layer of a `LlamaConfig(moe=...)`.
+
+    `expert_mlp` is each expert's hidden width (0: the model's `mlp`); `router` "softmax"
+    (Mixtral) or "sigmoid" (DeepSeek-V3: independent scores, normalised over the chosen ones)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_mlp: int = 0
+    shared_experts: int = 0
+    router: str = "softmax"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+
+
+def validate_moe(moe: MoEConfig) -> MoEConfig:
+    """`moe`, or a one-line UsageError naming what is wrong."""
+    if not isinstance(moe, MoEConfig):
+        raise UsageError(f"moe must be a MoEConfig, got {type(moe).__name__}")
+    if moe.num_experts < 1:
+        raise UsageError(f"num_experts must be >= 1, got {moe.num_experts}")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise UsageError(f"top_k must be between 1 and num_experts ({moe.num_experts}), "
+                         f"got {moe.top_k}")
+    if moe.expert_mlp < 0 or moe.shared_experts < 0:
+        raise UsageError(f"expert_mlp and shared_experts must be >= 0, got {moe.expert_mlp} "
+                         f"and {moe.shared_experts}")
+    if moe.router not in ROUTERS:
+        raise UsageError(f"unknown router {moe.router!r}; choose one of {', '.join(ROUTERS)}")
+    if moe.dispatch not in DISPATCHES:
+        raise UsageError(f"unknown dispatch {moe.dispatch!r}; choose one of "
+                         f"{', '.join(DISPATCHES)}")
+    if min(moe.aux_loss_weight, moe.z_loss_weight) < 0:
+        raise UsageError(f"aux_loss_weight and z_loss_weight must be >= 0, got "
+                         f"{moe.aux_loss_weight} and {moe.z_loss_weight}")
+    if not moe.capacity_factor > 0:
+        raise UsageError(f"capacity_factor must be > 0, got {moe.capacity_factor}")
+    return moe
+
+
+def expert_width(moe: MoEConfig, mlp: int) -> int:
+    return moe.expert_mlp or mlp
+
+
+def capacity(moe: MoEConfig, tokens: int) -> int:
+    """Assignments each expert takes per step under the capacity dispatch."""
+    return math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts)
+
+
+def moe_params(moe: MoEConfig, depth: int, embed: int, mlp: int, *,
+               rngs: nnx.Rngs) -> dict[str, nnx.Param]:
+    """The MoE MLP's parameters of `depth` stacked layers, by name (`MOE_PARAMS`)."""
+    n, e, f, x = depth, embed, expert_width(moe, mlp), moe.num_experts
+    std = 0.02
+
+    def param(shape, names):
+        return nnx.Param(std * jax.random.normal(rngs.params(), shape), **axes(*names))
+
+    out = {
+        # replicated over experts: every device routes its own tokens
+        "router": param((n, e, x), ("layers", "embed", None)),
+        "expert_gate": param((n, x, e, f), ("layers", "expert", "embed", "mlp")),
+        "expert_up": param((n, x, e, f), ("layers", "expert", "embed", "mlp")),
+        "expert_down": param((n, x, f, e), ("layers", "expert", "mlp", "embed")),
+    }
+    if moe.shared_experts:  # s shared experts of width f are one SwiGLU of width s f
+        s = moe.shared_experts * f
+        out |= {"shared_gate": param((n, e, s), ("layers", "embed", "mlp")),
+                "shared_up": param((n, e, s), ("layers", "embed", "mlp")),
+                "shared_down": param((n, s, e), ("layers", "mlp", "embed"))}
+    return out
+
+
+def moe_param_count(moe: MoEConfig, embed: int, mlp: int, *, active: bool = False) -> int:
+    """One layer's MoE parameters; `active`: those one token uses (its top_k experts)."""
+    f = expert_width(moe, mlp)
+    experts = moe.top_k if active else moe.num_experts
+    return embed * moe.num_experts + 3 * embed * f * (experts + moe.shared_experts)
+
+
+class Routing(NamedTuple):
+    """A router's decision for T tokens: the normalised router distribution (T, E), the chosen
+    experts (T, k) with their mixing weights (T, k), and the router's logits (T, E)."""
+
+    probs: jax.Array
+    experts: jax.Array
+    weights: jax.Array
+    logits: jax.Array
+
+
+def route(moe: MoEConfig, logits: jax.Array) -> Routing:
+    """Top-k routing of float32 logits (T, E); the chosen scores normalised to sum to 1."""
+    if moe.router == "softmax":
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdims=True)
+    top, experts = jax.lax.top_k(scores, moe.top_k)
+    return Routing(probs, experts, top / top.sum(-1, keepdims=True), logits)
+
+
+def expert_load(routing: Routing, num_experts: int) -> jax.Array:
+    """f_e: the share of the (token, choice) assignments that chose each expert (sums to 1)."""
+    counts = jnp.bincount(routing.experts.reshape(-1), length=num_experts)
+    return counts.astype(jnp.float32) / routing.experts.size
+
+
+def load_balancing_loss(routing: Routing, num_experts: int) -> jax.Array:
+    """Switch/GShard: E sum_e f_e P_e; gradients reach the router through P_e only."""
+    return num_experts * jnp.sum(expert_load(routing, num_experts) * routing.probs.mean(0))
+
+
+def z_loss(routing: Routing) -> jax.Array:
+    """ST-MoE's router z-loss: the mean over tokens of logsumexp(logits)^2."""
+    return jnp.mean(jax.nn.logsumexp(routing.logits, axis=-1) ** 2)
+
+
+def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    h = jax.nn.silu(jnp.einsum("te,ef->tf", x, gate)) * jnp.einsum("te,ef->tf", x, up)
+    return jnp.einsum("tf,fe->te", h, down)
+
+
+def dropless(x: jax.Array, routing: Routing, p: dict[str, jax.Array]) -> jax.Array:
+    """Every (token, choice) through its expert: assignments sorted by expert, one grouped
+    matmul per weight (`ragged_dot`), unsorted, mixed. x (T, e) -> (T, e)."""
+    t, k = routing.experts.shape
+    chosen = routing.experts.reshape(-1)
+    order = jnp.argsort(chosen, stable=True)  # by expert, token order within each
+    sizes = jnp.bincount(chosen, length=p["expert_gate"].shape[0]).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)
+    gate = jax.lax.ragged_dot(xs, p["expert_gate"], sizes)
+    up = jax.lax.ragged_dot(xs, p["expert_up"], sizes)
+    ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, p["expert_down"], sizes)
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    y = jnp.take(ys, unsort, axis=0).reshape(t, k, -1)
+    return jnp.einsum("tk,tke->te", routing.weights.astype(y.dtype), y)
+
+
+def capacity_slots(experts: jax.Array, num_experts: int, slots: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Each assignment's place in the (expert, capacity) buffer, flattened, in token order (a
+    token's choices in rank order); those past an expert's `slots` are dropped: (place, kept)
+    with place E * slots (outside the buffer) where dropped. experts (T, k) -> (T k,) twice."""
+    chosen = experts.reshape(-1)
+    one_hot = jax.nn.one_hot(chosen, num_experts, dtype=jnp.int32)
+    queue = jnp.sum(jnp.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1  # place in its expert
+    kept = queue < slots
+    return jnp.where(kept, chosen * slots + queue, num_experts * slots), kept
+
+
+def with_capacity(x: jax.Array, routing: Routing, p: dict[str, jax.Array], slots: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The capacity dispatch: (output (T, e), the fraction of assignments dropped)."""
+    t, k = routing.experts.shape
+    n = p["expert_gate"].shape[0]
+    place, kept = capacity_slots(routing.experts, n, slots)
+    buffer = jnp.zeros((n * slots, x.shape[-1]), x.dtype)
+    # each place is taken once: an add, whose gradient is a gather (a set's is not as simple)
+    buffer = buffer.at[place].add(jnp.repeat(x, k, axis=0), mode="drop")
+    buffer = constrain(buffer.reshape(n, slots, -1), ("expert", None, None))
+    gate = jnp.einsum("xce,xef->xcf", buffer, p["expert_gate"])
+    up = jnp.einsum("xce,xef->xcf", buffer, p["expert_up"])
+    if jax.default_backend() == "cpu":
+        # XLA:CPU (jaxlib 0.12.1) with the matmuls given to oneDNN, as jaxdist configures it
+        # (`jaxdist.cluster.devices`), miscompiles the gradient of a batched SwiGLU: the gate's
+        # and the input's gradients come out wrong. A barrier between the matmuls and the
+        # activation keeps them apart.
+        gate, up = jax.lax.optimization_barrier((gate, up))
+    h = jax.nn.silu(gate) * up
+    out = constrain(jnp.einsum("xcf,xfe->xce", h, p["expert_down"]), ("expert", None, None))
+    y = jnp.take(out.reshape(n * slots, -1), place, axis=0, mode="fill", fill_value=0)
+    weights = (routing.weights * kept.reshape(t, k)).astype(y.dtype)
+    return jnp.einsum("tk,tke->te", weights, y.reshape(t, k, -1)), 1.0 - kept.mean()
+
+
+class LayerStats(NamedTuple):
+    """One MoE layer's router statistics."""
+
+    aux: jax.Array  # load-balancing loss
+    z: jax.Array  # router z-loss
+    load: jax.Array  # (E,) f_e, before any drop
+    dropped: jax.Array  # fraction of assignments dropped (0 when dropless)
+
+
+def moe_mlp(moe: MoEConfig, p: dict[str, jax.Array], h: jax.Array
+            ) -> tuple[jax.Array, LayerStats]:
+    """The MoE MLP on normed activations h (batch, seq, embed): its output and statistics."""
+    b, t, e = h.shape
+    x = constrain(h.reshape(b * t, e), ("batch", None))
+    logits = jnp.einsum("te,ex->tx", x.astype(jnp.float32), p["router"].astype(jnp.float32))
+    routing = route(moe, logits)
+    n = moe.num_experts
+    if moe.dispatch == "dropless":
+        y, dropped = dropless(x, routing, p), jnp.zeros((), jnp.float32)
+    else:
+        y, dropped = with_capacity(x, routing, p, capacity(moe, b * t))
+    if moe.shared_experts:
+        y = y + _swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"])
+    stats = LayerStats(load_balancing_loss(routing, n), z_loss(routing), expert_load(routing, n),
+                       dropped)
+    return constrain(y.reshape(b, t, e), ("batch", "seq", "embed")), stats
+
+
+class MoEStats(NamedTuple):
+    """Router statistics of a layer stack, carried through it with the residual stream: the
+    losses summed over the layers so far, and per layer the expert load (depth, E) and the
+    dropped fraction (depth,)."""
+
+    layer: jax.Array
+    aux: jax.Array
+    z: jax.Array
+    load: jax.Array
+    dropped: jax.Array
+
+    @classmethod
+    def empty(cls, depth: int, num_experts: int) -> MoEStats:
+        zero = jnp.zeros((), jnp.float32)
+        return cls(jnp.zeros((), jnp.int32), zero, zero,
+                   jnp.zeros((depth, num_experts), jnp.float32), jnp.zeros((depth,), jnp.float32))
+
+    def add(self, layer: LayerStats) -> MoEStats:
+        i = self.layer
+        return MoEStats(i + 1, self.aux + layer.aux, self.z + layer.z,
+                        self.load.at[i].set(layer.load), self.dropped.at[i].set(layer.dropped))
+
+
+def moe_penalty(moe: MoEConfig, stats: MoEStats) -> jax.Array:
+    """What the auxiliary losses add to the loss: their layer means, weighted."""
+    depth = stats.load.shape[0]
+    return (moe.aux_loss_weight * stats.aux + moe.z_loss_weight * stats.z) / depth
+
+
+def moe_metrics(stats: MoEStats) -> dict[str, jax.Array]:
+    """Scalar metrics of a stack's statistics: the layer means of the two auxiliary losses, the
+    dropped fraction, and the busiest expert's load relative to a balanced one (1: balanced)."""
+    depth, n = stats.load.shape
+    return {"moe_aux_loss": stats.aux / depth, "moe_z_loss": stats.z / depth,
+            "moe_dropped": stats.dropped.mean(), "moe_max_load": n * stats.load.max()}
