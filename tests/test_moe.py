@@ -104,6 +104,15 @@ def test_the_mixture_of_experts_trains_as_one_device_under_fsdp_and_tensor_paral
     _assert_equal(_train(strategy, mesh), one_device["dropless"])
 
 
+@needs_devices(8)
+def test_bfloat16_compute_under_expert_parallelism_stays_close_to_float32(one_device):
+    bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    (losses, params), _, _ = _train("ep", "data=2,expert=4", bf16)
+    (want, want_params), _, _ = one_device["dropless"]
+    np.testing.assert_allclose(losses, want, rtol=1e-2)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

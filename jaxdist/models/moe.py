@@ -14,11 +14,15 @@ Two dispatches:
   its second); the rest are dropped (they add nothing; the residual stream carries the token on).
   The kept ones go into a fixed (expert, capacity, embed) buffer and through a batched matmul.
 
-Both are written on the global batch and left to XLA's SPMD partitioner: the expert weights are
-split over `expert`, the tokens over the batch axes, and the capacity buffer is constrained to
-(`expert`, ...), so XLA moves the tokens to their experts' devices (no hand-written all-to-all).
-The capacity therefore counts the tokens of the whole step, as one device does, and every mesh
-drops the same tokens.
+Under the `ep` rules (experts split over the mesh's `expert` axis, which splits the batch too) the
+dropless dispatch is written out with `jax.shard_map` (`dropless_in_expert_groups`): the devices
+along the expert axis, an expert group, all-gather their tokens, each runs the assignments of its
+own experts, and the partial outputs are reduce-scattered back (Megatron's all-gather token
+dispatcher; XLA:CPU has no ragged all-to-all to send each token only where it goes). Everywhere
+else, and for the capacity dispatch, the global computation is left to XLA's SPMD partitioner:
+the expert weights are split over `expert`, the tokens over the batch axes, the capacity buffer is
+constrained to (`expert`, ...). The capacity counts the tokens of the whole step, as one device
+does, so every mesh drops the same tokens.
 
 Two auxiliary losses keep the router healthy, added to the loss with their weights and reported
 as metrics: the load-balancing loss of Switch/GShard, num_experts * sum_e f_e P_e (f_e the share
@@ -35,8 +39,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxdist.core.layout import constrain
+from jaxdist.core.layout import activation_spec, constrain, current_layout
 from jaxdist.errors import UsageError
 from jaxdist.models.layers import axes
 
@@ -184,9 +190,69 @@ def dropless(x: jax.Array, routing: Routing, p: dict[str, jax.Array]) -> jax.Arr
     gate = jax.lax.ragged_dot(xs, p["expert_gate"], sizes)
     up = jax.lax.ragged_dot(xs, p["expert_up"], sizes)
     ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, p["expert_down"], sizes)
-    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    y = jnp.take(ys, unsort, axis=0).reshape(t, k, -1)
+    y = jnp.take(ys, _inverse(order), axis=0).reshape(t, k, -1)
     return jnp.einsum("tk,tke->te", routing.weights.astype(y.dtype), y)
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+    """The permutation that undoes `order`."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+
+
+def _axes(value) -> tuple[str, ...]:
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+def expert_groups(x: jax.Array) -> tuple[Mesh, P] | None:
+    """(mesh, the tokens' spec) when the current trainer splits the experts over an expert axis of
+    more than one device that splits the tokens x (T, e) too (the `ep` rules); None otherwise."""
+    layout = current_layout()
+    if layout is None or "expert" not in _axes(layout.activations.get("expert")):
+        return None
+    if layout.mesh.shape["expert"] < 2:
+        return None
+    spec = activation_spec(x.shape, ("batch", None), layout.activations, dict(layout.mesh.shape))
+    return (layout.mesh, spec) if "expert" in _axes(spec[0]) else None
+
+
+def dropless_in_expert_groups(x: jax.Array, routing: Routing, p: dict[str, jax.Array],
+                              mesh: Mesh, spec: P) -> jax.Array:
+    """`dropless` written out for expert parallelism: each device of an expert group holds E /
+    group experts; the group all-gathers its tokens and their routing, each device runs the
+    assignments of its own experts (sorted by expert, `ragged_dot`; the rest sorted last and
+    left out), and the partial outputs are reduce-scattered back to the tokens' devices."""
+    rows = P(spec[0], None)
+    manual = _axes(spec[0])
+    others = tuple(a for a in manual if a != "expert")  # the weights are the same along these
+    experts = P("expert", None, None)
+    dtype = x.dtype
+    # XLA:CPU aborts compiling the gradient's bfloat16 collectives: there they are float32
+    wire = jnp.float32 if jax.default_backend() == "cpu" else dtype
+
+    def local(x, chosen, mix, gate, up, down):
+        x, chosen, mix = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                          for a in (x, chosen, mix))
+        if others:  # shard_map's types: the weights now meet tokens that differ along others
+            gate, up, down = jax.lax.pcast((gate, up, down), others, to="varying")
+        x, gate, up, down = (a.astype(dtype) for a in (x, gate, up, down))
+        n, (t, k) = gate.shape[0], chosen.shape
+        own = chosen - jax.lax.axis_index("expert") * n
+        mine = (own >= 0) & (own < n)
+        flat = jnp.where(mine, own, n).reshape(-1)  # n: another device's expert, sorted last
+        order = jnp.argsort(flat, stable=True)
+        sizes = jnp.bincount(flat, length=n + 1)[:n].astype(jnp.int32)
+        xs = jnp.take(x, order // k, axis=0)
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+        ys = jnp.take(jax.lax.ragged_dot(h, down, sizes), _inverse(order), axis=0)
+        ys = jnp.where(mine.reshape(-1, 1), ys, 0).reshape(t, k, -1)  # rows past the groups
+        y = jnp.einsum("tk,tke->te", jnp.where(mine, mix, 0).astype(wire), ys.astype(wire))
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    wide = [a.astype(wire) for a in (x, p["expert_gate"], p["expert_up"], p["expert_down"])]
+    y = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, experts, experts, experts),
+                      out_specs=rows, axis_names=set(manual))(
+        wide[0], routing.experts, routing.weights, *wide[1:])
+    return y.astype(dtype)
 
 
 def capacity_slots(experts: jax.Array, num_experts: int, slots: int
@@ -243,7 +309,10 @@ def moe_mlp(moe: MoEConfig, p: dict[str, jax.Array], h: jax.Array
     logits = jnp.einsum("te,ex->tx", x.astype(jnp.float32), p["router"].astype(jnp.float32))
     routing = route(moe, logits)
     n = moe.num_experts
-    if moe.dispatch == "dropless":
+    groups = expert_groups(x) if moe.dispatch == "dropless" else None
+    if groups is not None:
+        y, dropped = dropless_in_expert_groups(x, routing, p, *groups), jnp.zeros((), jnp.float32)
+    elif moe.dispatch == "dropless":
         y, dropped = dropless(x, routing, p), jnp.zeros((), jnp.float32)
     else:
         y, dropped = with_capacity(x, routing, p, capacity(moe, b * t))
