@@ -33,12 +33,15 @@ def _backends_started() -> bool:
 # XLA:CPU runs convolutions with Eigen unless told to hand them to oneDNN. The classic CNN's train
 # step ran 40-60% faster with it, with the same results to float32 rounding (docs/performance.md).
 ONEDNN_XLA_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true")
-# jaxlib 0.12 gives float32 gradient convolutions and the matmuls to YNNPACK before the oneDNN
-# rewriter sees them; leaving them to oneDNN made the CNN's step 15-40% faster on 1-2 devices a
-# process (docs/performance.md #17) and the Llama's 10% (#19). Older jaxlibs do not know the flag,
-# and XLA aborts on unknown flags.
-ONEDNN_ALL_CONVOLUTIONS_FLAG = ("--xla_cpu_experimental_ynn_fusion_type="
-                                "-individual_convolution,-individual_dot")
+# jaxlib 0.12 gives float32 gradient convolutions to YNNPACK before the oneDNN rewriter sees them;
+# leaving them to oneDNN as well made the CNN's step 15-40% faster on 1-2 devices a process
+# (docs/performance.md #17). Older jaxlibs do not know the flag, and XLA aborts on unknown flags.
+# The matmuls stay with YNNPACK: handing them to oneDNN too (`-individual_dot`) made the Llama's
+# step 10% faster and bfloat16 matmuls use AMX, but XLA:CPU then computed wrong gradients for a
+# batched SwiGLU behind a scatter (the MoE's capacity dispatch; tests/test_moe.py), so it is not
+# the default (docs/performance.md #26).
+ONEDNN_ALL_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
 # compiler_options for one compilation with XLA's own CPU kernels, whatever XLA_FLAGS say: XLA's cost
 # analysis counts no FLOPs inside oneDNN calls, and planning should not depend on CPU libraries
 XLA_OWN_CPU_KERNELS = {"xla_cpu_use_onednn": False, "xla_cpu_experimental_onednn_custom_call": False}
@@ -47,8 +50,7 @@ XLA_OWN_CPU_KERNELS = {"xla_cpu_use_onednn": False, "xla_cpu_experimental_onednn
 def use_onednn_convolutions() -> bool:
     """Adds `ONEDNN_XLA_FLAGS` to XLA_FLAGS, before JAX's backends start; True if they are in use.
 
-    On jaxlib >= 0.12 the gradient convolutions and the matmuls go to oneDNN too
-    (`ONEDNN_ALL_CONVOLUTIONS_FLAG`,
+    On jaxlib >= 0.12 the gradient convolutions go to oneDNN too (`ONEDNN_ALL_CONVOLUTIONS_FLAG`,
     unless XLA_FLAGS set a YNN fusion type). Skipped when $JAXDIST_CPU_ONEDNN is 0, when XLA_FLAGS
     already says anything about oneDNN (the user decides), or once the backends have started (XLA
     has read its flags by then). The flags only concern the CPU backend; GPU and TPU compilations

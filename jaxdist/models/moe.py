@@ -280,10 +280,11 @@ def with_capacity(x: jax.Array, routing: Routing, p: dict[str, jax.Array], slots
     gate = jnp.einsum("xce,xef->xcf", buffer, p["expert_gate"])
     up = jnp.einsum("xce,xef->xcf", buffer, p["expert_up"])
     if jax.default_backend() == "cpu":
-        # XLA:CPU (jaxlib 0.12.1) with the matmuls given to oneDNN, as jaxdist configures it
-        # (`jaxdist.cluster.devices`), miscompiles the gradient of a batched SwiGLU: the gate's
-        # and the input's gradients come out wrong. A barrier between the matmuls and the
-        # activation keeps them apart.
+        # XLA:CPU (jaxlib 0.12.1) with the matmuls given to oneDNN (XLA_FLAGS with
+        # --xla_cpu_experimental_ynn_fusion_type=-individual_dot beside the oneDNN flags, not
+        # jaxdist's default) miscompiles the gradient of a batched SwiGLU: the gate's and the
+        # input's gradients come out wrong. A barrier between the matmuls and the activation
+        # keeps them apart, whatever the flags.
         gate, up = jax.lax.optimization_barrier((gate, up))
     h = jax.nn.silu(gate) * up
     out = constrain(jnp.einsum("xcf,xfe->xce", h, p["expert_down"]), ("expert", None, None))
