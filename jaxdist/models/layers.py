@@ -4,6 +4,8 @@ metadata that names a parameter's dimensions."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from flax.nnx import variablelib
 
 # flax 0.12.12 names a variable's logical axes `out_sharding` (and warns on `sharding_names`);
@@ -16,6 +18,14 @@ def axes(*names: str | None) -> dict:
     """Variable metadata naming a parameter's dimensions with logical axes
     (`jaxdist.parallel.rules`); no mesh is needed to build the model."""
     return {_AXES_KEY: names, "eager_sharding": False}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...],
+          std: float | None) -> nnx.Param:
+    """A parameter named with logical axes: normal of `std` (drawn from `rngs.params()`), or ones
+    where `std` is None (a norm's scale)."""
+    value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
+    return nnx.Param(value, **axes(*names))
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

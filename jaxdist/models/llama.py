@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxdist.core.layout import constrain, current_layout, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
-from jaxdist.models.layers import axes
+from jaxdist.models.layers import param
 from jaxdist.models.lm import REMAT_POLICIES, remat, rms_norm, token_losses
 from jaxdist.models.moe import (FLOAT32_PARAMS, MOE_PARAMS, MoEConfig, MoEStats, moe_metrics,
                                 moe_mlp, moe_param_count, moe_params, moe_penalty, validate_moe)
@@ -237,11 +237,6 @@ def _down_width(cfg: LlamaConfig) -> int:
     return (cfg.moe.top_k + cfg.moe.shared_experts) * (cfg.moe.expert_mlp or cfg.mlp)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
-    value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
-    return nnx.Param(value, **axes(*names))
-
-
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
@@ -254,19 +249,19 @@ class LlamaLayers(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         n, e, h, k, d, f = cfg.depth, cfg.embed, cfg.heads, cfg.kv_heads, cfg.dim, cfg.mlp
         std = 0.02  # HF's initializer_range, for every matrix
-        self.attn_norm = _param(rngs, (n, e), ("layers", "embed"), None)
-        self.wq = _param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
-        self.wk = _param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
-        self.wv = _param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
-        self.wo = _param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), std)
-        self.mlp_norm = _param(rngs, (n, e), ("layers", "embed"), None)
+        self.attn_norm = param(rngs, (n, e), ("layers", "embed"), None)
+        self.wq = param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
+        self.wk = param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
+        self.wv = param(rngs, (n, e, k, d), ("layers", "embed", "kv_heads", "kv"), std)
+        self.wo = param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), std)
+        self.mlp_norm = param(rngs, (n, e), ("layers", "embed"), None)
         if cfg.moe is not None:
-            for name, param in moe_params(cfg.moe, n, e, f, rngs=rngs).items():
-                setattr(self, name, param)
+            for name, variable in moe_params(cfg.moe, n, e, f, rngs=rngs).items():
+                setattr(self, name, variable)
             return
-        self.w_gate = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
-        self.w_up = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
-        self.w_down = _param(rngs, (n, f, e), ("layers", "mlp", "embed"), std)
+        self.w_gate = param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
+        self.w_up = param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
+        self.w_down = param(rngs, (n, f, e), ("layers", "mlp", "embed"), std)
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in LAYER_PARAMS + MOE_PARAMS
@@ -413,11 +408,11 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = validate(cfg)
-        self.embedding = _param(rngs, (cfg.vocab, cfg.embed), ("vocab", "embed"), 0.02)
+        self.embedding = param(rngs, (cfg.vocab, cfg.embed), ("vocab", "embed"), 0.02)
         self.layers = LlamaLayers(cfg, rngs=rngs)
-        self.final_norm = _param(rngs, (cfg.embed,), ("embed",), None)
+        self.final_norm = param(rngs, (cfg.embed,), ("embed",), None)
         if not cfg.tied:
-            self.unembed = _param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
+            self.unembed = param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
 
     def _layer_fn(self):
         layer = block if self.cfg.moe is None else moe_block

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxdist.core.layout import constrain, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
-from jaxdist.models.layers import axes
+from jaxdist.models.layers import param
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -114,11 +114,6 @@ def train_flops(cfg: LMConfig, tokens: int) -> float:
     return float(tokens) * (flops_per_token(cfg) + again)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float | None):
-    value = jnp.ones(shape) if std is None else std * jax.random.normal(rngs.params(), shape)
-    return nnx.Param(value, **axes(*names))
-
-
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_in", "w_out")
 
 
@@ -128,14 +123,14 @@ class Layers(nnx.Module):
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         n, e, h, d, f = cfg.depth, cfg.embed, cfg.heads, cfg.head_dim, cfg.mlp
         std, out_std = 0.02, 0.02 / math.sqrt(2 * n)  # GPT-2: residual projections scaled down
-        self.attn_norm = _param(rngs, (n, e), ("layers", "embed"), None)
-        self.wq = _param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
-        self.wk = _param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
-        self.wv = _param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
-        self.wo = _param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), out_std)
-        self.mlp_norm = _param(rngs, (n, e), ("layers", "embed"), None)
-        self.w_in = _param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
-        self.w_out = _param(rngs, (n, f, e), ("layers", "mlp", "embed"), out_std)
+        self.attn_norm = param(rngs, (n, e), ("layers", "embed"), None)
+        self.wq = param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
+        self.wk = param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
+        self.wv = param(rngs, (n, e, h, d), ("layers", "embed", "heads", "kv"), std)
+        self.wo = param(rngs, (n, h, d, e), ("layers", "heads", "kv", "embed"), out_std)
+        self.mlp_norm = param(rngs, (n, e), ("layers", "embed"), None)
+        self.w_in = param(rngs, (n, e, f), ("layers", "embed", "mlp"), std)
+        self.w_out = param(rngs, (n, f, e), ("layers", "mlp", "embed"), out_std)
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
@@ -212,11 +207,11 @@ class GPT(nnx.Module):
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.cfg = validate(cfg)
-        self.embedding = _param(rngs, (cfg.vocab, cfg.embed), ("vocab", "embed"), 0.02)
+        self.embedding = param(rngs, (cfg.vocab, cfg.embed), ("vocab", "embed"), 0.02)
         self.layers = Layers(cfg, rngs=rngs)
-        self.final_norm = _param(rngs, (cfg.embed,), ("embed",), None)
+        self.final_norm = param(rngs, (cfg.embed,), ("embed",), None)
         if not cfg.tied:
-            self.unembed = _param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
+            self.unembed = param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
 
     def _layer_fn(self):
         return remat(lambda p, x: block(self.cfg, p, x), self.cfg.remat)

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdist.core.layout import activation_spec, constrain, current_layout
 from jaxdist.errors import UsageError
-from jaxdist.models.layers import axes
+from jaxdist.models.layers import param
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
@@ -112,21 +112,21 @@ def moe_params(moe: MoEConfig, depth: int, embed: int, mlp: int, *,
     n, e, f, x = depth, embed, expert_width(moe, mlp), moe.num_experts
     std = 0.02
 
-    def param(shape, names):
-        return nnx.Param(std * jax.random.normal(rngs.params(), shape), **axes(*names))
+    def stacked(shape, names):
+        return param(rngs, shape, names, std)
 
     out = {
         # replicated over experts: every device routes its own tokens
-        "router": param((n, e, x), ("layers", "embed", None)),
-        "expert_gate": param((n, x, e, f), ("layers", "expert", "embed", "mlp")),
-        "expert_up": param((n, x, e, f), ("layers", "expert", "embed", "mlp")),
-        "expert_down": param((n, x, f, e), ("layers", "expert", "mlp", "embed")),
+        "router": stacked((n, e, x), ("layers", "embed", None)),
+        "expert_gate": stacked((n, x, e, f), ("layers", "expert", "embed", "mlp")),
+        "expert_up": stacked((n, x, e, f), ("layers", "expert", "embed", "mlp")),
+        "expert_down": stacked((n, x, f, e), ("layers", "expert", "mlp", "embed")),
     }
     if moe.shared_experts:  # s shared experts of width f are one SwiGLU of width s f
         s = moe.shared_experts * f
-        out |= {"shared_gate": param((n, e, s), ("layers", "embed", "mlp")),
-                "shared_up": param((n, e, s), ("layers", "embed", "mlp")),
-                "shared_down": param((n, s, e), ("layers", "mlp", "embed"))}
+        out |= {"shared_gate": stacked((n, e, s), ("layers", "embed", "mlp")),
+                "shared_up": stacked((n, e, s), ("layers", "embed", "mlp")),
+                "shared_down": stacked((n, s, e), ("layers", "mlp", "embed"))}
     return out
 
 
