@@ -20,6 +20,9 @@ class Assumptions:
     peak_tflops: float = DEFAULT_PEAK_TFLOPS
     latency_us: float = DEFAULT_LATENCY_US
     bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS
+    devices_per_link: int = 1
+    """devices whose traffic shares one link of `bandwidth_gbps` (1: each device has its own;
+    n: one link carries all n devices' bytes, e.g. processes behind one NIC or one loopback)"""
 
     @property
     def bytes_per_second(self) -> float:
@@ -53,7 +56,9 @@ class Assumptions:
             f"{self.latency_us:g} us (--latency_us) x ring steps (all-reduce 2(g-1), all-gather/"
             f"reduce-scatter/all-to-all g-1, permute 1, g = group size) + ring wire bytes / "
             f"{self.bandwidth_gbps:g} Gbit/s = {self.bytes_per_second / 1e9:g} GB/s per device "
-            f"(--bandwidth_gbps)",
+            f"(--bandwidth_gbps)"
+            + (f", one link shared by {self.devices_per_link} devices: their bytes add up on it"
+               if self.devices_per_link > 1 else ""),
             "- step = compute + communication: no overlap assumed (real steps overlap some "
             "communication with compute, so this leans pessimistic)",
             "- memory = XLA:CPU buffer assignment of the step compiled for n virtual CPU devices: "
@@ -81,7 +86,7 @@ def comm_seconds(ledger: Any, assumptions: Assumptions) -> float:
     total = 0.0
     for c in ledger.collectives:
         total += c.count * ring_steps(c.kind, c.group_size) * assumptions.latency_us * 1e-6
-        total += c.wire_bytes / assumptions.bytes_per_second
+        total += c.wire_bytes * assumptions.devices_per_link / assumptions.bytes_per_second
     return total
 
 
