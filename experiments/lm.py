@@ -76,6 +76,9 @@ class LmConfig(RunConfig):
     splits them over the mesh's expert axis"""
     moe_top_k: int = 2
     """llama with --moe_experts: the experts each token is routed to"""
+    moe_exchange: Literal["all_gather", "all_to_all"] = "all_gather"
+    """llama with --moe_experts under --strategy ep: how tokens reach their experts' devices
+    (all_to_all: only where they go, in buffers of twice an even split; see MoEConfig)"""
     remat: str = "none"
     """activation checkpointing policy of each block"""
     text: str = ""
@@ -126,7 +129,8 @@ def model_variant(cfg: LmConfig, vocab: int | None = None) -> ModelVariant:
     if cfg.model == "llama" and cfg.moe_experts:
         from jaxdist.models.moe import MoEConfig
 
-        fields["moe"] = MoEConfig(num_experts=cfg.moe_experts, top_k=cfg.moe_top_k)
+        fields["moe"] = MoEConfig(num_experts=cfg.moe_experts, top_k=cfg.moe_top_k,
+                                  exchange=cfg.moe_exchange)
     if cfg.model == "llama" and cfg.init_from:
         from jaxdist.io.hf import load_hf_config
 

@@ -19,6 +19,8 @@ from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.llama import (Llama, llama_config, llama_eval, llama_loss, llama_moe_stats,
                                   param_count, train_flops)
 from jaxdist.models.moe import MoEConfig, capacity, capacity_slots, moe_mlp, route
+from jaxdist.observe import ideal_all_to_all_bytes
+from jaxdist.plan.analysis import analyze_step
 
 SEQ, BATCH, STEPS = 16, 16, 3
 MOE = MoEConfig(num_experts=8, top_k=2, expert_mlp=32, shared_experts=1, aux_loss_weight=0.1,
@@ -95,6 +97,34 @@ def test_expert_parallelism_trains_as_one_device(one_device, dispatch, mesh):
         assert all(m["moe_dropped"] > 0 for m in got[1])
     else:
         assert all(m["moe_dropped"] == 0 for m in got[1])
+
+
+ALL_TO_ALL = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, exchange="all_to_all",
+                                                              exchange_capacity=4.0))
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("mesh", ["expert=8", "data=2,expert=4", "fsdp=2,expert=4"])
+def test_the_all_to_all_exchange_trains_as_one_device_when_it_drops_nothing(one_device, mesh):
+    got = _train("ep", mesh, ALL_TO_ALL)
+    assert all(m["moe_dropped"] == 0 for m in got[1])  # its buffers had room for every token
+    _assert_equal(got, one_device["dropless"])
+
+
+@needs_devices(8)
+def test_the_all_to_all_exchange_moves_its_buffers_the_ideal_bytes_at_capacity_one():
+    # each device sends tokens * top_k rows per direction; capacity 1: buffers of exactly that
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, exchange="all_to_all",
+                                                           exchange_capacity=1.0))
+    ledger = analyze_step(_trainer("ep", "expert=8", cfg), _batches()[0]).ledger
+    tokens, group = BATCH * SEQ // 8, 8
+    ideal = ideal_all_to_all_bytes(tokens, 2, CFG.embed, 4, group)  # float32 on the wire
+    ids = tokens * 2 * 4 * (group - 1) / group  # each row's expert id, forward only
+    # per layer: dispatch and combine, forward and backward
+    assert ledger.total("all-to-all", wire=True) == pytest.approx(CFG.depth * (4 * ideal + ids))
+    gathered = analyze_step(_trainer("ep", "expert=8"), _batches()[0]).ledger
+    assert gathered.count("all-to-all") == 0
+    assert ledger.total(wire=True) < gathered.total(wire=True)
 
 
 @needs_devices(8)
@@ -281,7 +311,8 @@ def test_param_count_is_the_models_size_and_a_token_uses_its_top_k_and_shared_ex
     (dict(num_experts=0), "num_experts"), (dict(top_k=0), "top_k"), (dict(top_k=9), "top_k"),
     (dict(router="relu"), "router"), (dict(dispatch="tokens"), "dispatch"),
     (dict(capacity_factor=0.0), "capacity_factor"), (dict(aux_loss_weight=-1.0), "weight"),
-    (dict(shared_experts=-1), "shared_experts"),
+    (dict(shared_experts=-1), "shared_experts"), (dict(exchange="ring"), "exchange"),
+    (dict(exchange_capacity=-1.0), "exchange_capacity"),
 ])
 def test_bad_moe_configs_are_one_line_errors(bad, words):
     with pytest.raises(UsageError, match=words) as err:

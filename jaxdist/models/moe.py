@@ -48,6 +48,7 @@ from jaxdist.models.layers import param
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
+EXCHANGES = ("all_gather", "all_to_all")  # how the dropless dispatch moves tokens under ep
 # the MoE layer's parameters, each with a leading `layers` axis (shared_* only with shared experts)
 MOE_PARAMS = ("router", "expert_gate", "expert_up", "expert_down",
               "shared_gate", "shared_up", "shared_down")
@@ -59,7 +60,13 @@ class MoEConfig:
     """The MoE MLP of every layer of a `LlamaConfig(moe=...)`.
 
     `expert_mlp` is each expert's hidden width (0: the model's `mlp`); `router` "softmax"
-    (Mixtral) or "sigmoid" (DeepSeek-V3: independent scores, normalised over the chosen ones)."""
+    (Mixtral) or "sigmoid" (DeepSeek-V3: independent scores, normalised over the chosen ones).
+    `exchange`: how the dropless dispatch moves tokens between an expert group's devices under
+    expert parallelism: "all_gather" (every device sees the group's tokens; never drops) or
+    "all_to_all" (each token goes only to its experts' devices, in fixed buffers of
+    ceil(exchange_capacity * assignments / group) per destination; past that dropped, as
+    `moe_dropped` reports; 0: buffers of every assignment, never dropping, group times the
+    bytes)."""
 
     num_experts: int = 8
     top_k: int = 2
@@ -70,6 +77,8 @@ class MoEConfig:
     z_loss_weight: float = 0.001
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    exchange: str = "all_gather"
+    exchange_capacity: float = 2.0
 
 
 def validate_moe(moe: MoEConfig) -> MoEConfig:
@@ -94,6 +103,12 @@ def validate_moe(moe: MoEConfig) -> MoEConfig:
                          f"{moe.aux_loss_weight} and {moe.z_loss_weight}")
     if not moe.capacity_factor > 0:
         raise UsageError(f"capacity_factor must be > 0, got {moe.capacity_factor}")
+    if moe.exchange not in EXCHANGES:
+        raise UsageError(f"unknown exchange {moe.exchange!r}; choose one of "
+                         f"{', '.join(EXCHANGES)}")
+    if not moe.exchange_capacity >= 0:
+        raise UsageError(f"exchange_capacity must be >= 0 (0: no limit), got "
+                         f"{moe.exchange_capacity}")
     return moe
 
 
@@ -215,44 +230,110 @@ def expert_groups(x: jax.Array) -> tuple[Mesh, P] | None:
     return (layout.mesh, spec) if "expert" in _axes(spec[0]) else None
 
 
-def dropless_in_expert_groups(x: jax.Array, routing: Routing, p: dict[str, jax.Array],
-                              mesh: Mesh, spec: P) -> jax.Array:
-    """`dropless` written out for expert parallelism: each device of an expert group holds E /
-    group experts; the group all-gathers its tokens and their routing, each device runs the
-    assignments of its own experts (sorted by expert, `ragged_dot`; the rest sorted last and
-    left out), and the partial outputs are reduce-scattered back to the tokens' devices."""
+def _expert_rows(xs: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array,
+                 down: jax.Array) -> jax.Array:
+    """Each row of xs (R, e) through its expert ids (R,) among the n = gate.shape[0] given:
+    sorted by expert, grouped matmuls (`ragged_dot`), unsorted; rows with id n (none of these
+    experts) are sorted last, left out, and come back 0."""
+    n = gate.shape[0]
+    order = jnp.argsort(ids, stable=True)
+    sizes = jnp.bincount(ids, length=n + 1)[:n].astype(jnp.int32)
+    xs = jnp.take(xs, order, axis=0)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    ys = jnp.take(jax.lax.ragged_dot(h, down, sizes), _inverse(order), axis=0)
+    return jnp.where((ids < n)[:, None], ys, 0)  # ragged_dot leaves rows past the groups as is
+
+
+def _wire_dtype(dtype) -> jnp.dtype:
+    """The dtype of the dispatch's collectives: XLA:CPU aborts compiling the gradient's bfloat16
+    collectives, so there they are float32."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+def _expert_group_map(local, mesh: Mesh, spec: P, x: jax.Array, routing: Routing,
+                      p: dict[str, jax.Array], out_specs):
+    """`local(x, chosen, mix, gate, up, down)` under `jax.shard_map`: the tokens and their
+    routing split as `spec`, each device's experts (the weights split over `expert`, gathered
+    along the rest, and typed as varying along the token axes other than `expert`)."""
     rows = P(spec[0], None)
     manual = _axes(spec[0])
     others = tuple(a for a in manual if a != "expert")  # the weights are the same along these
     experts = P("expert", None, None)
-    dtype = x.dtype
-    # XLA:CPU aborts compiling the gradient's bfloat16 collectives: there they are float32
-    wire = jnp.float32 if jax.default_backend() == "cpu" else dtype
+    dtype, wire = x.dtype, _wire_dtype(x.dtype)
+
+    def body(x, chosen, mix, gate, up, down):
+        if others:  # shard_map's types: the weights now meet tokens that differ along others
+            gate, up, down = jax.lax.pcast((gate, up, down), others, to="varying")
+        return local(x, chosen, mix, *(a.astype(dtype) for a in (gate, up, down)))
+
+    wide = [a.astype(wire) for a in (x, p["expert_gate"], p["expert_up"], p["expert_down"])]
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, experts, experts, experts),
+                         out_specs=out_specs(rows), axis_names=set(manual))(
+        wide[0], routing.experts, routing.weights, *wide[1:])
+
+
+def dropless_in_expert_groups(x: jax.Array, routing: Routing, p: dict[str, jax.Array],
+                              mesh: Mesh, spec: P) -> jax.Array:
+    """`dropless` written out for expert parallelism: each device of an expert group holds E /
+    group experts; the group all-gathers its tokens and their routing, each device runs the
+    assignments of its own experts (`_expert_rows`), and the partial outputs are
+    reduce-scattered back to the tokens' devices."""
+    dtype, wire = x.dtype, _wire_dtype(x.dtype)
 
     def local(x, chosen, mix, gate, up, down):
         x, chosen, mix = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
                           for a in (x, chosen, mix))
-        if others:  # shard_map's types: the weights now meet tokens that differ along others
-            gate, up, down = jax.lax.pcast((gate, up, down), others, to="varying")
-        x, gate, up, down = (a.astype(dtype) for a in (x, gate, up, down))
         n, (t, k) = gate.shape[0], chosen.shape
         own = chosen - jax.lax.axis_index("expert") * n
         mine = (own >= 0) & (own < n)
-        flat = jnp.where(mine, own, n).reshape(-1)  # n: another device's expert, sorted last
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.bincount(flat, length=n + 1)[:n].astype(jnp.int32)
-        xs = jnp.take(x, order // k, axis=0)
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-        ys = jnp.take(jax.lax.ragged_dot(h, down, sizes), _inverse(order), axis=0)
-        ys = jnp.where(mine.reshape(-1, 1), ys, 0).reshape(t, k, -1)  # rows past the groups
-        y = jnp.einsum("tk,tke->te", jnp.where(mine, mix, 0).astype(wire), ys.astype(wire))
+        ids = jnp.where(mine, own, n).reshape(-1)  # n: another device's expert
+        ys = _expert_rows(jnp.repeat(x.astype(dtype), k, axis=0), ids, gate, up, down)
+        y = jnp.einsum("tk,tke->te", mix.astype(wire), ys.astype(wire).reshape(t, k, -1))
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-    wide = [a.astype(wire) for a in (x, p["expert_gate"], p["expert_up"], p["expert_down"])]
-    y = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, experts, experts, experts),
-                      out_specs=rows, axis_names=set(manual))(
-        wide[0], routing.experts, routing.weights, *wide[1:])
-    return y.astype(dtype)
+    return _expert_group_map(local, mesh, spec, x, routing, p, lambda rows: rows).astype(dtype)
+
+
+def exchange_slots(moe: MoEConfig, assignments: int, group: int) -> int:
+    """Assignments one device sends each device of its expert group per step under the
+    all-to-all exchange: `exchange_capacity` times an even split, at most all of them."""
+    if moe.exchange_capacity == 0:
+        return assignments
+    return min(assignments, math.ceil(moe.exchange_capacity * assignments / group))
+
+
+def dropless_all_to_all(moe: MoEConfig, x: jax.Array, routing: Routing,
+                        p: dict[str, jax.Array], mesh: Mesh, spec: P
+                        ) -> tuple[jax.Array, jax.Array]:
+    """The dropless dispatch with each token sent only to the devices of its experts: every
+    device packs its (token, choice) assignments by destination device into a fixed
+    (group, slots, embed) buffer (in token order; those past `exchange_slots` dropped), one
+    `all_to_all` delivers them with their expert ids, each device runs its experts on what it
+    received (`_expert_rows`), a second `all_to_all` returns the outputs to the buffer they came
+    from, and each token mixes its choices. (output (T, e), fraction of assignments dropped)."""
+    dtype, wire = x.dtype, _wire_dtype(x.dtype)
+    group = mesh.shape["expert"]
+    manual = tuple(_axes(spec[0]))
+
+    def local(x, chosen, mix, gate, up, down):
+        n, (t, k), e = gate.shape[0], chosen.shape, x.shape[-1]
+        slots = exchange_slots(moe, t * k, group)
+        place, kept = capacity_slots(chosen // n, group, slots)
+        send = jnp.zeros((group * slots, e), wire).at[place].add(
+            jnp.repeat(x, k, axis=0), mode="drop")
+        ids = jnp.full((group * slots,), n, jnp.int32).at[place].set(
+            (chosen % n).reshape(-1).astype(jnp.int32), mode="drop")
+        exchange = lambda a: jax.lax.all_to_all(  # noqa: E731 [d] to device d, [s] from s
+            a.reshape(group, slots, *a.shape[1:]), "expert", 0, 0).reshape(a.shape)
+        ys = _expert_rows(exchange(send).astype(dtype), exchange(ids), gate, up, down)
+        back = jnp.take(exchange(ys.astype(wire)), place, axis=0, mode="fill", fill_value=0)
+        weights = (mix * kept.reshape(t, k)).astype(wire)
+        y = jnp.einsum("tk,tke->te", weights, back.reshape(t, k, e))
+        dropped = jax.lax.psum(jnp.sum(~kept).astype(jnp.float32), manual)
+        return y, dropped
+
+    y, dropped = _expert_group_map(local, mesh, spec, x, routing, p, lambda rows: (rows, P()))
+    return y.astype(dtype), dropped / routing.experts.size
 
 
 def capacity_slots(experts: jax.Array, num_experts: int, slots: int
@@ -311,7 +392,9 @@ def moe_mlp(moe: MoEConfig, p: dict[str, jax.Array], h: jax.Array
     routing = route(moe, logits)
     n = moe.num_experts
     groups = expert_groups(x) if moe.dispatch == "dropless" else None
-    if groups is not None:
+    if groups is not None and moe.exchange == "all_to_all":
+        y, dropped = dropless_all_to_all(moe, x, routing, p, *groups)
+    elif groups is not None:
         y, dropped = dropless_in_expert_groups(x, routing, p, *groups), jnp.zeros((), jnp.float32)
     elif moe.dispatch == "dropless":
         y, dropped = dropless(x, routing, p), jnp.zeros((), jnp.float32)

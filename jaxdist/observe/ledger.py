@@ -183,6 +183,15 @@ def ideal_fsdp_bytes(param_bytes: float, n: int) -> float:
     return 3 * param_bytes * wire_factor("all-gather", n)
 
 
+def ideal_all_to_all_bytes(tokens: int, top_k: int, embed: int, dtype_bytes: int,
+                           group: int) -> float:
+    """Wire bytes per device of one direction of an expert-parallel all-to-all dispatch: each of
+    a device's `tokens` sent once per chosen expert, (group-1)/group of them to another device
+    of its expert group of `group` (the same again to combine the outputs, and twice in the
+    backward pass)."""
+    return tokens * top_k * embed * dtype_bytes * wire_factor("all-to-all", group)
+
+
 def format_ledger(ledger: Ledger) -> str:
     """A table: kind, group, count, payload MiB, ring wire MiB."""
     lines = [f"{'collective':<20} {'group':>5} {'count':>6} {'payload MiB':>12} {'wire MiB':>9}"]
