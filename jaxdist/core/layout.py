@@ -37,12 +37,15 @@ class Layout:
         layers_then_loss: `(layer_fn, head_loss_fn, stacked, head_params, h, targets, *,
             context=None) -> loss` when the schedule must own the loss too (1F1B); None:
             `run_layers`, then the head.
+        context_attention: how attention meets a sequence split over the mesh's `context` axis:
+            "ring" or "allgather" (`jaxdist.models.attention`).
     """
 
     mesh: Mesh
     activations: Mapping[str, Any]
     run_layers: Callable | None = None
     layers_then_loss: Callable | None = None
+    context_attention: str = "ring"
 
 
 _CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxdist_layout",

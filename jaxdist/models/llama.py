@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxdist.core.layout import constrain, current_layout, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
+from jaxdist.models.attention import context_attention, context_split
 from jaxdist.models.layers import param
 from jaxdist.models.lm import REMAT_POLICIES, remat, rms_norm, token_losses
 from jaxdist.models.moe import (FLOAT32_PARAMS, MOE_PARAMS, MoEConfig, MoEStats, moe_metrics,
@@ -346,7 +347,7 @@ def block(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
     h = _norm(x, p["mlp_norm"], cfg)
     gate = dense("bte,ef->btf", h, p["w_gate"])
     up = dense("bte,ef->btf", h, p["w_up"])
-    h = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
     return constrain(x + dense("btf,fe->bte", h, p["w_down"]), ("batch", "seq", "embed"))
 
 
@@ -370,17 +371,22 @@ def _in_compute_dtype(cfg: LlamaConfig, p: dict[str, jax.Array]) -> dict[str, ja
 
 
 def _attention(cfg: LlamaConfig, p: dict[str, jax.Array], x: jax.Array,
-               context: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """The residual stream after the block's attention."""
+               context: tuple[jax.Array, ...] | None) -> jax.Array:
+    """The residual stream after the block's attention. Under context parallelism `context`
+    also holds each token's original index (the window is in zig-zag order, `_sequence`)."""
     b, t, _ = x.shape
-    segment_ids, positions = context if context is not None else (
+    segment_ids, positions, *index = context if context is not None else (
         None, jnp.broadcast_to(jnp.arange(t), (b, t)))
-    heads = ("batch", None, "heads", "kv")
+    heads = ("batch", "length", "heads", "kv")
     inverse = inverse_frequencies(cfg)
     h = _norm(x, p["attn_norm"], cfg)
     q = rotate(constrain(dense("bte,ehd->bthd", h, p["wq"]), heads), positions, inverse)
     k = rotate(dense("bte,ekd->btkd", h, p["wk"]), positions, inverse)
     v = dense("bte,ekd->btkd", h, p["wv"])
+    split = context_split(t) if index else None
+    if split is not None:  # the sequence split over the mesh's context axis
+        mixed = constrain(context_attention(split, q, k, v, segment_ids, index[0]), heads)
+        return constrain(x + dense("bthd,hde->bte", mixed, p["wo"]), ("batch", "seq", "embed"))
     group = cfg.heads // cfg.kv_heads  # query heads per key/value head
     k = constrain(jnp.repeat(k, group, axis=2), heads)
     v = constrain(jnp.repeat(v, group, axis=2), heads)
@@ -400,6 +406,23 @@ def _context(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | Non
     if segment_ids is None:
         return None
     return segment_ids, document_positions(segment_ids)
+
+
+def _sequence(tokens: jax.Array, segment_ids: jax.Array | None
+              ) -> tuple[jax.Array, tuple[jax.Array, ...] | None, np.ndarray | None]:
+    """(tokens, context, order): as given, or under context parallelism permuted once into the
+    zig-zag order (`jaxdist.models.attention.zigzag_order`, `order`), the context then holding
+    the permuted segment ids, the rotary positions of the original order and each token's
+    original index; every layer works in that order and the loss does not depend on it."""
+    split = context_split(tokens.shape[1])
+    if split is None:
+        return tokens, _context(segment_ids), None
+    order = split.order
+    positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                 if segment_ids is None else document_positions(segment_ids))
+    index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), tokens.shape)
+    segments = None if segment_ids is None else segment_ids[:, order]
+    return tokens[:, order], (segments, positions[:, order], index), order
 
 
 class Llama(nnx.Module):
@@ -425,18 +448,21 @@ class Llama(nnx.Module):
     def _logits(self, head: dict[str, jax.Array], h: jax.Array) -> jax.Array:
         out = head["out"].astype(self.cfg.compute_dtype)
         logits = dense("bte,ev->btv", _norm(h, head["norm"], self.cfg), out)
-        return constrain(logits, ("batch", None, "vocab"))
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         # the residual stream stays float32: each block adds its compute-dtype output to it
         return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        tokens, context, order = _sequence(tokens, segment_ids)
         if self.cfg.moe is not None:
-            return self._logits(self._head(), self._moe_layers(tokens, segment_ids)[0])
-        h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens),
-                       unroll=self.cfg.unroll, **_context_kw(segment_ids))
-        return self._logits(self._head(), h)
+            logits = self._logits(self._head(), self._moe_layers(tokens, context)[0])
+        else:
+            h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens),
+                           unroll=self.cfg.unroll, **_context_kw(context))
+            logits = self._logits(self._head(), h)
+        return logits if order is None else logits[:, np.argsort(order)]
 
     def loss(self, tokens: jax.Array, targets: jax.Array,
              segment_ids: jax.Array | None = None) -> jax.Array:
@@ -449,6 +475,9 @@ class Llama(nnx.Module):
         if self.cfg.moe is not None:
             return self.moe_loss(tokens, targets, segment_ids)[0]
         weights = _target_weights(targets)
+        tokens, context, order = _sequence(tokens, segment_ids)
+        if order is not None:
+            targets, weights = targets[:, order], weights[:, order]
 
         def head_loss(head, h, target_weights):
             targets, weights = target_weights
@@ -456,7 +485,7 @@ class Llama(nnx.Module):
 
         return layers_then_loss(self._layer_fn(), head_loss, self.layers.stacked(),
                                 self._head(), self._embed(tokens), (targets, weights),
-                                unroll=self.cfg.unroll, **_context_kw(segment_ids))
+                                unroll=self.cfg.unroll, **_context_kw(context))
 
     def moe_loss(self, tokens: jax.Array, targets: jax.Array,
                  segment_ids: jax.Array | None = None
@@ -465,12 +494,16 @@ class Llama(nnx.Module):
         cross-entropy (as `loss`) plus the weighted auxiliary losses. The load-balancing loss is
         a statistic of all the tokens given, so gradient accumulation's microbatches (each its
         own) change it."""
-        h, stats = self._moe_layers(tokens, segment_ids)
+        weights = _target_weights(targets)
+        tokens, context, order = _sequence(tokens, segment_ids)
+        if order is not None:
+            targets, weights = targets[:, order], weights[:, order]
+        h, stats = self._moe_layers(tokens, context)
         logits = self._logits(self._head(), h)
-        cross_entropy = (token_losses(logits, targets) * _target_weights(targets)).mean()
+        cross_entropy = (token_losses(logits, targets) * weights).mean()
         return cross_entropy + moe_penalty(self.cfg.moe, stats), cross_entropy, stats
 
-    def _moe_layers(self, tokens: jax.Array, segment_ids: jax.Array | None
+    def _moe_layers(self, tokens: jax.Array, context: tuple[jax.Array, ...] | None
                     ) -> tuple[jax.Array, MoEStats]:
         layout = current_layout()
         if layout is not None and layout.run_layers is not None:
@@ -478,7 +511,7 @@ class Llama(nnx.Module):
                              "router statistics travel with the layer stack); use pipeline=1")
         start = (self._embed(tokens), MoEStats.empty(self.cfg.depth, self.cfg.moe.num_experts))
         return run_layers(self._layer_fn(), self.layers.stacked(), start, unroll=self.cfg.unroll,
-                          **_context_kw(segment_ids))
+                          **_context_kw(context))
 
 
 def _target_weights(targets: jax.Array) -> jax.Array:
@@ -487,8 +520,7 @@ def _target_weights(targets: jax.Array) -> jax.Array:
     return real * (real.size / jnp.maximum(real.sum(), 1.0))
 
 
-def _context_kw(segment_ids: jax.Array | None) -> dict[str, Any]:
-    context = _context(segment_ids)
+def _context_kw(context: tuple[jax.Array, ...] | None) -> dict[str, Any]:
     return {} if context is None else {"context": context}
 
 

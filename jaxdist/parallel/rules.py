@@ -25,6 +25,12 @@ Under `fsdp` with data > 1 the parameters are split within each data group and r
 groups (hybrid sharding). Gradients take the optimizer state's layout, so XLA reduce-scatters them
 wherever the optimizer state is split.
 
+Every strategy also splits the sequence over the `context` axis (context parallelism): a mesh
+with context > 1 splits every activation's sequence (logical `seq` and `length`) over it, and
+attention passes keys and values between its devices (`Rules.context_attention`: "ring" or
+"allgather", see `jaxdist.models.attention`); parameters are laid out as without it, replicated
+over context. Under `sp` the residual stream's sequence is split over context, then tensor.
+
 `ep` is expert parallelism: a mixture of experts' weights (logical `expert`, see
 `jaxdist.models.moe`) split over the `expert` mesh axis, the rest as under `fsdp`, and the batch
 over `expert` too, so the expert groups are data parallel everywhere but in the experts.
@@ -58,8 +64,11 @@ from jaxdist.parallel.mesh import MESH_AXES, make_mesh
 if TYPE_CHECKING:
     from jaxdist.parallel.backends import StepLayout
 
+# activations: "seq" is the residual stream's sequence (split by sp and cp), "length" the sequence
+# inside attention and the MLP (split by cp only)
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "layers", "patch", "seq",
-                "classes", "conv_in", "conv_out", "features", "expert")
+                "classes", "conv_in", "conv_out", "features", "expert", "length")
+CONTEXT_ATTENTIONS = ("ring", "allgather")
 
 MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
@@ -80,6 +89,8 @@ class Rules:
     axes that split arrays without logical names, on their largest dividing dimension. `name` is
     what the trainer reports (the registry's name for its own rule sets); it takes no part in
     equality, so rules equal to FSDP's are FSDP.
+    `context_attention` is how attention meets a sequence split over the mesh's `context` axis:
+    "ring" (key/value blocks passed around) or "allgather".
 
     Example:
         >>> Trainer(model_fn, tx, loss_fn, strategy=Rules(params={"embed": "fsdp"}),
@@ -93,6 +104,7 @@ class Rules:
     unannotated_optimizer: MeshAxes = None
     min_split_size: int = 128
     activations: Mapping[str, MeshAxes] | None = None
+    context_attention: str = "ring"
     name: str = dataclasses.field(default="custom", compare=False)
 
     layout: ClassVar[Literal["rules"]] = "rules"
@@ -129,10 +141,10 @@ class Rules:
         return rules_layout(model, tx, loss_fn, mesh, self, self.name, eval_fn, step_options)
 
     def for_activations(self) -> Mapping[str, MeshAxes]:
-        """Activation name -> mesh axes: the batch over the batch axes, heads / hidden units /
-        vocabulary / experts where the parameters split them (tensor and expert parallelism),
-        plus `activations`."""
-        table: dict[str, MeshAxes] = {"batch": self.batch}
+        """Activation name -> mesh axes: the batch over the batch axes, the sequence over
+        context, heads / hidden units / vocabulary / experts where the parameters split them
+        (tensor and expert parallelism), plus `activations`."""
+        table: dict[str, MeshAxes] = {"batch": self.batch, **_CONTEXT}
         table.update({name: self.params[name] for name in ("heads", "mlp", "vocab", "expert")
                       if name in self.params})
         table.update(self.activations or {})
@@ -156,6 +168,9 @@ _FSDP = {name: "fsdp" for name in ("embed", "features", "conv_out", "mlp", "head
 _TP = {"mlp": "tensor", "heads": "tensor", "vocab": "tensor"}
 # expert parallelism: a mixture of experts' stacked experts split over the expert axis
 _EP = {"expert": "expert"}
+# context parallelism, under every strategy: the sequence of every activation split over the
+# context axis (attention passes keys and values between its devices, `jaxdist.models.attention`)
+_CONTEXT = {"seq": "context", "length": "context"}
 
 
 def validate_rules(rules: Rules) -> None:
@@ -172,6 +187,9 @@ def validate_rules(rules: Rules) -> None:
     for axis in rules.batch:
         if axis not in MESH_AXES:
             raise UsageError(f"unknown mesh axis {axis!r} for the batch")
+    if rules.context_attention not in CONTEXT_ATTENTIONS:
+        raise UsageError(f"context_attention must be one of {', '.join(CONTEXT_ATTENTIONS)}, "
+                         f"got {rules.context_attention!r}")
 
 
 def as_axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
@@ -188,7 +206,7 @@ FSDP = Rules(params={**_STACK, **_FSDP}, unannotated="fsdp", name="fsdp")
 TP = Rules(params={**_STACK, **_TP}, name="tp")
 # Megatron sequence parallelism: tp, and the residual stream between attention and MLP (norms,
 # residual adds) split along the sequence over the same tensor axis
-SP = Rules(params={**_STACK, **_TP}, activations={"seq": "tensor"}, name="sp")
+SP = Rules(params={**_STACK, **_TP}, activations={"seq": ("context", "tensor")}, name="sp")
 FSDP_TP = Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp", name="fsdp_tp")
 EP = Rules(params={**_STACK, **_EP, **_FSDP}, batch=(*BATCH_AXES, "expert"), unannotated="fsdp",
            name="ep")

@@ -110,14 +110,16 @@ def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str
     interleave)."""
     stages = mesh.shape[PIPELINE_AXIS]
     activations = rules.for_activations()
+    attention = rules.context_attention
     if stages == 1:
-        plain = Layout(mesh, activations)
+        plain = Layout(mesh, activations, context_attention=attention)
         return plain, plain
     microbatches = 2 * stages if microbatches is None else microbatches
     batch_axes = tuple(a for a in rules.batch if a != PIPELINE_AXIS)
     run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule,
                                    batch_axes=batch_axes)
-    return Layout(mesh, activations, run, then_loss), Layout(mesh, activations, run)
+    return (Layout(mesh, activations, run, then_loss, attention),
+            Layout(mesh, activations, run, context_attention=attention))
 
 
 def in_layout(fn: Callable, layout: Layout) -> Callable:
