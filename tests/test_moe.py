@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxdist
 from conftest import needs_devices
 from equivalence import assert_same_training, mesh_devices
 from jaxdist import Pipeline, Trainer, UsageError
@@ -21,9 +22,12 @@ from jaxdist.models.llama import (Llama, llama_config, llama_eval, llama_loss, l
                                   param_count, train_flops)
 from jaxdist.models.moe import MoEConfig, capacity, capacity_slots, moe_mlp, route
 from jaxdist.observe import ideal_all_to_all_bytes
+from jaxdist.observe.plots import plot_runs
+from jaxdist.observe.writer import read_records
 from jaxdist.io import read_checkpoint_arrays
 from jaxdist.plan.analysis import analyze_step
 from runs import STEP_EVENTS, Run
+from task import QUIET
 
 SEQ, BATCH, STEPS = 16, 16, 3
 MOE = MoEConfig(num_experts=8, top_k=2, expert_mlp=32, shared_experts=1, aux_loss_weight=0.1,
@@ -347,6 +351,34 @@ def test_the_lm_experiments_flags_make_a_mixture_of_experts_llama():
             lm._check_llama_flags(dataclasses.replace(cfg, **change))
     with pytest.raises(UsageError, match="top_k"):
         lm.model_variant(dataclasses.replace(cfg, moe_top_k=5))
+
+
+def test_a_collapsed_router_shows_per_layer_in_the_metrics_tensorboard_and_the_plot(tmp_path):
+    cfg = dataclasses.replace(CFG, depth=2)
+
+    def collapsed():  # layer 0's router scores every expert alike: all go to experts 0 and 1
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        model.layers.router[...] = model.layers.router[...].at[0].set(0.0)
+        return model
+
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab, 4096).astype(np.int32)
+    jaxdist.fit(Trainer(collapsed, optax.sgd(0.5), llama_loss, devices=1),
+                jaxdist.data.from_tokens(tokens, seq_len=SEQ, global_batch=BATCH), steps=2,
+                observe=dataclasses.replace(QUIET, logdir=str(tmp_path)), log=lambda _: None)
+    first = next(r for r in read_records(tmp_path) if r["kind"] == "train")
+    assert first["moe_max_load_l0"] == 4 and first["moe_min_load_l0"] == 0  # top-2 of 8
+    assert [first[f"moe_load_l0_e{j}"] for j in range(8)] == [4, 4, 0, 0, 0, 0, 0, 0]
+    assert first["moe_max_load_l1"] < 4 and first["moe_dropped_l1"] == 0
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Scalars("train/moe_max_load_l0")[0].value == 4
+    assert {"train/moe_min_load_l1", "train/moe_dropped_l1", "train/moe_load_l1_e7"} <= set(
+        events.Tags()["scalars"])
+    assert (tmp_path / "plots" / "expert_load.png") in plot_runs([tmp_path], tmp_path / "plots")
+    assert (tmp_path / "plots" / "expert_load.png").stat().st_size > 5000
 
 
 @pytest.mark.slow

@@ -436,9 +436,25 @@ def moe_penalty(moe: MoEConfig, stats: MoEStats) -> jax.Array:
     return (moe.aux_loss_weight * stats.aux + moe.z_loss_weight * stats.z) / depth
 
 
+# per-expert metrics only up to this many (layers x experts): each is a scalar read every step
+MAX_EXPERT_METRICS = 512
+
+
 def moe_metrics(stats: MoEStats) -> dict[str, jax.Array]:
-    """Scalar metrics of a stack's statistics: the layer means of the two auxiliary losses, the
-    dropped fraction, and the busiest expert's load relative to a balanced one (1: balanced)."""
+    """Scalar metrics of a stack's statistics, so that a collapsing router shows: the layer
+    means of the two auxiliary losses and of the dropped fraction, the busiest expert's load
+    relative to a balanced one (`moe_max_load`, 1: balanced); per layer i the busiest and the
+    idlest expert's (`moe_max_load_l{i}`, `moe_min_load_l{i}`: E and 0 when one expert takes
+    everything) and the share dropped (`moe_dropped_l{i}`); and, for up to `MAX_EXPERT_METRICS`
+    layers x experts, each expert's (`moe_load_l{i}_e{j}`: the tokens it got over an even
+    split's)."""
     depth, n = stats.load.shape
-    return {"moe_aux_loss": stats.aux / depth, "moe_z_loss": stats.z / depth,
-            "moe_dropped": stats.dropped.mean(), "moe_max_load": n * stats.load.max()}
+    relative = n * stats.load
+    out = {"moe_aux_loss": stats.aux / depth, "moe_z_loss": stats.z / depth,
+           "moe_dropped": stats.dropped.mean(), "moe_max_load": relative.max()}
+    for i in range(depth):
+        out |= {f"moe_max_load_l{i}": relative[i].max(), f"moe_min_load_l{i}": relative[i].min(),
+                f"moe_dropped_l{i}": stats.dropped[i]}
+        if depth * n <= MAX_EXPERT_METRICS:
+            out |= {f"moe_load_l{i}_e{j}": relative[i, j] for j in range(n)}
+    return out

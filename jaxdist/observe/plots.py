@@ -7,12 +7,15 @@ itself. Figures: `loss.png`, `accuracy.png` (train per step, evaluation per epoc
 run's eval prefix: `test_loss`, or `val_loss` for the LM), `throughput.png` (images/s, or
 tokens/s for token data, over wall time), `goodput.png` (the wall-time breakdown of each run),
 and, when they apply, `scaling.png` (images/s against device count, for runs that differ in
-device count) and `collective_bytes.png` (ring wire bytes per device per step, per strategy, from
-`compile` records carrying `collective_bytes`).
+device count), `collective_bytes.png` (ring wire bytes per device per step, per strategy, from
+`compile` records carrying `collective_bytes`) and `expert_load.png` (a mixture of experts' router
+per layer over the steps: its busiest and idlest expert's load and the share dropped, and every
+expert's load at the last step; from `jaxdist.models.moe.moe_metrics`).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -127,7 +130,8 @@ def _curves(plt, runs, labels, train_key, ylabel, path, log_y=False):
 def _save(plt, fig, ax, path) -> None:
     """The figures' common finish: grid, legend, tight layout, PNG, closed."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # e.g. no accuracy in an LM's runs
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -228,6 +232,67 @@ def plot_collective_bytes(plt, runs, labels, path) -> bool:
     return True
 
 
+def _layer_series(train: list[dict], prefix: str) -> dict[int, list[tuple[int, float]]]:
+    """{layer: [(step, value)]} of the train records' `<prefix><layer>` metrics."""
+    series: dict[int, list[tuple[int, float]]] = {}
+    for r in train:
+        for key, value in r.items():
+            m = re.fullmatch(re.escape(prefix) + r"(\d+)", key)
+            if m and isinstance(value, (int, float)):
+                series.setdefault(int(m.group(1)), []).append((r["step"], value))
+    return series
+
+
+def _last_loads(record: dict) -> list[list[float]]:
+    """The per-expert loads (`moe_load_l{i}_e{j}`) of one record, layers x experts."""
+    loads: dict[int, dict[int, float]] = {}
+    for key, value in record.items():
+        m = re.fullmatch(r"moe_load_l(\d+)_e(\d+)", key)
+        if m:
+            loads.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+    return [[row[j] for j in sorted(row)] for _, row in sorted(loads.items())]
+
+
+def plot_expert_load(plt, runs, labels, path) -> bool:
+    """Per MoE run, a row: each layer's busiest (solid) and idlest (dashed) expert's load over
+    the steps (1: balanced), each layer's dropped share, and the last step's load of every
+    expert (layers x experts). False when no run has a mixture of experts."""
+    rows = [(run, label, [r for r in run.of("train") if "moe_max_load_l0" in r])
+            for run, label in zip(runs, labels)]
+    rows = [row for row in rows if row[2]]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(len(rows), 3, figsize=(14, 3.6 * len(rows)), squeeze=False)
+    for (run, label, train), (busy, drop, heat) in zip(rows, axes):
+        for layer, points in sorted(_layer_series(train, "moe_max_load_l").items()):
+            busy.plot(*zip(*points), color=f"C{layer % 10}", lw=1.2, label=f"layer {layer}")
+        for layer, points in sorted(_layer_series(train, "moe_min_load_l").items()):
+            busy.plot(*zip(*points), "--", color=f"C{layer % 10}", lw=1.0)
+        busy.axhline(1.0, color="k", lw=0.6, alpha=0.5)
+        busy.set(title=f"{label}: busiest / idlest expert", xlabel="step",
+                 ylabel="load / even split")
+        busy.grid(alpha=0.3)
+        busy.legend(fontsize=7, ncol=2)
+        for layer, points in sorted(_layer_series(train, "moe_dropped_l").items()):
+            drop.plot(*zip(*points), color=f"C{layer % 10}", lw=1.2)
+        drop.set(title="share of assignments dropped", xlabel="step", ylim=(0, None))
+        drop.grid(alpha=0.3)
+        loads = _last_loads(train[-1])
+        if loads:
+            image = heat.imshow(loads, aspect="auto", cmap="viridis", vmin=0)
+            fig.colorbar(image, ax=heat, label="load / even split")
+            heat.set(title=f"expert load at step {train[-1]['step']}", xlabel="expert",
+                     ylabel="layer")
+            for axis in (heat.xaxis, heat.yaxis):
+                axis.get_major_locator().set_params(integer=True)
+        else:
+            heat.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     """Writes the figures for `run_dirs` into `out`; returns their paths."""
     plt = _figure()
@@ -249,6 +314,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         written.append(out / "scaling.png")
     if plot_collective_bytes(plt, runs, labels, out / "collective_bytes.png"):
         written.append(out / "collective_bytes.png")
+    if plot_expert_load(plt, runs, labels, out / "expert_load.png"):
+        written.append(out / "expert_load.png")
     return written
 
 
