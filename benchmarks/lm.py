@@ -7,9 +7,9 @@
 mesh, pipeline meshes with both schedules. `memory`: per-stage temporary bytes of the compiled
 step (XLA's `memory_analysis()`: the activations a stage keeps for its backward, plus scratch)
 for GPipe and 1F1B at the same microbatch count M on pipeline=S: GPipe keeps all M
-microbatches' activations until the backward, 1F1B at most S, so its activation memory should be
-at most about S/M of GPipe's (1F1B keeps each stage's input and recomputes its forward in the
-backward, so it is compared with GPipe both without and with full rematerialization). Both
+microbatches' activations until the backward, 1F1B at most min(M, 2 S - 1), so its activation
+memory stops growing with M (it is compared with GPipe both without and with full
+rematerialization). Both
 print the machine they ran on.
 """
 
@@ -90,7 +90,8 @@ def speed_rows(lm, global_batch: int, steps: int, rounds: int):
 
 
 def memory_rows(lm, stages: int, microbatch_counts, global_batch: int):
-    from jaxdist.parallel.pipeline import bubble_fraction, peak_in_flight, schedule_1f1b
+    from jaxdist.parallel.pipeline import bubble_fraction
+    from jaxdist.parallel.pipeline_1f1b import residual_slots
 
     mesh = f"data={8 // stages},pipeline={stages}" if stages < 8 else "pipeline=8"
     batch = lm.random_batch(global_batch)
@@ -102,7 +103,7 @@ def memory_rows(lm, stages: int, microbatch_counts, global_batch: int):
             trainer = _trainer(model, "dp", mesh, schedule, m)
             compiled = trainer.lower(trainer.abstract_state(), trainer.shard_batch(batch)).compile()
             temps[name] = int(compiled.memory_analysis().temp_size_in_bytes)
-        in_flight = max(peak_in_flight(schedule_1f1b(stages, m)))
+        in_flight = residual_slots(stages, m)
         yield (m, bubble_fraction(stages, m), bubble_fraction(stages, m, "1f1b"), temps["gpipe"],
                temps["gpipe_remat"], temps["1f1b"], in_flight)
 

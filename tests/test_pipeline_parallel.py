@@ -1,6 +1,7 @@
 """GPipe over the pipeline axis computes what the unpipelined model computes: outputs, gradients and
-training steps, alone or combined with data parallelism; GPipe and 1F1B pass every layer the
-context (e.g. segment ids) of exactly the rows it works on."""
+training steps, alone or combined with data parallelism; GPipe, interleaved and 1F1B pass every
+layer the context (e.g. segment ids) of exactly the rows it works on; 1F1B computes what GPipe
+computes with GPipe's FLOPs, in memory that does not grow with the microbatches."""
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +18,14 @@ from jaxdist.core.layout import Layout, active_layout, layers_then_loss, run_lay
 from jaxdist.models.vit import Block, vit_config
 from jaxdist.parallel import make_mesh
 from jaxdist.parallel.pipeline import (
+    as_stages,
     bubble_fraction,
     pipeline_call,
     stack_runners,
     stack_stages,
     unstack_stages,
 )
+from jaxdist.parallel.pipeline_1f1b import pipeline_loss_1f1b, residual_slots, schedule_1f1b
 
 CFG = vit_config("tiny", embed=32, heads=4, mlp=64, patch=7)  # 16 tokens of 49 pixels
 TOKENS, PIXELS = 16, 49
@@ -137,16 +140,83 @@ def test_bad_pipeline_inputs_are_clear_errors():
                       context=jnp.zeros((16, TOKENS), jnp.int32))
 
 
-def test_the_bubble_shrinks_with_more_microbatches():
+def test_the_bubble_shrinks_with_more_microbatches_and_with_virtual_stages():
     assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(4, 4, "1f1b") == pytest.approx(3 / 7)  # GPipe's ticks, reordered
+    assert bubble_fraction(4, 4, "interleaved", 2) == pytest.approx(3 / 11)
     assert bubble_fraction(4, 16) < bubble_fraction(4, 4)
     assert bubble_fraction(1, 8) == 0.0
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 2), (4, 8), (4, 16), (3, 7), (4, 2)])
+def test_the_1f1b_schedule_runs_each_microbatch_once_per_stage_in_dependency_order(
+        stages, microbatches):
+    table = schedule_1f1b(stages, microbatches)
+    assert len(table) == microbatches + 2 * (stages - 1)  # GPipe's M + S - 1 of each, overlapped
+    for s in range(stages):
+        forwards = [k for row in table for k in [row[s][0]] if k is not None]
+        backwards = [k for row in table for k in [row[s][1]] if k is not None]
+        assert forwards == backwards == list(range(microbatches))
+    when = {(half, s, row[s][half]): t for t, row in enumerate(table) for s in range(stages)
+            for half in (0, 1) if row[s][half] is not None}
+    for (half, s, k), t in when.items():
+        if half == 0 and s > 0:  # a forward after the stage before sent its output
+            assert when[0, s - 1, k] < t
+        if half == 1:  # a backward after its forward and after the stage after sent its gradient
+            assert when[0, s, k] <= t
+            assert s == stages - 1 or when[1, s + 1, k] < t
+    # a stage keeps a microbatch from its forward to its backward: never more than the slots
+    for s in range(stages):
+        alive = max(sum(when[0, s, k] <= t <= when[1, s, k] for k in range(microbatches))
+                    for t in range(len(table)))
+        assert alive <= residual_slots(stages, microbatches) == min(microbatches, 2 * stages - 1)
+
+
+def _compiled_step(schedule, microbatches, mesh, unroll=False, width=64, rows=4):
+    """The compiled loss and gradients of 8 MLP layers with a squared-error head."""
+    rng = np.random.default_rng(0)
+    stacked = {"w": jnp.asarray(rng.normal(0, 0.1, (8, width, width)), jnp.float32)}
+    head = jnp.asarray(rng.normal(size=width), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(microbatches * rows, width)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=microbatches * rows), jnp.float32)
+    stage = lambda p, h: jax.lax.scan(  # noqa: E731
+        lambda c, w: (c + jnp.tanh(c @ w), None), h, p["w"], unroll=True)[0]
+    head_loss = lambda hd, h, t: jnp.mean((h @ hd - t) ** 2)  # noqa: E731
+    options = dict(mesh=mesh, num_microbatches=microbatches, batch_axes=(), unroll=unroll)
+    stages = as_stages(stacked, mesh.shape["pipeline"])
+
+    def loss(stages, head):
+        if schedule == "1f1b":
+            return pipeline_loss_1f1b(stage, head_loss, stages, head, x, y, **options)
+        return head_loss(head, pipeline_call(stage, stages, x, **options), y)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(stages, head).compile()
+
+
+@needs_devices(4)
+def test_1f1b_computes_gpipes_flops_and_its_memory_does_not_grow_with_the_microbatches():
+    """Compiled on pipeline=4: FLOPs with every tick unrolled (XLA's cost analysis counts a loop
+    body once), temporaries per device of the step as it runs. GPipe keeps every microbatch's
+    activations; 1F1B at most 2 S - 1 microbatches' (here 7 of 16) plus the batch's input
+    gradient, which any schedule returns."""
+    mesh = make_mesh("pipeline=4", jax.devices()[:4])
+    flops = {s: _compiled_step(s, 8, mesh, unroll=True).cost_analysis()["flops"]
+             for s in ("gpipe", "1f1b")}
+    assert flops["1f1b"] == pytest.approx(flops["gpipe"], rel=0.10), flops
+    temp = {(s, m): _compiled_step(s, m, mesh).memory_analysis().temp_size_in_bytes
+            for s in ("gpipe", "1f1b") for m in (8, 32)}
+    micro_input = 4 * 64 * 4  # one microbatch entering a stage: rows x width x float32
+    gpipe_growth = (temp["gpipe", 32] - temp["gpipe", 8]) / 24
+    one_f_growth = (temp["1f1b", 32] - temp["1f1b", 8]) / 24
+    assert one_f_growth <= 4 * micro_input, temp  # its input, its gradient: no activations
+    assert gpipe_growth >= 3 * one_f_growth, temp
+    assert temp["1f1b", 32] < temp["gpipe", 32], temp
 
 
 # ---------------------------------------------------------------------------------------------
 # A per-row context (segment ids of packed documents) through both schedules
 
-ROWS, SEQ, WIDTH, LAYERS = 24, 4, 8, 4  # 24 rows: 1, 2, 3 or 6 microbatches per data group
+ROWS, SEQ, WIDTH, LAYERS = 24, 4, 8, 8  # 24 rows: 1, 2, 3 or 6 microbatches per data group
 
 
 def _context_layer(params, h, context):
@@ -179,15 +249,19 @@ def _context_loss(layout, schedule, stacked, head, h, targets, context):
         return _head_loss(head, run_layers(_context_layer, stacked, h, context=context), targets)
 
 
+MESHES = [("pipeline=2,data=4", 2, 1), ("pipeline=2,data=4", 2, 3),  # (mesh, S, M)
+          ("pipeline=4,data=2", 4, 2), ("pipeline=4,data=2", 4, 6)]
+CONTEXT_CASES = [(schedule, shape, m) for schedule in ("gpipe", "1f1b", "interleaved")
+                 for shape, stages, m in MESHES
+                 if schedule != "interleaved" or m >= stages]  # interleaved needs M >= S
+
+
 @needs_devices(8)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("shape,microbatches", [("pipeline=2,data=4", 1),
-                                                ("pipeline=2,data=4", 3),
-                                                ("pipeline=4,data=2", 2),
-                                                ("pipeline=4,data=2", 6)])
+@pytest.mark.parametrize("schedule,shape,microbatches", CONTEXT_CASES)
 def test_pipelines_give_every_layer_the_context_of_its_rows(schedule, shape, microbatches):
     mesh = make_mesh(shape)
-    run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule)
+    run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule,
+                                   virtual_stages=2)
     layout = Layout(mesh, {}, run, then_loss)
     stacked, head, h, targets, context = _context_problem()
 
@@ -200,7 +274,7 @@ def test_pipelines_give_every_layer_the_context_of_its_rows(schedule, shape, mic
     want = value_and_grads(None, context)  # the sequential scan
     got = jax.jit(lambda c: value_and_grads(layout, c))(context)
     _close(got, want)
-    if schedule == "gpipe":
+    if schedule != "1f1b":
         with active_layout(layout):
             outputs = jax.jit(lambda c: run_layers(_context_layer, stacked, h, context=c))(context)
         _close(outputs, run_layers(_context_layer, stacked, h, context=context))

@@ -1,4 +1,5 @@
-"""Pipeline parallelism over the "pipeline" mesh axis: GPipe and 1F1B, with `jax.shard_map`.
+"""Pipeline parallelism over the "pipeline" mesh axis: GPipe, interleaved and 1F1B, with
+`jax.shard_map`.
 
 S stages have their parameters stacked on a leading axis of size S that is split over the
 pipeline axis, so each device holds one stage; a model's stack of L layers becomes S stages of
@@ -6,19 +7,25 @@ L / S layers. The batch is cut into M microbatches. Only the pipeline axis is ma
 stage the data, fsdp and tensor axes stay with XLA's partitioner, so a pipeline combines with data
 parallelism, FSDP and tensor parallelism in one mesh (e.g. pipeline=2,data=2,tensor=2).
 
-- **GPipe** (`pipeline_call`): at tick t stage 0 takes microbatch t, every stage applies itself
-  and passes its result on with `lax.ppermute`; after M + S - 1 ticks the last stage has every
-  output. The backward pass is autodiff's transpose of the same program, so each stage keeps the
-  activations of all M microbatches until the backward starts.
-- **1F1B** (`pipeline_loss_1f1b`): the schedule owns the loss. A stage runs a backward as soon as
-  one is possible and starts a new forward only while fewer than S - s microbatches are in flight,
-  so at most S microbatches' inputs are alive per stage; the backward recomputes the stage's
-  forward from its saved input (`jax.vjp`). Memory is bounded by S microbatches instead of M. The
-  schedule is computed once in Python (`schedule_1f1b`) and run as a scan of 2 (M + S - 1) - 2
-  units, each one masked program (a forward and a backward, see `pipeline_loss_1f1b`): it buys
-  the memory with compute, M useful units of those (`bubble_fraction(S, M, "1f1b")`).
+Every schedule is a scan of ticks in which every device runs the same program and passes its
+result on with an unconditional `lax.ppermute`; only which microbatch a device works on varies.
+No schedule has a conditional: XLA:CPU runs the collectives of a conditional's branch (a stage's
+FSDP gathers, tensor-parallel reductions) in no fixed order, and that deadlocked 1 run in 4.
 
-Both take an optional `context`: a pytree of per-row inputs that are not differentiated (e.g. the
+- **GPipe** (`pipeline_call`): at tick t stage s applies itself to microbatch t - s; after
+  M + S - 1 ticks the last stage has every output. The backward pass is autodiff's transpose of
+  the same program, so each stage keeps the activations of all M microbatches until it starts.
+- **Interleaved** (`pipeline_call(..., virtual_stages=V)`): each device holds V chunks of
+  L / (S V) layers, device d the chunks d, d + S, ... (Narayanan et al. 2021's circular
+  placement). A microbatch goes round the ring of devices V times; stage 0 takes the microbatch
+  coming back from the last device instead of a new one. M V + S - 1 ticks of a V times smaller
+  stage: the bubble shrinks from (S - 1) / (M + S - 1) to (S - 1) / (V M + S - 1).
+- **1F1B** (`jaxdist.parallel.pipeline_1f1b.pipeline_loss_1f1b`): the schedule owns the loss
+  and computes the gradients while it runs: S - 1 forward ticks, M ticks that each fuse one
+  forward and one backward, S - 1 backward ticks. As many forwards and backwards as GPipe's, and
+  a stage keeps the saved activations of at most min(M, 2 S - 1) microbatches, whatever M.
+
+All take an optional `context`: a pytree of per-row inputs that are not differentiated (e.g. the
 segment ids of packed documents), replicated over the pipeline axis, split into microbatches like
 the batch; a stage then runs `stage_fn(params, h, context_k)` with the rows of the microbatch k
 it is working on.
@@ -40,18 +47,16 @@ from jaxdist.core.layout import activation_spec, scan_layers
 from jaxdist.errors import UsageError
 
 PIPELINE_AXIS = "pipeline"
-SCHEDULES = ("gpipe", "1f1b")
-IDLE, FORWARD, BACKWARD, LAST = 0, 1, 2, 3  # LAST: the last stage's forward, loss and backward
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int, schedule: str = "gpipe") -> float:
-    """The share of a stage's computed work that serves no microbatch. GPipe: its idle ticks,
-    (S - 1) / (M + S - 1). 1F1B: every one of its 2 (M + S - 1) - 2 units computes a forward and a
-    backward (one masked program, see `pipeline_loss_1f1b`) and M of them are a microbatch's
-    backward, so 1 - M / units."""
-    if schedule == "1f1b" and num_stages > 1:
-        return 1 - num_microbatches / len(schedule_1f1b(num_stages, num_microbatches))
-    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+def bubble_fraction(num_stages: int, num_microbatches: int, schedule: str = "gpipe",
+                    virtual_stages: int = 1) -> float:
+    """The share of a stage's computed work that serves no microbatch. GPipe and 1F1B: S - 1 of
+    M + S - 1 forward ticks and as many backward ones, (S - 1) / (M + S - 1). Interleaved: ticks
+    of one of V chunks, (S - 1) / (V M + S - 1)."""
+    v = virtual_stages if schedule == "interleaved" else 1
+    return (num_stages - 1) / (v * num_microbatches + num_stages - 1)
 
 
 def stack_stages(stages: Sequence[Any]) -> Any:
@@ -65,8 +70,9 @@ def unstack_stages(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
 
 
-def _check(mesh: Mesh, axis: str, batch_axes: tuple[str, ...], stacked: Any, x: jax.Array,
-           num_microbatches: int) -> None:
+def check_inputs(mesh: Mesh, axis: str, batch_axes: tuple[str, ...], stacked: Any, x: jax.Array,
+                 num_microbatches: int, context: Any = None) -> None:
+    """Clear errors for a mesh, a stage stack, a batch or a context that do not fit."""
     for name in (axis, *batch_axes):
         if name not in mesh.shape:
             raise UsageError(f"the mesh has no axis {name!r}; its axes are {tuple(mesh.shape)}")
@@ -81,9 +87,6 @@ def _check(mesh: Mesh, axis: str, batch_axes: tuple[str, ...], stacked: Any, x: 
         raise UsageError(f"a batch of {x.shape[0]} does not split into {num_microbatches} "
                          f"microbatches on each of {ways} data-parallel groups; use a batch "
                          f"divisible by {ways * max(num_microbatches, 1)}")
-
-
-def _check_context(context: Any, x: jax.Array) -> None:
     rows = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(context)}
     if rows - {x.shape[0]}:
         raise UsageError(f"the context's leaves have leading dimensions {sorted(rows, key=str)}, "
@@ -91,31 +94,25 @@ def _check_context(context: Any, x: jax.Array) -> None:
                          f"as its leading dimension")
 
 
-def _apply(stage_fn: Callable, params: Any, h: jax.Array, context: Any) -> jax.Array:
+def apply_stage(stage_fn: Callable, params: Any, h: jax.Array, context: Any) -> jax.Array:
     """`stage_fn(params, h)`, or `stage_fn(params, h, context)` when there is a context: callers
     without one keep their two-argument stage functions."""
     return stage_fn(params, h) if context is None else stage_fn(params, h, context)
 
 
-def _microbatch(micro: Any, k: jax.Array) -> Any:
-    """Microbatch `k` of every leaf of a pytree split by `_split_microbatches`."""
+def microbatch(micro: Any, k: jax.Array) -> Any:
+    """Microbatch `k` of every leaf of a pytree split by `split_microbatches`."""
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, k, keepdims=False), micro)
 
 
-def _never_differentiated(tree: Any) -> Any:
-    """The zero cotangents of inputs the loss is not differentiated in (targets, context)."""
-    return jax.tree.map(lambda t: np.zeros(t.shape, jax.dtypes.float0), tree)
+def put_microbatch(micro: jax.Array, k: jax.Array, value: jax.Array, on: jax.Array) -> jax.Array:
+    """`micro` with microbatch `k` replaced by `value` where `on`: selects one microbatch, not the
+    whole buffer, so a tick costs the same whatever M."""
+    old = lax.dynamic_index_in_dim(micro, k, keepdims=False)
+    return lax.dynamic_update_index_in_dim(micro, jnp.where(on, value, old), k, 0)
 
 
-def _varying(tree: Any, axis: str) -> Any:
-    """Marks zeros as differing across `axis`, as the loop's carry will (shard_map's type check)."""
-    cast = getattr(lax, "pcast", None)
-    if cast is not None:
-        return jax.tree.map(lambda x: cast(x, (axis,), to="varying"), tree)
-    return jax.tree.map(lambda x: lax.pvary(x, (axis,)), tree)  # jax < 0.8
-
-
-def _split_microbatches(h: jax.Array, m: int, batch_axes: tuple[str, ...]) -> jax.Array:
+def split_microbatches(h: jax.Array, m: int, batch_axes: tuple[str, ...]) -> jax.Array:
     """(B, ...) -> (M, B / M, ...), microbatch k = rows k, k + M, ...: each microbatch keeps its
     share of every data-parallel group's rows, so no rows move between devices."""
     micro = h.reshape(h.shape[0] // m, m, *h.shape[1:]).swapaxes(0, 1)
@@ -125,265 +122,166 @@ def _split_microbatches(h: jax.Array, m: int, batch_axes: tuple[str, ...]) -> ja
     return lax.with_sharding_constraint(micro, NamedSharding(mesh, spec))
 
 
-def _join_microbatches(micro: jax.Array) -> jax.Array:
+def join_microbatches(micro: jax.Array) -> jax.Array:
     return micro.swapaxes(0, 1).reshape(-1, *micro.shape[2:])
+
+
+def varying(tree: Any, axis: str) -> Any:
+    """Marks zeros as differing across `axis`, as the loop's carry will (shard_map's type check)."""
+    cast = getattr(lax, "pcast", None)
+    if cast is not None:
+        return jax.tree.map(lambda x: cast(x, (axis,), to="varying"), tree)
+    return jax.tree.map(lambda x: lax.pvary(x, (axis,)), tree)  # jax < 0.8
+
+
+def _chunk(stage_fn: Callable, index: jax.Array, params: Any, h: jax.Array, context: Any
+           ) -> jax.Array:
+    """Chunk `index` of a device's stacked chunks applied to `h`, differentiable in `params` and
+    `h`. Its backward slices the chunk's parameters again instead of saving them: a loop over
+    ticks would otherwise keep one copy per tick."""
+    from jaxdist.parallel.pipeline_1f1b import forward_saving
+
+    take = lambda p, i: jax.tree.map(  # noqa: E731
+        lambda a: lax.dynamic_index_in_dim(a, i, 0, False), p)
+    structure = []  # the pullback's structure, found when the forward is traced
+
+    @jax.custom_vjp
+    def run(params, h, index, context):
+        return apply_stage(stage_fn, take(params, index), h, context)
+
+    def forward(params, h, index, context):
+        y, saved, pullback = forward_saving(stage_fn, take(params, index), h, context)
+        structure.append(pullback)
+        return y, (params, saved, index)
+
+    def backward(res, g):
+        params, saved, index = res
+        d_chunk, d_h = structure[0].rebuild(take(params, index), saved)(g)
+        d_params = jax.tree.map(lambda p, d: lax.dynamic_update_index_in_dim(
+            jnp.zeros_like(p), d, index, 0), params, d_chunk)
+        return d_params, d_h, None, None
+
+    run.defvjp(forward, backward)
+    return run(params, h, index, context)
 
 
 def pipeline_call(stage_fn: Callable[..., jax.Array], stacked_params: Any, x: jax.Array, *,
                   mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
-                  batch_axes: Sequence[str] = ("data",), context: Any = None) -> jax.Array:
-    """GPipe: S stages in sequence, `stage_fn(params_s, h) -> h` (shape-preserving), pipelined.
+                  batch_axes: Sequence[str] = ("data",), context: Any = None,
+                  virtual_stages: int = 1, unroll: bool = False) -> jax.Array:
+    """GPipe: S stages in sequence, `stage_fn(params_s, h) -> h` (shape-preserving), pipelined;
+    with `virtual_stages` V > 1, the interleaved (circular) schedule over S V stages.
 
-    Equal to `for s in range(S): x = stage_fn(params[s], x)`, and differentiable; with a context,
-    to `x = stage_fn(params[s], x, context)`.
+    Equal to `for s in range(S): x = stage_fn(params[s], x)` (V > 1: over the stages
+    `params[d, r]` in the order r S + d), and differentiable; with a context, to
+    `x = stage_fn(params[s], x, context)`.
 
     Args:
         stage_fn: one stage; all stages share it and differ in their parameters.
         stacked_params: the stages' parameters stacked on a leading axis of size S (the pipeline
-            axis size); laid out `P(axis)` on the mesh, or let the call reshard them.
+            axis size), then, with V > 1, an axis of V: device d's chunks d, d + S, ...; laid
+            out `P(axis)` on the mesh, or let the call reshard them.
         x: the global batch; its other mesh axes stay as XLA lays them out.
-        num_microbatches: M; each data-parallel group's batch splits into M equal microbatches.
+        num_microbatches: M; each data-parallel group's batch splits into M equal microbatches
+            (V > 1: M >= S, so a microbatch is back at stage 0 before its next round starts).
         batch_axes: the mesh axes that split the batch (kept split inside every microbatch).
         context: None, or a pytree whose leaves have the batch as leading dimension (per-row
             inputs that are not differentiated, e.g. segment ids); each stage gets the rows of
             the microbatch it works on.
+        virtual_stages: V, chunks per device (1: GPipe).
+        unroll: compile every tick on its own (XLA's cost analysis counts a loop's body once:
+            `benchmarks/pipeline.py` unrolls to count every tick's FLOPs).
     """
     batch_axes = tuple(a for a in batch_axes if a != axis)
-    _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
-    _check_context(context, x)
-    stages, m = mesh.shape[axis], num_microbatches
+    check_inputs(mesh, axis, batch_axes, stacked_params, x, num_microbatches, context)
+    stages, m, v = mesh.shape[axis], num_microbatches, virtual_stages
+    if v > 1:
+        chunks = {leaf.shape[1] if leaf.ndim > 1 else None
+                  for leaf in jax.tree.leaves(stacked_params)}
+        if chunks != {v}:
+            raise UsageError(f"{sorted(chunks, key=str)} chunks per stage for {v} virtual "
+                             f"stages; stack the parameters as (stages, virtual stages, ...)")
+        if m < stages:
+            raise UsageError(f"the interleaved schedule needs at least as many microbatches as "
+                             f"stages ({stages}), got {m}")
 
     def local(params, h, ctx):
-        params = jax.tree.map(lambda p: p[0], params)  # this device's stage
+        params = jax.tree.map(lambda p: p[0], params)  # this device's stage (V > 1: its chunks)
         stage = lax.axis_index(axis)
-        micro = _split_microbatches(h, m, batch_axes)
-        micro_ctx = jax.tree.map(lambda c: _split_microbatches(c, m, batch_axes), ctx)
-        forward = [(i, i + 1) for i in range(stages - 1)]
+        micro = split_microbatches(h, m, batch_axes)
+        micro_ctx = jax.tree.map(lambda c: split_microbatches(c, m, batch_axes), ctx)
+        ring = [(i, (i + 1) % stages) for i in range(stages if v > 1 else stages - 1)]
 
         def tick(carry, t):
-            held, outputs = carry
-            fresh = lax.dynamic_index_in_dim(micro, jnp.minimum(t, m - 1), keepdims=False)
-            working = _microbatch(micro_ctx, jnp.clip(t - stage, 0, m - 1))  # stage s: t - s
-            out = _apply(stage_fn, params, jnp.where(stage == 0, fresh, held), working)
-            done = t - (stages - 1)  # the microbatch the last stage finishes at this tick
-            store = (stage == stages - 1) & (done >= 0)
-            outputs = jnp.where(store, lax.dynamic_update_index_in_dim(
-                outputs, out, jnp.maximum(done, 0), 0), outputs)
-            return (lax.ppermute(out, axis, forward), outputs), None
+            held, returned, outputs = carry
+            work = t - stage  # the work item of this stage: round work // M of microbatch % M
+            k, rnd = work % m, jnp.clip(work // m, 0, v - 1)
+            if v > 1:  # stage 0 keeps what comes back from the last stage for its next round
+                back = t - stages  # the work item `held` finished at the last stage
+                returned = put_microbatch(returned, back % m, held,
+                                          (back >= 0) & (back < (v - 1) * m))
+                first = jnp.where(work < m, micro[k], returned[k])
+                run = functools.partial(_chunk, stage_fn, rnd)
+            else:
+                first = micro[jnp.clip(work, 0, m - 1)]
+                run = functools.partial(apply_stage, stage_fn)
+            out = run(params, jnp.where(stage == 0, first, held), microbatch(micro_ctx, k))
+            done = work - (v - 1) * m  # the microbatch the last stage finishes at this tick
+            outputs = put_microbatch(outputs, jnp.clip(done, 0, m - 1), out,
+                                     (stage == stages - 1) & (done >= 0) & (done < m))
+            return (lax.ppermute(out, axis, ring), returned, outputs), None
 
-        init = _varying((jnp.zeros_like(micro[0]), jnp.zeros_like(micro)), axis)
-        (_, outputs), _ = lax.scan(tick, init, jnp.arange(m + stages - 1))
+        returned = micro if v > 1 else micro[:0]
+        init = varying((jnp.zeros_like(micro[0]), jnp.zeros_like(returned),
+                        jnp.zeros_like(micro)), axis)
+        (_, _, outputs), _ = lax.scan(tick, init, jnp.arange(v * m + stages - 1), unroll=unroll)
         # only the last stage holds the results: share them with every stage
         outputs = lax.psum(jnp.where(stage == stages - 1, outputs, 0), axis)
-        return _join_microbatches(outputs)
+        return join_microbatches(outputs)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P()), out_specs=P(),
                          axis_names={axis})(stacked_params, x, context)
 
 
 # ---------------------------------------------------------------------------------------------
-# 1F1B
-
-
-def schedule_1f1b(stages: int, microbatches: int) -> np.ndarray:
-    """The 1F1B schedule as a table (units, stages, 2) of (operation, microbatch).
-
-    Each stage runs a fixed program: S - s - 1 warm-up forwards, then one forward and one
-    backward in turn, then the remaining backwards (PyTorch's `Schedule1F1B`, Narayanan et al.
-    2021); the last stage does its forward, the loss and its backward as one operation (LAST).
-    At each unit a stage does its next operation if what it needs was produced at an earlier unit
-    (a ppermute takes one unit), else waits. So stage s holds at most S - s microbatches' inputs,
-    and the schedule takes 2 (M + S - 1) - 2 units, GPipe's forward-then-backward 2 (M + S - 1).
-    """
-    s_count, m = stages, microbatches
-    programs = []
-    for s in range(s_count):
-        if s == s_count - 1:
-            programs.append([(LAST, k) for k in range(m)])
-            continue
-        warmup = min(s_count - s - 1, m)
-        program = [(FORWARD, k) for k in range(warmup)]
-        for k in range(m):
-            if warmup + k < m:
-                program.append((FORWARD, warmup + k))
-            program.append((BACKWARD, k))
-        programs.append(program)
-    position = [0] * s_count
-    f_done: dict[tuple[int, int], int] = {}
-    b_done: dict[tuple[int, int], int] = {}
-    rows = []
-    unit = 0
-    while any(position[s] < len(programs[s]) for s in range(s_count)):
-        row = []
-        for s in range(s_count):
-            if position[s] == len(programs[s]):
-                row.append((IDLE, 0))
-                continue
-            op, k = programs[s][position[s]]
-            if op == BACKWARD:
-                ready = b_done.get((k, s + 1), unit) < unit
-            else:
-                ready = s == 0 or f_done.get((k, s - 1), unit) < unit
-            row.append((op, k) if ready else (IDLE, 0))
-        for s, (op, k) in enumerate(row):
-            position[s] += op != IDLE
-            if op in (FORWARD, LAST):
-                f_done[(k, s)] = unit
-            if op in (BACKWARD, LAST):
-                b_done[(k, s)] = unit
-        rows.append(row)
-        unit += 1
-        if unit > 4 * (m + s_count) + 8:
-            raise AssertionError("the 1F1B schedule does not finish")  # a bug, not bad input
-    return np.asarray(rows, dtype=np.int32)
-
-
-def _receipts(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each unit and stage, the microbatch whose activation arrives from the stage before
-    and whose gradient arrives from the stage after (-1: nothing)."""
-    units, stages, _ = table.shape
-    from_before = np.full((units, stages), -1, np.int32)
-    from_after = np.full((units, stages), -1, np.int32)
-    for u in range(units):
-        for s in range(stages):
-            op, k = table[u, s]
-            if op == FORWARD and s + 1 < stages:
-                from_before[u, s + 1] = k
-            if op in (BACKWARD, LAST) and s > 0:
-                from_after[u, s - 1] = k
-    return from_before, from_after
-
-
-def peak_in_flight(table: np.ndarray) -> list[int]:
-    """Per stage, the most microbatches whose input it holds at once (forward done, backward not)."""
-    stages = table.shape[1]
-    peaks = []
-    for s in range(stages):
-        live = peak = 0
-        for op, _ in table[:, s]:
-            live += op == FORWARD
-            live -= op == BACKWARD
-            peak = max(peak, live + (op == LAST))
-        peaks.append(int(peak))
-    return peaks
-
-
-def pipeline_loss_1f1b(stage_fn: Callable[..., jax.Array],
-                       head_loss_fn: Callable[[Any, jax.Array, Any], jax.Array],
-                       stacked_params: Any, head_params: Any, x: jax.Array, targets: Any, *,
-                       mesh: Mesh, num_microbatches: int, axis: str = PIPELINE_AXIS,
-                       batch_axes: Sequence[str] = ("data",), context: Any = None) -> jax.Array:
-    """The mean over microbatches of `head_loss_fn(head_params, stages(x_k), targets_k)`, run as a
-    1F1B pipeline; differentiable in `stacked_params`, `head_params` and `x` (the schedule
-    computes the gradients while it runs; the backward pass only scales them). With a `context`
-    (see `pipeline_call`) the stages run `stage_fn(params_s, h, context_k)`; the head does not
-    see it, and neither it nor `targets` is differentiated."""
-    batch_axes = tuple(a for a in batch_axes if a != axis)
-    _check(mesh, axis, batch_axes, stacked_params, x, num_microbatches)
-    _check_context(context, x)
-    stages, m = mesh.shape[axis], num_microbatches
-    table = schedule_1f1b(stages, m)
-    from_before, from_after = _receipts(table)
-    xs = tuple(jnp.asarray(a) for a in (table[..., 0], table[..., 1], from_before, from_after))
-
-    def local(params, head, h, tgt, ctx):
-        params = jax.tree.map(lambda p: p[0], params)
-        stage = lax.axis_index(axis)
-        micro_x = _split_microbatches(h, m, batch_axes)
-        micro_t = jax.tree.map(lambda t: _split_microbatches(t, m, batch_axes), tgt)
-        micro_ctx = jax.tree.map(lambda c: _split_microbatches(c, m, batch_axes), ctx)
-        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-        slots = jnp.zeros((stages, *micro_x.shape[1:]), micro_x.dtype)
-
-        def unit(carry, row):
-            inbox_f, inbox_b, g_params, g_head, loss, dx_out = carry
-            op, k, before, after = (r[stage] for r in row)
-            h_in = jnp.where(stage == 0, micro_x[k], inbox_f[k % stages])
-            t_k = jax.tree.map(lambda t: t[k], micro_t)
-            c_k = jax.tree.map(lambda c: c[k], micro_ctx)  # closed over: not differentiated
-            # One program for every stage and operation, masked, rather than a `lax.switch` on
-            # the operation: the stage's collectives (FSDP gathers, tensor-parallel reductions)
-            # must run in the same order on every device of a stage, and XLA:CPU runs the
-            # collectives of a conditional's branch in no fixed order (it deadlocked 1 run in 4).
-            # The price: a forward unit also pays for a backward.
-            y, stage_vjp = jax.vjp(lambda p, h_: _apply(stage_fn, p, h_, c_k), params, h_in)
-            mean = lambda hp, y_: head_loss_fn(hp, y_, t_k) / m  # noqa: E731
-            value, (d_head, d_y) = jax.value_and_grad(mean, argnums=(0, 1))(head, y)
-            last, backward = op == LAST, op == BACKWARD
-            cotangent = jnp.where(last, d_y, jnp.where(backward, inbox_b[k % stages], 0))
-            d_params, d_h = stage_vjp(cotangent.astype(y.dtype))
-            keep = lambda on, tree: jax.tree.map(  # noqa: E731
-                lambda a: jnp.where(on, a, jnp.zeros_like(a)), tree)
-            g_params = jax.tree.map(jnp.add, g_params, keep(last | backward, d_params))
-            g_head = jax.tree.map(jnp.add, g_head, keep(last, d_head))
-            loss = loss + jnp.where(last, value, 0.0).astype(jnp.float32)
-            first_backward = (stage == 0) & (last | backward)
-            dx_out = jnp.where(first_backward,
-                               lax.dynamic_update_index_in_dim(dx_out, d_h, k, 0), dx_out)
-            sent_f = lax.ppermute(keep(op == FORWARD, y), axis,
-                                  [(s, s + 1) for s in range(stages - 1)])
-            sent_b = lax.ppermute(keep(last | backward, d_h), axis,
-                                  [(s, s - 1) for s in range(1, stages)])
-            inbox_f = jnp.where(before >= 0, lax.dynamic_update_index_in_dim(
-                inbox_f, sent_f, jnp.maximum(before, 0) % stages, 0), inbox_f)
-            inbox_b = jnp.where(after >= 0, lax.dynamic_update_index_in_dim(
-                inbox_b, sent_b, jnp.maximum(after, 0) % stages, 0), inbox_b)
-            return (inbox_f, inbox_b, g_params, g_head, loss, dx_out), None
-
-        init = (slots, slots, zeros(params), zeros(head), jnp.zeros((), jnp.float32),
-                jnp.zeros_like(micro_x))
-        (_, _, g_params, g_head, loss, dx), _ = lax.scan(unit, init, xs)
-        return (lax.psum(loss, axis), jax.tree.map(lambda g: g[None], g_params),
-                lax.psum(g_head, axis), _join_microbatches(lax.psum(dx, axis)))
-
-    run = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(), P(), P()),
-                        out_specs=(P(), P(axis), P(), P()), axis_names={axis}, check_vma=False)
-
-    @jax.custom_vjp
-    def loss_of(params, head, h, tgt, ctx):
-        return run(params, head, h, tgt, ctx)[0]
-
-    def forward(params, head, h, tgt, ctx):
-        loss, g_params, g_head, d_h = run(params, head, h, tgt, ctx)
-        return loss, (g_params, g_head, d_h, tgt, ctx)
-
-    def backward(saved, g):
-        g_params, g_head, d_h, tgt, ctx = saved
-        scale = lambda tree: jax.tree.map(lambda a: a * g.astype(a.dtype), tree)  # noqa: E731
-        return (scale(g_params), scale(g_head), scale(d_h), _never_differentiated(tgt),
-                _never_differentiated(ctx))
-
-    loss_of.defvjp(forward, backward)
-    return loss_of(stacked_params, head_params, x, targets, context)
-
-
-# ---------------------------------------------------------------------------------------------
 # A model's layer stack as pipeline stages (what a trainer puts into `jaxdist.core.layout`)
 
 
-def as_stages(stacked: Any, stages: int) -> Any:
-    """A stack of L layers (leading axis L) -> S stages of L / S consecutive layers."""
+def as_stages(stacked: Any, stages: int, virtual_stages: int = 1) -> Any:
+    """A stack of L layers (leading axis L) -> S stages of L / S consecutive layers; with
+    `virtual_stages` V > 1, (S, V, L / (S V)): device d's chunks d, d + S, ... of L / (S V)
+    consecutive layers (a transpose of the layer order, so XLA moves parameters between the
+    devices of the pipeline axis, and their gradients back, every step)."""
     layers = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
     (count,) = layers
-    if count % stages:
+    v = virtual_stages
+    if count % (stages * v):
         raise UsageError(f"the model's {count} layers do not split into {stages} pipeline "
-                         f"stages; choose a pipeline size that divides {count}")
-    return jax.tree.map(lambda x: x.reshape(stages, count // stages, *x.shape[1:]), stacked)
+                         f"stages of {v} chunks; choose sizes whose product divides {count}")
+    if v == 1:
+        return jax.tree.map(lambda x: x.reshape(stages, count // stages, *x.shape[1:]), stacked)
+    return jax.tree.map(lambda x: x.reshape(v, stages, count // (stages * v), *x.shape[1:])
+                        .swapaxes(0, 1), stacked)
 
 
 def stack_runners(mesh: Mesh, *, microbatches: int, schedule: str = "gpipe",
-                  batch_axes: Sequence[str] = ("data", "fsdp"), axis: str = PIPELINE_AXIS
-                  ) -> tuple[Callable, Callable | None]:
-    """(run_layers, layers_then_loss) for `jaxdist.core.layout.Layout` on a pipelined mesh."""
+                  batch_axes: Sequence[str] = ("data", "fsdp"), axis: str = PIPELINE_AXIS,
+                  virtual_stages: int = 2) -> tuple[Callable, Callable | None]:
+    """(run_layers, layers_then_loss) for `jaxdist.core.layout.Layout` on a pipelined mesh;
+    `virtual_stages` only counts for the interleaved schedule."""
+    from jaxdist.parallel.pipeline_1f1b import pipeline_loss_1f1b
+
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown pipeline schedule {schedule!r}; choose one of "
                          f"{', '.join(SCHEDULES)}")
     stages = mesh.shape[axis]
+    v = virtual_stages if schedule == "interleaved" else 1
     options = dict(mesh=mesh, num_microbatches=microbatches, axis=axis, batch_axes=batch_axes)
 
     def run_layers(layer_fn, stacked, h, *, context=None):
         stage_fn = functools.partial(scan_layers, layer_fn)  # (params, h[, context])
-        return pipeline_call(stage_fn, as_stages(stacked, stages), h, context=context, **options)
+        return pipeline_call(stage_fn, as_stages(stacked, stages, v), h, context=context,
+                             virtual_stages=v, **options)
 
     def layers_then_loss(layer_fn, head_loss_fn, stacked, head_params, h, targets, *,
                          context=None):
