@@ -157,8 +157,8 @@ def test_padding_is_ignored_by_the_loss_and_its_gradient():
     np.testing.assert_allclose(sums["loss"] / sums["count"], loss, rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [s for s in LLAMA_SIZES])
-def test_every_size_round_trips_through_hf_config_json(size):
+@pytest.mark.parametrize("size", [s for s, c in LLAMA_SIZES.items() if c.moe is None])
+def test_every_dense_size_round_trips_through_hf_config_json(size):
     cfg = llama_config(size)
     assert LlamaConfig.from_hf(cfg.to_hf(), seq_len=cfg.seq_len, unroll=cfg.unroll) == cfg
     assert cfg.to_hf()["num_key_value_heads"] == cfg.kv_heads

@@ -353,6 +353,39 @@ def test_the_lm_experiments_flags_make_a_mixture_of_experts_llama():
         lm.model_variant(dataclasses.replace(cfg, moe_top_k=5))
 
 
+def test_the_moe_presets_have_the_published_parameter_counts():
+    mixtral = llama_config("mixtral-8x7b")
+    assert round(param_count(mixtral) / 1e9, 1) == 46.7
+    assert round(param_count(mixtral, active=True) / 1e9, 1) == 12.9
+    # an approximation (multi-head for latent attention, every layer MoE): within 6% of 671B/37B
+    deepseek = llama_config("deepseek-v3-like")
+    assert param_count(deepseek) / 671e9 == pytest.approx(1, abs=0.06)
+    assert param_count(deepseek, active=True) / 37e9 == pytest.approx(1, abs=0.06)
+
+
+@needs_devices(8)
+def test_the_planner_plans_expert_layouts_with_their_all_to_all_bytes():
+    from jaxdist import plan
+
+    assert plan.candidate_meshes("ep", 64, experts=8) == [
+        "fsdp=8,expert=8", "data=2,fsdp=4,expert=8", "fsdp=16,expert=4", "data=2,fsdp=8,expert=4"]
+    assert plan.candidate_meshes("ep", 8, experts=256) == ["expert=8", "fsdp=2,expert=4"]
+    # one Mixtral layer of 128 tokens a row, 8 rows on expert=8: a row per device
+    row = plan.plan_config("llama", "mixtral-8x7b", 8, "ep", "expert=8", memory_gib=80,
+                           global_batch=8, tx=plan.make_tx("adam"),
+                           assumptions=plan.Assumptions(),
+                           overrides={"depth": 1, "seq_len": 128})
+    assert not row.skipped and row.fits, row.reason
+    ideal = ideal_all_to_all_bytes(128, 2, 4096, 4, 8)
+    # buffers of twice an even split; dispatch and combine in the forward, its recompute (remat
+    # full) and the backward: 6 directions; plus the expert ids in the forward and its recompute
+    ids = 2 * 128 * 2 * 4 * 7 / 8
+    assert row.all_to_all_bytes == pytest.approx(6 * 2 * ideal + 2 * ids)
+    text = plan.format_plan([row], memory_gib=80, global_batch=8, optimizer="adam",
+                            assumptions=plan.Assumptions())
+    assert "a2a MiB" in text and "ep       expert=8" in text
+
+
 def test_a_collapsed_router_shows_per_layer_in_the_metrics_tensorboard_and_the_plot(tmp_path):
     cfg = dataclasses.replace(CFG, depth=2)
 

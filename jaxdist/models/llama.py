@@ -172,6 +172,20 @@ LLAMA_SIZES = {
     "mistral-7b": LlamaConfig(
         vocab=32000, seq_len=4096, embed=4096, depth=32, heads=32, kv_heads=8, mlp=14336,
         rope_theta=10000.0, max_positions=32768),
+    # mixtures of experts, for the planner: Mixtral-8x7B's shapes (46.7B parameters, 12.9B active)
+    "mixtral-8x7b": LlamaConfig(
+        vocab=32000, seq_len=4096, embed=4096, depth=32, heads=32, kv_heads=8, mlp=14336,
+        rope_theta=1000000.0, max_positions=32768,
+        moe=MoEConfig(num_experts=8, top_k=2, aux_loss_weight=0.02, exchange="all_to_all")),
+    # DeepSeek-V3's MoE shapes (256 routed experts of width 2048 + 1 shared, sigmoid top-8),
+    # approximated: multi-head attention (128 heads of 56) in place of its multi-head latent
+    # attention, with about as many parameters (206M a layer for MLA's 187M), and all 61 layers
+    # MoE (V3's first 3 are dense): 705B parameters, 38.7B active, for the published 671B, 37B
+    "deepseek-v3-like": LlamaConfig(
+        vocab=129280, seq_len=4096, embed=7168, depth=61, heads=128, kv_heads=128, mlp=18432,
+        norm_eps=1e-6, max_positions=163840,
+        moe=MoEConfig(num_experts=256, top_k=8, expert_mlp=2048, shared_experts=1,
+                      router="sigmoid", exchange="all_to_all")),
 }
 
 

@@ -33,7 +33,8 @@ class PlanConfig:
     """one or more LM sizes, comma separated: test, tiny, small, 125m, 350m, 1.3b, 7b"""
     llama_size: tuple[str, ...] = (DEFAULT_SIZES["llama"],)
     """one or more Llama sizes, comma separated: test, tiny, small, and the published shapes
-    3.2-1b, 3.1-8b, 3.1-70b (Llama), qwen2.5-7b, mistral-7b"""
+    3.2-1b, 3.1-8b, 3.1-70b (Llama), qwen2.5-7b, mistral-7b, and the mixtures of experts
+    mixtral-8x7b, deepseek-v3-like (planned under ep too)"""
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None
     """LM only: remat policy of each block (default full)"""
     seq_len: int | None = None

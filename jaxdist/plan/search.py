@@ -4,6 +4,7 @@ recommendations."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from typing import Any, Sequence, TextIO
@@ -19,7 +20,8 @@ DEFAULT_GLOBAL_BATCH = 256
 
 # The planner plans the model-parallel strategies of the one registry (`jaxdist.STRATEGIES`); when
 # --strategies is not given all of them, but sp for the ViT: it names no activations, so sp would
-# be tp again; and not ep: the planned models have no experts, so ep would be fsdp again.
+# be tp again; and not ep, but for a mixture of experts (`plan` adds it): without experts ep would
+# be fsdp again.
 DEFAULT_STRATEGIES = {model: tuple(name for name, s in STRATEGIES.items()
                                    if s.parallelism == "model" and name != "ep"
                                    and (model, name) != ("vit", "sp"))
@@ -34,7 +36,8 @@ NOT_PLANNED = {("fsdp_tp", "1f1b"): "fsdp_tp with a 1F1B pipeline is not planned
 
 
 def candidate_meshes(strategy: str, n: int, layers: int | None = None,
-                     stages: Sequence[int] | None = None) -> list[str]:
+                     stages: Sequence[int] | None = None, experts: int | None = None
+                     ) -> list[str]:
     """The meshes worth planning for `strategy` on `n` devices (see docs/planning.md).
 
     With `layers` (a model with a layer stack, the LM) it adds pipeline meshes: for each S of
@@ -42,7 +45,9 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
     on n / S devices with `pipeline=S` (dp, zero1 `data=n/S,pipeline=S`; fsdp
     `fsdp=n/S,pipeline=S`; tp, sp `data=n/2S,tensor=2,pipeline=S`; fsdp_tp
     `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2; ep, whose mixture of experts does not
-    pipeline, none)."""
+    pipeline, none). ep with `experts` (the model's): expert groups of g = gcd(n, experts)
+    devices, the rest fsdp (`fsdp=n/g,expert=g`, `data=2,fsdp=n/2g,expert=g`), and groups of
+    g/2."""
     if strategy in ("dp", "zero1"):
         meshes = [f"data={n}"]
     elif strategy == "fsdp":
@@ -51,6 +56,8 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
             meshes.append(f"data=2,fsdp={n // 2}")
     elif strategy in ("tp", "sp"):
         meshes = [f"data={n // 2},tensor=2"] if n % 2 == 0 else []
+    elif strategy == "ep" and experts:
+        return _expert_meshes(n, experts)
     elif strategy == "ep":
         meshes = [f"expert={n}"]
         if n % 2 == 0 and n // 2 >= 2:
@@ -82,6 +89,18 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
     return meshes
 
 
+def _expert_meshes(n: int, experts: int) -> list[str]:
+    """ep meshes for a mixture of `experts` on n devices (see `candidate_meshes`)."""
+    group = math.gcd(n, experts)
+    meshes = []
+    for g in (group, group // 2) if group >= 4 else (group,):
+        rest = n // g
+        meshes.append(f"expert={g}" if rest == 1 else f"fsdp={rest},expert={g}")
+        if rest % 2 == 0 and rest // 2 >= 2:
+            meshes.append(f"data=2,fsdp={rest // 2},expert={g}")
+    return meshes
+
+
 @dataclasses.dataclass
 class PlanRow:
     model: str
@@ -101,6 +120,7 @@ class PlanRow:
     bubble: float = 0.0  # pipeline rows: pipeline.bubble_fraction of the schedule
     inputs: str = ""  # what one example is (ModelSpec.inputs)
     flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
+    all_to_all_bytes: float = 0.0  # of wire_bytes: the all-to-alls' (expert parallelism)
 
     @property
     def skipped(self) -> bool:
@@ -187,6 +207,7 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     ledger = analysis.ledger
     row.memory = analysis.memory
     row.wire_bytes = ledger.total(wire=True)
+    row.all_to_all_bytes = ledger.total("all-to-all", wire=True)
     row.collectives = ledger.count()
     row.compute_s = compute_seconds(flops, assumptions)
     row.comm_s = comm_seconds(ledger, assumptions)
@@ -282,6 +303,8 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     progress = progress or sys.stderr
     if strategies is None:
         strategies = DEFAULT_STRATEGIES.get(model, DEFAULT_STRATEGIES["lm"])
+        if any(_experts(planned_model(model, size, overrides)) for size in sizes):
+            strategies = (*strategies, "ep")
     validate_inputs(model, sizes, device_counts, strategies, memory_gib, global_batch,
                     optimizer, assumptions, overrides=overrides, pipeline_stages=pipeline_stages,
                     schedules=schedules, pipeline_microbatches=pipeline_microbatches)
@@ -298,10 +321,12 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     tx = make_tx(optimizer)
     todo = []
     for size in sizes:
-        layers = planned_model(model, size, overrides).pipeline_layers
+        planned = planned_model(model, size, overrides)
+        experts = _experts(planned)  # a mixture of experts does not run in a pipeline yet
+        layers = None if experts else planned.pipeline_layers
         for n in device_counts:
             for s in strategies:
-                for mesh in candidate_meshes(s, n, layers, pipeline_stages):
+                for mesh in candidate_meshes(s, n, layers, pipeline_stages, experts):
                     pipelined = parse_mesh_shape(mesh).get("pipeline", 1) > 1
                     todo += [(size, n, s, mesh, sch) for sch in (schedules if pipelined
                                                                  else ("",))]
@@ -324,6 +349,12 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     print(f"plan: {len(todo)} configs in {time.perf_counter() - began:.0f} s", file=progress,
           flush=True)
     return rows
+
+
+def _experts(planned: Any) -> int | None:
+    """The mixture of experts' expert count of a planned model; None for a dense one."""
+    moe = getattr(planned.config, "moe", None)
+    return None if moe is None else moe.num_experts
 
 
 def recommend(rows: Sequence[PlanRow]) -> dict[tuple[str, int], PlanRow | None]:
