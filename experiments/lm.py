@@ -89,8 +89,11 @@ class LmConfig(RunConfig):
     """where prepared token files go (default $JAXDIST_CACHE_DIR/text)"""
     pipeline_microbatches: int = 0
     """microbatches per step on a mesh with pipeline > 1 (0: 2 x stages)"""
-    pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
-    """gpipe, or 1f1b (at most S microbatches' activations per stage)"""
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved"] = "gpipe"
+    """gpipe; 1f1b (at most 2 S - 1 microbatches' activations per stage, whatever M); or
+    interleaved (--pipeline_virtual_stages chunks of layers per device, a smaller bubble)"""
+    pipeline_virtual_stages: int = 2
+    """chunks of layers per device of the interleaved schedule"""
     sample_bytes: int = 200
     """tokens (bytes for the gpt) of text to generate at the end (0: none)"""
     prompt: str = "def "
@@ -235,7 +238,8 @@ def make_trainer(cfg: LmConfig, devices, tx, model: ModelVariant | None = None):
     if parse_mesh_shape(cfg.parallel.mesh or "").get("pipeline", 1) > 1:
         options["strategy"] = Pipeline(rules=cfg.parallel.strategy,
                                        microbatches=cfg.pipeline_microbatches or None,
-                                       schedule=cfg.pipeline_schedule)
+                                       schedule=cfg.pipeline_schedule,
+                                       virtual_stages=cfg.pipeline_virtual_stages)
     return Trainer(model.model_fn(cfg.seed), tx, model.loss_fn, devices=devices,
                    eval_fn=model.eval_fn, **options)
 

@@ -39,12 +39,13 @@ def one_device():
 
 
 # the full list of strategies and meshes runs on the Llama model (tests/test_llama.py); the GPT
-# keeps one of each kind: hybrid FSDP, sequence parallelism, GPipe and 1F1B pipelines
+# keeps one of each kind: hybrid FSDP, sequence parallelism, GPipe, 1F1B and interleaved pipelines
 CASES = [
     ("fsdp", "data=2,fsdp=4"),
     ("sp", "data=2,tensor=4"),
     ("dp", "data=2,pipeline=4"),  # a name on a pipelined mesh: Pipeline's default options
     (Pipeline(rules="fsdp_tp", schedule="1f1b"), "fsdp=2,pipeline=2,tensor=2"),
+    (Pipeline(schedule="interleaved", virtual_stages=2), "data=4,pipeline=2"),
 ]
 
 
@@ -109,7 +110,7 @@ def test_1f1b_holds_a_bounded_number_of_microbatches_activations_per_stage_in_th
 def test_bad_pipeline_settings_are_clear_errors():
     with pytest.raises(UsageError, match="layers.* dimension 4 does not divide over mesh axes pipeline"):
         _train("dp", "pipeline=8")
-    with pytest.raises(UsageError, match="schedule must be one of 'gpipe', '1f1b', got 'zigzag'"):
+    with pytest.raises(UsageError, match="schedule must be one of 'gpipe', '1f1b', 'interleaved', got 'zigzag'"):
         Pipeline(schedule="zigzag")
     with pytest.raises(UsageError, match="microbatch"):
         _train(Pipeline(microbatches=3), "pipeline=2,data=4")

@@ -44,11 +44,14 @@ def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.Gradien
                  loss_fn: LossFn, mesh: Mesh, rules: Rules, name: str,
                  eval_fn: EvalFn | None, step_options: dict, *,
                  pipeline_microbatches: int | None = None,
-                 pipeline_schedule: str = "gpipe") -> StepLayout:
+                 pipeline_schedule: str = "gpipe",
+                 pipeline_virtual_stages: int = 2) -> StepLayout:
     """The step, shardings and initial state of `model` (or a builder of it) under `rules`, the
     strategy called `name`; on a mesh with pipeline > 1 the layer stack is pipelined with
-    `pipeline_microbatches` (None: 2 S) scheduled by `pipeline_schedule`."""
-    train_layout, eval_layout = layouts(mesh, rules, pipeline_microbatches, pipeline_schedule)
+    `pipeline_microbatches` (None: 2 S) scheduled by `pipeline_schedule` (interleaved: with
+    `pipeline_virtual_stages` chunks per device)."""
+    train_layout, eval_layout = layouts(mesh, rules, pipeline_microbatches, pipeline_schedule,
+                                        pipeline_virtual_stages)
     if isinstance(model, nnx.Module):
         graphdef, params, rest = split_model(model)
         abstract_params, abstract_rest = jax.eval_shape(lambda: (params, rest))
@@ -103,8 +106,8 @@ def rules_layout(model: nnx.Module | Callable[[], nnx.Module], tx: optax.Gradien
                       grad_shardings=grads_sh, state_shardings=state_sh)
 
 
-def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str
-            ) -> tuple[Layout, Layout]:
+def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str,
+            virtual_stages: int = 2) -> tuple[Layout, Layout]:
     """What the train and eval steps trace under: the rules' activation layout and, on a mesh
     with pipeline > 1, the pipeline (evaluation runs GPipe's forward: there is no backward to
     interleave)."""
@@ -117,7 +120,7 @@ def layouts(mesh: Mesh, rules: Rules, microbatches: int | None, schedule: str
     microbatches = 2 * stages if microbatches is None else microbatches
     batch_axes = tuple(a for a in rules.batch if a != PIPELINE_AXIS)
     run, then_loss = stack_runners(mesh, microbatches=microbatches, schedule=schedule,
-                                   batch_axes=batch_axes)
+                                   batch_axes=batch_axes, virtual_stages=virtual_stages)
     return (Layout(mesh, activations, run, then_loss, attention),
             Layout(mesh, activations, run, context_attention=attention))
 

@@ -14,7 +14,8 @@ its own options, and `STRATEGIES` names the defaults.
 | `LocalSGD()` | `every`, `outer`, `average_opt_state`    | averaging every H steps (DiLoCo)       |
 | `Rules(...)` | the tables of `jaxdist.parallel.rules`   | dp, zero1, fsdp, tp, sp, fsdp_tp, ep,  |
 |              |                                          | your own                               |
-| `Pipeline()` | `microbatches`, `schedule`, `rules`      | the layer stack over pipeline stages   |
+| `Pipeline()` | `microbatches`, `schedule`,              | the layer stack over pipeline stages   |
+|              | `virtual_stages`, `rules`                |                                        |
 
 Every value answers the same questions, so no caller keeps a list of names:
 - `name`: what the trainer reports; `STRATEGIES[name]` is the default value of that name.
@@ -62,7 +63,7 @@ from jaxdist.parallel.pipeline import PIPELINE_AXIS
 from jaxdist.parallel.rules import Rules
 from jaxdist.parallel.sharded import rules_layout
 
-PipelineSchedule = Literal["gpipe", "1f1b"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved"]
 LayoutKind = Literal["rules", "mapped"]
 Parallelism = Literal["data", "model"]
 
@@ -250,8 +251,11 @@ class Pipeline:
 
     Attributes:
         microbatches: M, microbatches per step through the pipeline (None: 2 S).
-        schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (at most S microbatches'
-            activations per stage).
+        schedule: "gpipe" (all forwards, then all backwards), "1f1b" (each backward as soon as
+            it can run: at most 2 S - 1 microbatches' activations per stage, whatever M) or
+            "interleaved" (`virtual_stages` chunks per device, a smaller bubble).
+        virtual_stages: V, chunks of layers per device of the interleaved schedule (device d
+            holds chunks d, d + S, ...); the bubble is (S - 1) / (V M + S - 1).
         rules: the sharding rules of the other axes: a rules strategy's name or a `Rules`.
     """
 
@@ -259,6 +263,7 @@ class Pipeline:
     parallelism: ClassVar[Parallelism] = "model"
     microbatches: int | None = None
     schedule: PipelineSchedule = "gpipe"
+    virtual_stages: int = 2
     rules: Rules | str = "dp"
 
     def __post_init__(self):
@@ -268,6 +273,10 @@ class Pipeline:
             raise UsageError(f"Pipeline(microbatches=...) must be an integer >= 1 or None, got "
                              f"{self.microbatches!r}")
         _one_of("schedule", self.schedule, get_args(PipelineSchedule))
+        if (isinstance(self.virtual_stages, bool) or not isinstance(self.virtual_stages, int)
+                or self.virtual_stages < 1):
+            raise UsageError(f"Pipeline(virtual_stages=...) must be an integer >= 1, got "
+                             f"{self.virtual_stages!r}")
         rules = resolve(self.rules) if isinstance(self.rules, str) else self.rules
         if not isinstance(rules, Rules):
             raise UsageError(f"Pipeline lays out the other axes by sharding rules ("
@@ -290,7 +299,8 @@ class Pipeline:
                              f"data=2,pipeline=4), not {dict(mesh.shape)}")
         return rules_layout(model, tx, loss_fn, mesh, self.rules, self.name, eval_fn,
                             step_options, pipeline_microbatches=self.microbatches,
-                            pipeline_schedule=self.schedule)
+                            pipeline_schedule=self.schedule,
+                            pipeline_virtual_stages=self.virtual_stages)
 
 
 Strategy = Jit | ShardMap | Pmap | LocalSGD | Rules | Pipeline
