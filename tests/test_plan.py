@@ -17,9 +17,9 @@ from jaxdist.models.classification import mnist_loss as loss_fn
 from jaxdist import plan
 from jaxdist.models import ViT, vit_config
 from jaxdist.models.lm import REMAT_POLICIES, GPT, lm_config, lm_loss, param_count, train_flops
+from jaxdist.parallel.pipeline import bubble_fraction
 from jaxdist.observe import collective_ledger
 from jaxdist import Pipeline, Trainer, make_mesh
-from jaxdist.parallel.pipeline import schedule_1f1b
 from jaxdist.config import parse_config
 from jaxdist.core.step import init_state
 
@@ -275,22 +275,22 @@ def test_planned_lm_memory_matches_the_real_step_compiled_on_8_devices_within_10
 
 
 def test_the_1f1b_step_has_no_conditional_so_its_ledger_is_what_every_stage_sends():
-    """Each 1F1B unit is one masked program: a conditional's collectives would run in no fixed
-    order on XLA:CPU (and be counted at every unit by the ledger). So the HLO has no conditional,
-    the ppermutes run twice per unit of `schedule_1f1b(S, M)`, and the row's wire bytes are the
-    ledger's."""
+    """1F1B's ticks are unconditional programs: a conditional's collectives would run in no fixed
+    order on XLA:CPU (and be counted at every tick by the ledger). So the HLO has no conditional,
+    the ppermutes run once per forward tick (S - 1 + M) and once per backward tick (M + S - 1)
+    (less the last one, whose gradient no stage receives: with one cool-down tick XLA drops it),
+    the row's wire bytes are the ledger's, and its bubble is GPipe's."""
     trainer = Trainer(lambda: GPT(lm_config("test"), rngs=nnx.Rngs(0)), plan.make_tx("adam"),
                       lm_loss, mesh=make_mesh("data=4,pipeline=2"),
                       strategy=Pipeline(schedule="1f1b", microbatches=4))
     analysis = plan.analyze_step(trainer, plan.planned_model("lm", "test").batch(16))
     assert " conditional(" not in analysis.hlo
-    units = len(schedule_1f1b(2, 4))
-    assert analysis.ledger.count("collective-permute") >= 2 * units
+    assert 2 * (4 + 2 - 1) - 1 <= analysis.ledger.count("collective-permute") <= 2 * (4 + 2 - 1)
     row = plan.plan_config("lm", "test", 8, "dp", "data=4,pipeline=2", schedule="1f1b",
                            memory_gib=1, global_batch=16, tx=plan.make_tx("adam"),
                            assumptions=plan.Assumptions())
     assert row.wire_bytes == pytest.approx(analysis.ledger.total(wire=True))
-    assert row.bubble == pytest.approx(1 - 4 / units)
+    assert row.bubble == pytest.approx(bubble_fraction(2, 4, "gpipe")) == 1 / 5
 
 
 def test_lm_model_flops_agree_with_xla_where_its_cost_analysis_counts_right():
@@ -329,9 +329,9 @@ def test_lm_configs_the_pipeline_cannot_run_are_skipped_with_the_reason():
     row = plan.plan_config("lm", "test", 8, "dp", "data=2,pipeline=4", global_batch=8, **kw)
     assert row.skipped and row.reason == ("skipped: global batch 8 does not split into 8 "
                                           "microbatches on each of 2 data-parallel groups")
-    row = plan.plan_config("lm", "test", 8, "fsdp_tp", "fsdp=2,tensor=2,pipeline=2",
-                           global_batch=16, schedule="1f1b", **kw)
-    assert row.skipped and "not planned yet" in row.reason and row.schedule == "1f1b"
+    row = plan.plan_config("lm", "test", 8, "dp", "data=2,pipeline=4", global_batch=16,
+                           schedule="interleaved", **kw)  # 4 layers: not 4 stages x 2 chunks
+    assert row.skipped and "interleaved needs 4 x 2 chunks" in row.reason
 
 
 @needs_devices(4)
@@ -347,7 +347,7 @@ def test_the_cli_plans_the_lm_with_pipeline_columns(capsys):
     assert any(line.split()[:7] == ["model", "n", "strategy", "mesh", "sched", "M", "bubble"]
                for line in lines)
     piped = [line for line in lines if line.startswith("lm-test") and "pipeline=2" in line]
-    assert len(piped) == 1 and piped[0].split()[4:7] == ["1f1b", "4", "0.50"]
+    assert len(piped) == 1 and piped[0].split()[4:7] == ["1f1b", "4", "0.20"]  # GPipe's 1/5
     assert any(line.startswith("lm-test") and " data=4 " in line for line in lines)
     recommended = lines[lines.index("Recommended (fastest that fits):") + 1]
     assert recommended.split()[:2] == ["lm-test", "n=4"] and "ms/step" in recommended

@@ -44,8 +44,9 @@ class PlanConfig:
     1: no pipeline rows)"""
     pipeline_microbatches: int | None = None
     """LM only: microbatches M of every pipeline row (default 2 S)"""
-    schedules: tuple[Literal["gpipe", "1f1b"], ...] = SCHEDULES
-    """LM only: pipeline schedules planned, comma separated: gpipe, 1f1b"""
+    schedules: tuple[Literal["gpipe", "1f1b", "interleaved"], ...] = SCHEDULES
+    """LM only: pipeline schedules planned, comma separated: gpipe, 1f1b, interleaved (2 chunks
+    of layers per device)"""
     devices: tuple[int, ...] = (8,)
     """device counts, comma separated (e.g. 8,16,32)"""
     memory_gib: float = DEFAULT_MEMORY_GIB

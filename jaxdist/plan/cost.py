@@ -46,11 +46,12 @@ class Assumptions:
                 f"that the remat policy computes again) / n devices / {peak}; "
                 f"not XLA's cost analysis, which counts the layer scan's body once")
         if pipelines:
-            lines.append("- pipeline rows (pipeline=S, M microbatches, schedule gpipe or 1f1b): "
-                         "compute / (1 - bubble), bubble = (S-1)/(M+S-1) for gpipe, "
-                         "1 - M/units for 1f1b (each of its 2(M+S-1)-2 units computes a forward "
-                         "and a backward), and the compute column includes it; memory is per "
-                         "device, i.e. per stage, from the compile of that schedule")
+            lines.append("- pipeline rows (pipeline=S, M microbatches, schedule gpipe, 1f1b or "
+                         "interleaved with V=2 chunks per device): compute / (1 - bubble), "
+                         "bubble = (S-1)/(M+S-1) for gpipe and 1f1b (the same forwards and "
+                         "backwards, in another order), (S-1)/(V M+S-1) for interleaved, and "
+                         "the compute column includes it; memory is per device, i.e. per "
+                         "stage, from the compile of that schedule")
         return lines + [
             f"- communication = per collective in the step's HLO, alpha-beta over a ring: "
             f"{self.latency_us:g} us (--latency_us) x ring steps (all-reduce 2(g-1), all-gather/"

@@ -40,7 +40,8 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
     lines.append("")
     mw = max([10] + [len(r.model) for r in rows])
     sw = max([24] + [len(r.mesh) for r in rows])
-    pipe_head = f" {'sched':<5} {'M':>3} {'bubble':>6}" if pipelines else ""
+    pw = max([5] + [len(r.schedule) for r in rows])
+    pipe_head = f" {'sched':<{pw}} {'M':>3} {'bubble':>6}" if pipelines else ""
     prefix_of = lambda model, n, strategy, mesh: (  # noqa: E731
         f"{model:<{mw}} {n:>4} {strategy:<8} {mesh:<{sw}}")
     head_prefix = prefix_of("model", "n", "strategy", "mesh") + pipe_head
@@ -53,8 +54,8 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
     for r in rows:
         prefix = prefix_of(r.model, r.n, r.strategy, r.mesh)
         if pipelines:
-            prefix += (f" {r.schedule:<5} {r.microbatches:>3} {r.bubble:>6.2f}" if r.schedule
-                       else f" {'-':<5} {'-':>3} {'-':>6}")
+            prefix += (f" {r.schedule:<{pw}} {r.microbatches:>3} {r.bubble:>6.2f}" if r.schedule
+                       else f" {'-':<{pw}} {'-':>3} {'-':>6}")
         if r.skipped:
             lines.append(f"{prefix} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>9} "
                          + (f"{'-':>8} " if a2a else "")

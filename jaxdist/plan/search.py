@@ -27,11 +27,13 @@ DEFAULT_STRATEGIES = {model: tuple(name for name, s in STRATEGIES.items()
                                    and (model, name) != ("vit", "sp"))
                       for model in MODELS}
 PIPELINE_STAGES = (2, 4)  # pipeline sizes planned for the LM where they divide n and its depth
-SCHEDULES = ("gpipe", "1f1b")
-# (strategy, schedule) pairs not compiled on pipeline meshes, with the reason the row shows: XLA
-# aborted the whole process (not an exception the planner can catch) compiling these
-NOT_PLANNED = {("fsdp_tp", "1f1b"): "fsdp_tp with a 1F1B pipeline is not planned yet: XLA can "
-               "abort the process compiling it (being fixed)"}
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+VIRTUAL_STAGES = 2  # chunks per device of the interleaved rows
+# (strategy, schedule) pairs not compiled on pipeline meshes, with the reason the row shows (a
+# compile that would abort the whole process, not an exception the planner can catch). None now:
+# fsdp_tp with 1F1B, which aborted XLA as one masked forward-and-backward program per unit,
+# compiles as the fused ticks of `jaxdist.parallel.pipeline_1f1b`.
+NOT_PLANNED: dict[tuple[str, str], str] = {}
 
 
 
@@ -115,7 +117,7 @@ class PlanRow:
     fits: bool = False
     reason: str = ""  # why skipped or rejected; empty when it fits
     compile_s: float = 0.0
-    schedule: str = ""  # pipeline rows: "gpipe" or "1f1b"; empty without a pipeline
+    schedule: str = ""  # pipeline rows: "gpipe", "1f1b" or "interleaved"; empty without one
     microbatches: int = 0  # pipeline rows: M
     bubble: float = 0.0  # pipeline rows: pipeline.bubble_fraction of the schedule
     inputs: str = ""  # what one example is (ModelSpec.inputs)
@@ -150,9 +152,10 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     """One row: compile `strategy` on `mesh_shape` over the first `n` CPU devices and estimate.
 
     On a mesh with pipeline=S > 1 the layer stack is split over S stages, run with `schedule`
-    ("gpipe" or "1f1b") and `microbatches` M (default 2 S). Rules that reject the model (a
-    dimension that does not divide), batches that do not split and stacks that do not split into
-    S stages give a skipped row with the reason; a peak over the budget gives a rejected row."""
+    ("gpipe", "1f1b" or "interleaved" of 2 chunks per device) and `microbatches` M (default 2 S).
+    Rules that reject the model (a dimension that does not divide), batches that do not split and
+    stacks that do not split into S stages give a skipped row with the reason; a peak over the
+    budget gives a rejected row."""
     import jax
 
     from jaxdist.parallel import Pipeline, Trainer, make_mesh
@@ -176,7 +179,7 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
         if stages > 1:
             m = 2 * stages if microbatches is None else microbatches
             row.schedule, row.microbatches = schedule, m
-            row.bubble = bubble_fraction(stages, m, schedule)
+            row.bubble = bubble_fraction(stages, m, schedule, VIRTUAL_STAGES)
             if (strategy, schedule) in NOT_PLANNED:
                 raise UsageError(NOT_PLANNED[strategy, schedule])
             if layers is None:
@@ -188,7 +191,11 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
             if global_batch % (ways * m):
                 raise UsageError(f"global batch {global_batch} does not split into {m} "
                                  f"microbatches on each of {ways} data-parallel groups")
-            value = Pipeline(rules=rules, microbatches=m, schedule=schedule)
+            if schedule == "interleaved" and (layers % (stages * VIRTUAL_STAGES) or m < stages):
+                raise UsageError(f"interleaved needs {stages} x {VIRTUAL_STAGES} chunks of "
+                                 f"{planned.label}'s {layers} layers and M >= {stages}")
+            value = Pipeline(rules=rules, microbatches=m, schedule=schedule,
+                             virtual_stages=VIRTUAL_STAGES)
         trainer = Trainer(planned.model_fn(), tx, planned.loss_fn, mesh=mesh, strategy=value)
     except UsageError as e:
         row.reason = f"skipped: {e}"
@@ -202,8 +209,8 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     budget = memory_gib * GIB
     model_flops = planned.step_flops(global_batch)
     flops = analysis.flops if model_flops is None else model_flops / n
-    # Every 1F1B unit runs one masked program (no conditional), so the HLO's ledger, with the
-    # loop's trip count, is what each stage sends.
+    # Pipeline ticks have no conditional, so the HLO's ledger, with the loops' trip counts, is
+    # what each stage sends.
     ledger = analysis.ledger
     row.memory = analysis.memory
     row.wire_bytes = ledger.total(wire=True)
@@ -261,7 +268,7 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
     if assumptions.latency_us < 0:
         raise UsageError(f"--latency_us must not be negative, got {assumptions.latency_us:g}")
     if not schedules:
-        raise UsageError("give at least one pipeline schedule (gpipe, 1f1b)")
+        raise UsageError(f"give at least one pipeline schedule ({', '.join(SCHEDULES)})")
     for schedule in schedules:
         if schedule not in SCHEDULES:
             raise UsageError(f"unknown pipeline schedule {schedule!r}; choose from "
