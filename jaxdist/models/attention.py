@@ -128,32 +128,45 @@ def _grouped(q: jax.Array, kv_heads: int) -> jax.Array:
 def ring_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> jax.Array:
     """Causal attention of this device's queries over the whole ring's keys (inside
     `jax.shard_map` over `axis`, the sequence in zig-zag order): q (b, t, h, d), k and v
-    (b, t, kv, d), segment ids and original token indices (b, t) of the local 2 chunks."""
+    (b, t, kv, d), segment ids and original token indices (b, t) of the local 2 chunks.
+
+    A block from another device is half a block of work, two chunk pairs: our second chunk
+    sees its first always; then our first its first (it came from an earlier device) or our
+    second its second (from a later one). The choice is a select, not a branch, so every
+    device runs the same program (a collective inside a branch only some devices take
+    deadlocks)."""
     ways = lax.axis_size(axis)
     me = lax.axis_index(axis)
     half = q.shape[1] // 2
     qg = _grouped(q, k.shape[2])
     state = _fold(_Softmax.empty(qg), qg, k, v, _allowed(segment_ids, index, segment_ids, index))
+    mine = [(qg[:, :half], segment_ids[:, :half], index[:, :half]),
+            (qg[:, half:], segment_ids[:, half:], index[:, half:])]
+    first, second = state.rows(0, half), state.rows(half)
     block = (k, v, segment_ids, index)
     for step in range(1, ways):
         block = lax.ppermute(block, axis, [(j, (j + 1) % ways) for j in range(ways)])
-        k_, v_, seg_, index_ = block
+        theirs = [tuple(a[:, :half] for a in block), tuple(a[:, half:] for a in block)]
+        second = _fold_chunk(second, mine[1], theirs[0])
+        earlier = step <= me  # the block came from device me - step, before us in the ring
 
-        def from_earlier(state, k_=k_, v_=v_, seg_=seg_, index_=index_):
-            # device me - step < me: its first chunk is before both of ours, its second after
-            return _fold(state, qg, k_[:, :half], v_[:, :half],
-                         _allowed(segment_ids, index, seg_[:, :half], index_[:, :half]))
+        def pick(a, b, earlier=earlier):
+            return jax.tree.map(lambda x, y: jnp.where(earlier, x, y), a, b)
 
-        def from_later(state, k_=k_, v_=v_, seg_=seg_, index_=index_):
-            # device me - step + C > me: both its chunks are after our first, before our second
-            second = _fold(state.rows(half), qg[:, half:], k_, v_,
-                           _allowed(segment_ids[:, half:], index[:, half:], seg_, index_))
-            first = state.rows(0, half)
-            return _Softmax(*(jnp.concatenate([a, b], axis=-1 if a.ndim == 4 else -2)
-                              for a, b in zip(first, second)))
-
-        state = lax.cond(step <= me, from_earlier, from_later, state)
+        rows = _fold_chunk(pick(first, second), pick(mine[0], mine[1]),
+                           pick(theirs[0], theirs[1]))
+        first, second = pick(rows, first), pick(second, rows)
+    state = _Softmax(*(jnp.concatenate([a, b], axis=a.ndim - (1 if a.ndim == 4 else 2))
+                       for a, b in zip(first, second)))
     return state.result(q.dtype).reshape(q.shape)
+
+
+def _fold_chunk(state: _Softmax, queries, keys) -> _Softmax:
+    """`_fold` of a chunk of keys (k, v, segment ids, indices) into the state of a chunk of
+    queries (grouped q, segment ids, indices)."""
+    q, q_seg, q_index = queries
+    k, v, k_seg, k_index = keys
+    return _fold(state, q, k, v, _allowed(q_seg, q_index, k_seg, k_index))
 
 
 def allgather_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> jax.Array:
