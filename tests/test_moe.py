@@ -370,6 +370,8 @@ def test_the_planner_plans_expert_layouts_with_their_all_to_all_bytes():
     assert plan.candidate_meshes("ep", 64, experts=8) == [
         "fsdp=8,expert=8", "data=2,fsdp=4,expert=8", "fsdp=16,expert=4", "data=2,fsdp=8,expert=4"]
     assert plan.candidate_meshes("ep", 8, experts=256) == ["expert=8", "fsdp=2,expert=4"]
+    assert plan.candidate_meshes("ep", 256, experts=256) == [
+        "expert=256", "fsdp=2,expert=128", "fsdp=32,expert=8", "data=2,fsdp=16,expert=8"]
     # one Mixtral layer of 128 tokens a row, 8 rows on expert=8: a row per device
     row = plan.plan_config("llama", "mixtral-8x7b", 8, "ep", "expert=8", memory_gib=80,
                            global_batch=8, tx=plan.make_tx("adam"),

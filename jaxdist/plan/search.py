@@ -49,7 +49,7 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
     `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2; ep, whose mixture of experts does not
     pipeline, none). ep with `experts` (the model's): expert groups of g = gcd(n, experts)
     devices, the rest fsdp (`fsdp=n/g,expert=g`, `data=2,fsdp=n/2g,expert=g`), and groups of
-    g/2."""
+    g/2 and of 8."""
     if strategy in ("dp", "zero1"):
         meshes = [f"data={n}"]
     elif strategy == "fsdp":
@@ -95,7 +95,9 @@ def _expert_meshes(n: int, experts: int) -> list[str]:
     """ep meshes for a mixture of `experts` on n devices (see `candidate_meshes`)."""
     group = math.gcd(n, experts)
     meshes = []
-    for g in (group, group // 2) if group >= 4 else (group,):
+    # the largest groups (fewest experts a device), half that, and 8 (more fsdp: it shards the
+    # attention and embeddings, which the expert axis replicates)
+    for g in sorted({group, group // 2 if group >= 4 else group, min(group, 8)}, reverse=True):
         rest = n // g
         meshes.append(f"expert={g}" if rest == 1 else f"fsdp={rest},expert={g}")
         if rest % 2 == 0 and rest // 2 >= 2:
