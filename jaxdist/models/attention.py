@@ -142,20 +142,24 @@ def ring_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> 
     state = _fold(_Softmax.empty(qg), qg, k, v, _allowed(segment_ids, index, segment_ids, index))
     mine = [(qg[:, :half], segment_ids[:, :half], index[:, :half]),
             (qg[:, half:], segment_ids[:, half:], index[:, half:])]
-    first, second = state.rows(0, half), state.rows(half)
-    block = (k, v, segment_ids, index)
-    for step in range(1, ways):
-        block = lax.ppermute(block, axis, [(j, (j + 1) % ways) for j in range(ways)])
+    ring = [(j, (j + 1) % ways) for j in range(ways)]
+
+    def step(carry, step):
+        (first, second), block = carry
+        block = lax.ppermute(block, axis, ring)
         theirs = [tuple(a[:, :half] for a in block), tuple(a[:, half:] for a in block)]
         second = _fold_chunk(second, mine[1], theirs[0])
         earlier = step <= me  # the block came from device me - step, before us in the ring
 
-        def pick(a, b, earlier=earlier):
+        def pick(a, b):
             return jax.tree.map(lambda x, y: jnp.where(earlier, x, y), a, b)
 
         rows = _fold_chunk(pick(first, second), pick(mine[0], mine[1]),
                            pick(theirs[0], theirs[1]))
-        first, second = pick(rows, first), pick(second, rows)
+        return ((pick(rows, first), pick(second, rows)), block), None
+
+    carry = ((state.rows(0, half), state.rows(half)), (k, v, segment_ids, index))
+    (first, second), _ = lax.scan(step, carry, jnp.arange(1, ways))[0]
     state = _Softmax(*(jnp.concatenate([a, b], axis=a.ndim - (1 if a.ndim == 4 else 2))
                        for a, b in zip(first, second)))
     return state.result(q.dtype).reshape(q.shape)
