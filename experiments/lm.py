@@ -7,6 +7,7 @@ Llama with a BPE tokenizer on packed documents, from scratch or from a Hugging F
     python -m experiments.lm --model llama --tokenizer tokenizer.json --save_hf out/
     python -m experiments.lm --strategy fsdp_tp --mesh fsdp=4,tensor=2
     python -m experiments.lm --mesh data=2,pipeline=4 --pipeline_schedule 1f1b
+    python -m experiments.lm --model llama --seq_len 1024 --mesh data=2,context=4
     python -m experiments.lm --model llama --moe_experts 8 --strategy ep --mesh expert=8
     python -m experiments.lm --text 'books/*.txt' --lm_size small
     python -m experiments.lm --config smoke                    # a few steps, for CI
@@ -94,6 +95,9 @@ class LmConfig(RunConfig):
     interleaved (--pipeline_virtual_stages chunks of layers per device, a smaller bubble)"""
     pipeline_virtual_stages: int = 2
     """chunks of layers per device of the interleaved schedule"""
+    context_attention: Literal["ring", "allgather"] = "ring"
+    """on a mesh with context > 1 (the sequence split over it): ring (key/value blocks passed
+    around the context devices) or allgather (every device gathers all keys and values)"""
     sample_bytes: int = 200
     """tokens (bytes for the gpt) of text to generate at the end (0: none)"""
     prompt: str = "def "
@@ -228,6 +232,7 @@ def make_trainer(cfg: LmConfig, devices, tx, model: ModelVariant | None = None):
     starting from the --init_from checkpoint's weights, read into the strategy's layout."""
     from jaxdist import Pipeline, Trainer
     from jaxdist.parallel.mesh import parse_mesh_shape
+    from jaxdist.parallel.strategies import resolve
 
     model = model or model_variant(cfg)
     options = trainer_options(cfg)
@@ -235,8 +240,12 @@ def make_trainer(cfg: LmConfig, devices, tx, model: ModelVariant | None = None):
         from jaxdist.io.hf import hf_init_params
 
         options["init_params"] = hf_init_params(cfg.init_from, cfg=model.config)
-    if parse_mesh_shape(cfg.parallel.mesh or "").get("pipeline", 1) > 1:
-        options["strategy"] = Pipeline(rules=cfg.parallel.strategy,
+    shape = parse_mesh_shape(cfg.parallel.mesh or "")
+    if shape.get("context", 1) > 1:
+        options["strategy"] = dataclasses.replace(resolve(cfg.parallel.strategy),
+                                                  context_attention=cfg.context_attention)
+    if shape.get("pipeline", 1) > 1:
+        options["strategy"] = Pipeline(rules=options.get("strategy", cfg.parallel.strategy),
                                        microbatches=cfg.pipeline_microbatches or None,
                                        schedule=cfg.pipeline_schedule,
                                        virtual_stages=cfg.pipeline_virtual_stages)
@@ -327,6 +336,8 @@ def train(cfg: LmConfig) -> dict:
     if leader:
         pipeline = (f", {cfg.pipeline_schedule} pipeline" if trainer.mesh.shape["pipeline"] > 1
                     else "")
+        pipeline += (f", {cfg.context_attention} attention over context"
+                     if trainer.mesh.shape["context"] > 1 else "")
         print(f"training the {name} on {len(devices)} {devices[0].platform} device(s), strategy "
               f"{cfg.parallel.strategy} over mesh {mesh}{pipeline}, global batch {cfg.global_batch} x "
               f"{seq} {unit}, {total_steps} steps, {cfg.optimizer.name} lr "
