@@ -12,8 +12,10 @@ its own options, and `STRATEGIES` names the defaults.
 | `ShardMap()` | `reducer`, `batch_stats`                 | `lax.pmean` inside `jax.shard_map`     |
 | `Pmap()`     | `batch_stats`                            | `jax.pmap`, the per-device program     |
 | `LocalSGD()` | `every`, `outer`, `average_opt_state`    | averaging every H steps (DiLoCo)       |
-| `Rules(...)` | the tables of `jaxdist.parallel.rules`   | dp, zero1, fsdp, tp, sp, fsdp_tp, ep,  |
-|              |                                          | your own                               |
+| `Rules(...)` | the tables of `jaxdist.parallel.rules`,  | dp, zero1, fsdp, tp, sp, fsdp_tp, ep,  |
+|              | `context_attention`                      | your own; on a mesh with context > 1   |
+|              |                                          | the sequence split over it (ring or    |
+|              |                                          | all-gather attention)                  |
 | `Pipeline()` | `microbatches`, `schedule`,              | the layer stack over pipeline stages   |
 |              | `virtual_stages`, `rules`                |                                        |
 
@@ -26,7 +28,8 @@ Every value answers the same questions, so no caller keeps a list of names:
   statistics and local SGD need.
 - `parallelism`: "data", the whole model on every device and the batch over the `data` axis
   (jit, shard_map, pmap, local_sgd); or "model", the state laid out over a named mesh of
-  `data`, `fsdp`, `expert`, `tensor` and `pipeline` axes (the rules strategies, `Pipeline`).
+  `data`, `fsdp`, `expert`, `context`, `tensor` and `pipeline` axes (the rules strategies,
+  `Pipeline`).
 - `default_mesh(n)`, `mesh_for(mesh, devices)` and `build(...)`: the mesh it runs on and the
   `StepLayout` (step, state layout, initial state) it gives the trainer.
 
