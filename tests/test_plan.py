@@ -179,7 +179,7 @@ def test_every_flag_is_a_field_of_the_plan_config_with_its_help():
     fields = {f.name for f in dataclasses.fields(plan.PlanConfig)}
     assert fields == {
         "model", "vit_size", "lm_size", "llama_size", "remat", "seq_len", "pipeline_stages",
-        "pipeline_microbatches", "schedules", "devices", "memory_gib", "bandwidth_gbps",
+        "pipeline_microbatches", "schedules", "context", "devices", "memory_gib", "bandwidth_gbps",
         "latency_us", "peak_tflops", "global_batch", "strategies", "optimizer"}
     assert set(field_docs(plan.PlanConfig)) == fields
     hints = typing.get_type_hints(plan.PlanConfig)

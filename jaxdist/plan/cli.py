@@ -18,7 +18,7 @@ from jaxdist.plan.search import (DEFAULT_GLOBAL_BATCH, DEFAULT_MEMORY_GIB, DEFAU
 
 DESCRIPTION = ("Pre-flight planner: memory, communication and step time per strategy and mesh, "
                "before any run.")
-LM_ONLY = ("remat", "seq_len", "pipeline_stages", "pipeline_microbatches")
+LM_ONLY = ("remat", "seq_len", "pipeline_stages", "pipeline_microbatches", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,10 @@ class PlanConfig:
     schedules: tuple[Literal["gpipe", "1f1b", "interleaved"], ...] = SCHEDULES
     """LM only: pipeline schedules planned, comma separated: gpipe, 1f1b, interleaved (2 chunks
     of layers per device)"""
+    context: tuple[int, ...] | None = None
+    """Llama only: context sizes C, comma separated: the sequence split over C devices, ring
+    attention (default 4,8 where they divide n, for windows of 32,768 tokens or more; 1: no
+    context rows)"""
     devices: tuple[int, ...] = (8,)
     """device counts, comma separated (e.g. 8,16,32)"""
     memory_gib: float = DEFAULT_MEMORY_GIB
@@ -101,7 +105,7 @@ def plan_options(cfg: PlanConfig) -> dict[str, Any]:
                 strategies=strategies, memory_gib=cfg.memory_gib, global_batch=cfg.global_batch,
                 optimizer=cfg.optimizer, assumptions=cfg.assumptions, overrides=cfg.overrides,
                 pipeline_stages=cfg.pipeline_stages, schedules=cfg.schedules,
-                pipeline_microbatches=cfg.pipeline_microbatches)
+                pipeline_microbatches=cfg.pipeline_microbatches, context=cfg.context)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -29,9 +29,12 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
     Pipeline rows add three columns: the schedule, the microbatches M and the bubble fraction;
     their `compute` includes the bubble (compute / (1 - bubble)), so compute + comm = step.
     Rows of a mixture of experts with all-to-alls add `a2a MiB`: those of `comm MiB` that are
-    all-to-all (the tokens' dispatch and combine)."""
+    all-to-all (the tokens' dispatch and combine). Plans with context-parallel rows add
+    `p2p MiB`: those of `comm MiB` that are collective-permutes (the ring attention's key/value
+    blocks, a pipeline's activations)."""
     pipelines = any(r.schedule for r in rows)
     a2a = any(r.all_to_all_bytes for r in rows)
+    p2p = any("context=" in r.mesh for r in rows)
     lines = assumptions.describe(
         xla_flops=not rows or any(r.flops_from == "xla" for r in rows),
         model_flops=any(r.flops_from == "model" for r in rows), pipelines=pipelines)
@@ -47,10 +50,11 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
     head_prefix = prefix_of("model", "n", "strategy", "mesh") + pipe_head
     head = (f"{head_prefix} {'params':>8} {'optim':>8} {'grads':>8} {'temp':>8} {'peak':>8} "
             f"{'comm MiB':>9}" + (f" {'a2a MiB':>8}" if a2a else "")
+            + (f" {'p2p MiB':>8}" if p2p else "")
             + f" {'compute':>8} {'comm':>8} {'step':>8}  fits")
     lines += [head, f"{'':<{len(head_prefix)}}{'(memory: MiB per device)':<44}"
                     f"{'(per device per step)':<10}{'':>7}" + ("" if not a2a else " " * 9)
-                    + "(ms)"]
+                    + ("" if not p2p else " " * 9) + "(ms)"]
     for r in rows:
         prefix = prefix_of(r.model, r.n, r.strategy, r.mesh)
         if pipelines:
@@ -58,7 +62,7 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
                        else f" {'-':<{pw}} {'-':>3} {'-':>6}")
         if r.skipped:
             lines.append(f"{prefix} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>9} "
-                         + (f"{'-':>8} " if a2a else "")
+                         + (f"{'-':>8} " if a2a else "") + (f"{'-':>8} " if p2p else "")
                          + f"{'-':>8} {'-':>8} {'-':>8}  {r.reason}")
             continue
         m = r.memory
@@ -66,6 +70,7 @@ def format_plan(rows: Sequence[PlanRow], *, memory_gib: float, global_batch: int
             f"{prefix} {m.params / MIB:>8.1f} {m.optimizer / MIB:>8.1f} {m.grads / MIB:>8.1f} "
             f"{m.temp / MIB:>8.1f} {m.peak_estimate / MIB:>8.1f} {r.wire_bytes / MIB:>9.1f} "
             + (f"{r.all_to_all_bytes / MIB:>8.1f} " if a2a else "")
+            + (f"{r.permute_bytes / MIB:>8.1f} " if p2p else "")
             + f"{r.busy_s * 1e3:>8.2f} {r.comm_s * 1e3:>8.2f} {r.step_s * 1e3:>8.2f}  "
             + ("yes" if r.fits else f"NO: {r.reason.removeprefix('rejected: ')}"))
     lines += ["", "Recommended (fastest that fits):"]

@@ -34,12 +34,16 @@ VIRTUAL_STAGES = 2  # chunks per device of the interleaved rows
 # fsdp_tp with 1F1B, which aborted XLA as one masked forward-and-backward program per unit,
 # compiles as the fused ticks of `jaxdist.parallel.pipeline_1f1b`.
 NOT_PLANNED: dict[tuple[str, str], str] = {}
-
+# context parallelism (the sequence split over C devices, ring attention) is planned for the
+# Llama, whose attention runs over a split sequence (`jaxdist.models.attention`), at these C where
+# they divide n, by default only for windows this long: shorter ones fit with data parallelism
+CONTEXT_SIZES = (4, 8)
+LONG_WINDOW = 32768
 
 
 def candidate_meshes(strategy: str, n: int, layers: int | None = None,
-                     stages: Sequence[int] | None = None, experts: int | None = None
-                     ) -> list[str]:
+                     stages: Sequence[int] | None = None, experts: int | None = None,
+                     context: Sequence[int] = ()) -> list[str]:
     """The meshes worth planning for `strategy` on `n` devices (see docs/planning.md).
 
     With `layers` (a model with a layer stack, the LM) it adds pipeline meshes: for each S of
@@ -49,7 +53,18 @@ def candidate_meshes(strategy: str, n: int, layers: int | None = None,
     `fsdp=n/2S,tensor=2,pipeline=S` when n/2S >= 2; ep, whose mixture of experts does not
     pipeline, none). ep with `experts` (the model's): expert groups of g = gcd(n, experts)
     devices, the rest fsdp (`fsdp=n/g,expert=g`, `data=2,fsdp=n/2g,expert=g`), and groups of
-    g/2 and of 8."""
+    g/2 and of 8. For each C of `context` that divides n (not under ep), the strategy's first
+    mesh on n / C devices with `context=C` (e.g. fsdp `fsdp=n/C,context=C`)."""
+    meshes = _candidate_meshes(strategy, n, layers, stages, experts)
+    for c in context if strategy != "ep" else ():
+        first = _candidate_meshes(strategy, n // c)[:1] if c > 1 and n % c == 0 else []
+        meshes += [f"{mesh},context={c}" for mesh in first]
+    return meshes
+
+
+def _candidate_meshes(strategy: str, n: int, layers: int | None = None,
+                      stages: Sequence[int] | None = None, experts: int | None = None
+                      ) -> list[str]:
     if strategy in ("dp", "zero1"):
         meshes = [f"data={n}"]
     elif strategy == "fsdp":
@@ -125,6 +140,7 @@ class PlanRow:
     inputs: str = ""  # what one example is (ModelSpec.inputs)
     flops_from: str = "xla"  # "xla": the compiled step's cost analysis; "model": the LM's FLOPs
     all_to_all_bytes: float = 0.0  # of wire_bytes: the all-to-alls' (expert parallelism)
+    permute_bytes: float = 0.0  # of wire_bytes: the collective-permutes' (ring attention, pipes)
 
     @property
     def skipped(self) -> bool:
@@ -177,6 +193,11 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
         if global_batch % ways:
             raise UsageError(f"global batch {global_batch} does not split into {ways} pieces")
         stages = mesh.shape["pipeline"]
+        context = mesh.shape["context"]
+        window = getattr(planned.config, "seq_len", 0)
+        if context > 1 and window % (2 * context):
+            raise UsageError(f"a window of {window} tokens does not split into {2 * context} "
+                             f"chunks (2 per device of context={context})")
         value: Any = rules
         if stages > 1:
             m = 2 * stages if microbatches is None else microbatches
@@ -217,6 +238,7 @@ def plan_config(model: str, size: str, n: int, strategy: str, mesh_shape: str, *
     row.memory = analysis.memory
     row.wire_bytes = ledger.total(wire=True)
     row.all_to_all_bytes = ledger.total("all-to-all", wire=True)
+    row.permute_bytes = ledger.total("collective-permute", wire=True)
     row.collectives = ledger.count()
     row.compute_s = compute_seconds(flops, assumptions)
     row.comm_s = comm_seconds(ledger, assumptions)
@@ -238,7 +260,8 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
                     optimizer: str, assumptions: Assumptions, *, overrides: dict | None = None,
                     pipeline_stages: Sequence[int] | None = None,
                     schedules: Sequence[str] = SCHEDULES,
-                    pipeline_microbatches: int | None = None) -> None:
+                    pipeline_microbatches: int | None = None,
+                    context: Sequence[int] | None = None) -> None:
     """UsageError for anything the planner cannot plan, before any compile."""
     from jaxdist.train.optim import OPTIMIZERS
 
@@ -275,6 +298,8 @@ def validate_inputs(model: str, sizes: Sequence[str], device_counts: Sequence[in
         if schedule not in SCHEDULES:
             raise UsageError(f"unknown pipeline schedule {schedule!r}; choose from "
                              f"{', '.join(SCHEDULES)}")
+    if context is not None and any(c < 1 for c in context):
+        raise UsageError(f"context sizes must be at least 1, got {tuple(context)}")
     if pipeline_microbatches is not None and pipeline_microbatches < 1:
         raise UsageError(f"--pipeline_microbatches must be at least 1, got "
                          f"{pipeline_microbatches}")
@@ -300,7 +325,8 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
          optimizer: str = "adam", assumptions: Assumptions = Assumptions(),
          overrides: dict | None = None, pipeline_stages: Sequence[int] | None = None,
          schedules: Sequence[str] = SCHEDULES, pipeline_microbatches: int | None = None,
-         progress: TextIO | None = None) -> list[PlanRow]:
+         context: Sequence[int] | None = None, progress: TextIO | None = None
+         ) -> list[PlanRow]:
     """Every row of the plan; progress lines go to `progress` (default stderr). Needs at least
     max(device_counts) CPU devices: call `jaxdist.cluster.configure_cpu_devices(max(
     device_counts))` before JAX starts.
@@ -308,6 +334,9 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     `strategies` default: `DEFAULT_STRATEGIES[model]`. For a model with a layer stack (the LM)
     every pipeline size of `pipeline_stages` (default `PIPELINE_STAGES`, where they divide n and
     the depth) is planned under each of `schedules`, with `pipeline_microbatches` (default 2 S).
+    A dense Llama is planned with its sequence split over each context size C of `context`
+    (default `CONTEXT_SIZES` for windows of `LONG_WINDOW` tokens or more, else none) that
+    divides n: ring attention, activations / C, the ring's collective-permutes in `comm`.
     """
     progress = progress or sys.stderr
     if strategies is None:
@@ -316,7 +345,8 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
             strategies = (*strategies, "ep")
     validate_inputs(model, sizes, device_counts, strategies, memory_gib, global_batch,
                     optimizer, assumptions, overrides=overrides, pipeline_stages=pipeline_stages,
-                    schedules=schedules, pipeline_microbatches=pipeline_microbatches)
+                    schedules=schedules, pipeline_microbatches=pipeline_microbatches,
+                    context=context)
     import jax
 
     from jaxdist.parallel.mesh import parse_mesh_shape
@@ -333,9 +363,10 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
         planned = planned_model(model, size, overrides)
         experts = _experts(planned)  # a mixture of experts does not run in a pipeline yet
         layers = None if experts else planned.pipeline_layers
+        sizes_c = _context_sizes(model, planned, context)
         for n in device_counts:
             for s in strategies:
-                for mesh in candidate_meshes(s, n, layers, pipeline_stages, experts):
+                for mesh in candidate_meshes(s, n, layers, pipeline_stages, experts, sizes_c):
                     pipelined = parse_mesh_shape(mesh).get("pipeline", 1) > 1
                     todo += [(size, n, s, mesh, sch) for sch in (schedules if pipelined
                                                                  else ("",))]
@@ -358,6 +389,15 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     print(f"plan: {len(todo)} configs in {time.perf_counter() - began:.0f} s", file=progress,
           flush=True)
     return rows
+
+
+def _context_sizes(model: str, planned: Any, context: Sequence[int] | None) -> Sequence[int]:
+    """The context sizes planned for a model: a dense Llama's (`plan`), none for the rest."""
+    if model != "llama" or _experts(planned):
+        return ()
+    if context is None:
+        return CONTEXT_SIZES if planned.config.seq_len >= LONG_WINDOW else ()
+    return tuple(c for c in context if c > 1)
 
 
 def _experts(planned: Any) -> int | None:
