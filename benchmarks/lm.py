@@ -1,7 +1,9 @@
-"""The LM's speed per strategy and mesh, and the pipeline schedules' memory per stage.
+"""The LM's speed per strategy and mesh, the pipeline schedules' memory per stage, and a long
+sequence under context parallelism.
 
-    python -m benchmarks.lm                               # both tables, the tiny LM, 8 CPU devices
+    python -m benchmarks.lm                      # speed and memory, the tiny LM, 8 CPU devices
     python -m benchmarks.lm --table memory --stages 4 --microbatches 4,8,16
+    python -m benchmarks.lm --table context --context_seq 2048
 
 `speed`: tokens/s of the train step (AdamW, random tokens, after a warm-up) for each strategy and
 mesh, pipeline meshes with both schedules. `memory`: per-stage temporary bytes of the compiled
@@ -9,8 +11,10 @@ step (XLA's `memory_analysis()`: the activations a stage keeps for its backward,
 for GPipe and 1F1B at the same microbatch count M on pipeline=S: GPipe keeps all M
 microbatches' activations until the backward, 1F1B at most min(M, 2 S - 1), so its activation
 memory stops growing with M (it is compared with GPipe both without and with full
-rematerialization). Both
-print the machine they ran on.
+rematerialization). `context`: a one-layer Llama (8 heads over a window of --context_seq tokens,
+batch 1) with its sequence split over context=C devices, C = 1, 2, 4, 8, ring and all-gather
+attention: the compiled step's temporary bytes per device and its step time. All print the
+machine they ran on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import dataclasses
 import sys
 import time
 from typing import Literal
+
+import numpy as np
 
 from benchmarks import harness
 
@@ -33,8 +39,9 @@ MIB = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Config(harness.BenchConfig):
-    table: Literal["speed", "memory", "both"] = "both"
-    """which table: tokens/s per strategy and mesh, pipeline memory per stage, or both"""
+    table: Literal["speed", "memory", "both", "context"] = "both"
+    """which table: tokens/s per strategy and mesh, pipeline memory per stage, both, or the long
+    sequence under context parallelism"""
     lm_size: str = "tiny"
     """LM size (jaxdist.models.lm.LM_SIZES: test, tiny, small, ...)"""
     global_batch: int = 32
@@ -49,6 +56,8 @@ class Config(harness.BenchConfig):
     """memory table: values of M, comma-separated"""
     memory_batch: int = 64
     """memory table: global batch (divisible by data x M)"""
+    context_seq: int = 2048
+    """context table: tokens per sequence (a multiple of 16)"""
     cpu_devices: int = 8
     """virtual CPU devices"""
 
@@ -108,6 +117,42 @@ def memory_rows(lm, stages: int, microbatch_counts, global_batch: int):
                temps["gpipe_remat"], temps["1f1b"], in_flight)
 
 
+def context_rows(seq: int, steps: int, rounds: int):
+    """(attention, C, temporary bytes per device, step s) of a long-sequence Llama whose memory
+    is its attention, its sequence split over C devices (C = 1: the plain attention)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from jaxdist import Trainer
+    from jaxdist.models.llama import Llama, llama_config, llama_loss
+    from jaxdist.parallel.strategies import resolve
+
+    cfg = llama_config("test", seq_len=seq, depth=1, heads=8, kv_heads=2, vocab=64)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, (1, seq + 1), dtype=np.int32)
+    for attention in ("ring", "allgather"):
+        for c in (1, 2, 4, 8):
+            trainer = Trainer(lambda: Llama(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-3),
+                              llama_loss, mesh=f"context={c}", devices=c,
+                              strategy=dataclasses.replace(resolve("dp"),
+                                                           context_attention=attention))
+            state, batch = trainer.init(), trainer.shard_batch((tokens[:, :-1], tokens[:, 1:]))
+            temp = trainer.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+            for _ in range(2):  # compile, then one more warm step
+                state, metrics = trainer.step(state, batch)
+            jax.block_until_ready(metrics)
+
+            def timed() -> float:
+                nonlocal state, metrics
+                start = time.perf_counter()
+                for _ in range(steps):
+                    state, metrics = trainer.step(state, batch)
+                jax.block_until_ready(metrics)
+                return (time.perf_counter() - start) / steps
+
+            yield attention, c, int(temp), harness.repeat(timed, rounds).median
+
+
 @harness.reports_usage_errors
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse(Config, argv, __doc__)
@@ -124,6 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     lm = spec.variant(args.lm_size)
     seq = lm.config.seq_len
     report = harness.Report(args)
+    if args.table == "context":
+        if args.context_seq < 16 or args.context_seq % 16:
+            return harness.fail(f"--context_seq {args.context_seq}: a multiple of 16 (2 chunks "
+                                f"per device of context=8)")
+        report.say(f"Llama, 1 layer, 8 heads (2 key/value) of 4, window {args.context_seq} "
+                   f"tokens, batch 1, AdamW; sequence split over context=C; median of "
+                   f"{args.rounds} rounds of {args.steps} steps\n")
+        rows = list(context_rows(args.context_seq, args.steps, args.rounds))
+        base = {attention: temp for attention, c, temp, _ in rows if c == 1}
+        report.table(["attention", "C", "temp MiB / device", "x C=1", "1/C", "step ms"],
+                     [(attention if c > 1 else "plain", c, f"{temp / MIB:.2f}",
+                       f"{temp / base[attention]:.3f}", f"{1 / c:.3f}", f"{1e3 * step_s:.1f}")
+                      for attention, c, temp, step_s in rows])
+        report.save()
+        return 0
     report.say(f"LM-{args.lm_size} ({lm.param_count / 1e6:.2f}M params, seq {seq}) on "
                f"{args.cpu_devices} virtual CPU devices")
     if args.table in ("speed", "both"):

@@ -139,7 +139,7 @@ def ring_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> 
     me = lax.axis_index(axis)
     half = q.shape[1] // 2
     qg = _grouped(q, k.shape[2])
-    state = _fold(_Softmax.empty(qg), qg, k, v, _allowed(segment_ids, index, segment_ids, index))
+    state = _fold_chunk(_Softmax.empty(qg), (qg, segment_ids, index), (k, v, segment_ids, index))
     mine = [(qg[:, :half], segment_ids[:, :half], index[:, :half]),
             (qg[:, half:], segment_ids[:, half:], index[:, half:])]
     ring = [(j, (j + 1) % ways) for j in range(ways)]
@@ -165,9 +165,12 @@ def ring_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> 
     return state.result(q.dtype).reshape(q.shape)
 
 
+@jax.checkpoint
 def _fold_chunk(state: _Softmax, queries, keys) -> _Softmax:
     """`_fold` of a chunk of keys (k, v, segment ids, indices) into the state of a chunk of
-    queries (grouped q, segment ids, indices)."""
+    queries (grouped q, segment ids, indices). Its scores are computed again for the backward
+    (`jax.checkpoint`), as flash attention does: the ring's C steps keep their inputs, not C
+    blocks of scores."""
     q, q_seg, q_index = queries
     k, v, k_seg, k_index = keys
     return _fold(state, q, k, v, _allowed(q_seg, q_index, k_seg, k_index))
