@@ -300,6 +300,11 @@ class Pipeline:
         if mesh.shape[PIPELINE_AXIS] < 2:
             raise UsageError(f"Pipeline needs a mesh with {PIPELINE_AXIS} > 1 (e.g. "
                              f"data=2,pipeline=4), not {dict(mesh.shape)}")
+        if mesh.shape["context"] > 1 and self.schedule != "1f1b":
+            # attention's shard_map over context inside this schedule's shard_map over pipeline:
+            # jax 0.12 fails to lower its gradient (an axis bound twice); 1F1B's stages lower
+            raise UsageError(f"context parallelism inside a pipeline needs schedule='1f1b', "
+                             f"not {self.schedule!r}")
         return rules_layout(model, tx, loss_fn, mesh, self.rules, self.name, eval_fn,
                             step_options, pipeline_microbatches=self.microbatches,
                             pipeline_schedule=self.schedule,
