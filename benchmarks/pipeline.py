@@ -9,8 +9,8 @@ gradients jitted on pipeline=S, one device per stage. FLOPs: XLA's cost analysis
 step with every tick compiled on its own (`unroll=True`: the analysis counts a loop's body once).
 Temp: `memory_analysis().temp_size_in_bytes` of the step as it runs (ticks in a loop), per device
 i.e. per stage: the activations a stage keeps for its backward, plus scratch. Time (`--time`):
-the median step; per tick = step / (ticks in units of a whole stage, (V M + S - 1) / V), which the
-bubble formula says is the same for every schedule and M.
+the median step (rounds alternate over the rows); per tick = step / (ticks in units of a whole
+stage, (V M + S - 1) / V), which the bubble formula says is the same for every schedule and M.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ class Config(harness.BenchConfig):
     """layers of the stack (divisible by S x V)"""
     width: int = 256
     """width of every layer"""
-    rows: int = 8
+    rows: int = 64
     """rows of one microbatch (the batch is M x rows)"""
     time: bool = True
     """also time the steps (median of `rounds` rounds of `steps` steps)"""
-    rounds: int = 3
-    """timing rounds"""
+    rounds: int = 5
+    """timing rounds, each over every schedule and M"""
     steps: int = 5
     """steps per timing round"""
 
@@ -88,6 +88,7 @@ def step_fn(cfg: Config, schedule: str, m: int, mesh, unroll: bool):
 
 
 def measure(cfg: Config, schedule: str, m: int, mesh) -> dict:
+    """FLOPs, temporary bytes, the bubble and (with `--time`) a timer of one schedule at M."""
     from jaxdist.parallel.pipeline import bubble_fraction
 
     s, v = mesh.shape["pipeline"], cfg.virtual_stages if schedule == "interleaved" else 1
@@ -95,20 +96,18 @@ def measure(cfg: Config, schedule: str, m: int, mesh) -> dict:
     flops = step_fn(cfg, schedule, m, mesh, True).lower(*args).compile().cost_analysis()["flops"]
     step = step_fn(cfg, schedule, m, mesh, False)
     temp = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    row = dict(schedule=schedule if v == 1 else f"interleaved V={v}", m=m, flops=flops,
-               temp=temp, bubble=bubble_fraction(s, m, schedule, v), ticks=(v * m + s - 1) / v)
-    if cfg.time:
-        jax.block_until_ready(step(*args))
+    jax.block_until_ready(step(*args))
 
-        def timed() -> float:
-            start = time.perf_counter()
-            for _ in range(cfg.steps):
-                out = step(*args)
-            jax.block_until_ready(out)
-            return (time.perf_counter() - start) / cfg.steps
+    def timed() -> float:
+        start = time.perf_counter()
+        for _ in range(cfg.steps):
+            out = step(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / cfg.steps
 
-        row["step_s"] = harness.repeat(timed, cfg.rounds).median
-    return row
+    return dict(schedule=schedule if v == 1 else f"interleaved V={v}", m=m, flops=flops,
+                temp=temp, bubble=bubble_fraction(s, m, schedule, v), ticks=(v * m + s - 1) / v,
+                timed=timed)
 
 
 @harness.reports_usage_errors
@@ -131,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         for schedule in ("gpipe", "1f1b", "interleaved"):
             harness.progress(f"  {schedule} M={m}")
             rows.append(measure(cfg, schedule, m, mesh))
+    if cfg.time:  # rounds alternate over every schedule and M: drift hits them alike
+        times = harness.alternate({i: row["timed"] for i, row in enumerate(rows)}, cfg.rounds,
+                                  label=lambda i: f"{rows[i]['schedule']} M={rows[i]['m']}")
+        for i, row in enumerate(rows):
+            row["step_s"] = times[i].median
     report.say(f"pipeline={cfg.stages}, {cfg.layers} layers of width {cfg.width}, "
                f"{cfg.rows} rows per microbatch, float32; per device (= per stage)\n")
     columns = ["schedule", "M", "GFLOPs", "vs GPipe", "temp MiB", "vs GPipe", "bubble"]

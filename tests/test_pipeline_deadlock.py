@@ -15,6 +15,7 @@ WORKER = Path(__file__).resolve().parent / "pipeline_worker.py"
 
 
 @pytest.mark.slow  # 20 fresh processes: ~10 min
+@pytest.mark.timeout(RUNS * FAIL_SAFE_SECONDS)
 def test_twenty_fresh_processes_of_a_1f1b_step_on_8_devices_all_finish():
     losses = []
     for run in range(RUNS):
