@@ -140,3 +140,10 @@ def test_a_window_that_does_not_split_into_2c_chunks_is_a_usage_error():
 def test_an_unknown_context_attention_is_a_usage_error():
     with pytest.raises(UsageError, match="context_attention"):
         _cp("fsdp", "ulysses")
+
+
+def test_context_parallelism_in_a_gpipe_pipeline_is_a_usage_error_naming_1f1b():
+    with pytest.raises(UsageError, match="1f1b"):
+        Trainer(lambda: Llama(CFG, rngs=nnx.Rngs(0)), optax.sgd(0.1), llama_loss,
+                strategy=Pipeline(rules="dp", schedule="gpipe"), mesh="pipeline=2,context=4",
+                devices=8)
