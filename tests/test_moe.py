@@ -111,7 +111,8 @@ ALL_TO_ALL = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, exchange="all
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("mesh", ["expert=8", "data=2,expert=4", "fsdp=2,expert=4"])
+@pytest.mark.parametrize("mesh", ["expert=8", "data=2,expert=4",
+                                  pytest.param("fsdp=2,expert=4", marks=pytest.mark.slow)])
 def test_the_all_to_all_exchange_trains_as_one_device_when_it_drops_nothing(one_device, mesh):
     got = _train("ep", mesh, ALL_TO_ALL)
     assert all(m["moe_dropped"] == 0 for m in got[1])  # its buffers had room for every token
