@@ -20,7 +20,8 @@ from equivalence import assert_same_training, mesh_devices
 from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.llama import (Llama, llama_config, llama_eval, llama_loss, llama_moe_stats,
                                   param_count, train_flops)
-from jaxdist.models.moe import MoEConfig, capacity, capacity_slots, moe_mlp, route
+from jaxdist.models.moe import (MoEConfig, capacity, capacity_slots, dropless_all_to_all,
+                                moe_mlp, route)
 from jaxdist.observe import ideal_all_to_all_bytes
 from jaxdist.observe.plots import plot_runs
 from jaxdist.observe.writer import read_records
@@ -223,6 +224,34 @@ def test_capacity_drops_the_assignments_past_each_experts_capacity_in_token_orde
     np.testing.assert_allclose(float(stats.dropped), dropped, rtol=1e-6)
     np.testing.assert_allclose(stats.load, load, rtol=1e-6)  # the load is counted before drops
     np.testing.assert_allclose(y[0], want, rtol=1e-4, atol=1e-5)
+
+
+@needs_devices(8)
+def test_the_all_to_all_exchange_drops_what_overflows_a_buffer_in_token_order_per_device():
+    moe = MoEConfig(num_experts=8, top_k=2, expert_mlp=8, exchange="all_to_all",
+                    exchange_capacity=0.5)  # 8 tokens a device: 16 assignments, 1 slot each
+    p, x = _one_layer(moe, tokens=64)
+    p = {k: v for k, v in p.items() if k.startswith(("router", "expert_"))}
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    y, dropped = jax.jit(lambda x, p: dropless_all_to_all(
+        moe, x, route(moe, x @ p["router"]), p, mesh, jax.P("expert", None)))(x[0], p)
+    want, lost = np.zeros_like(x[0], np.float64), 0
+    for device in range(8):  # each sends its tokens' choices in order; one per destination
+        rows = x[0, device * 8:(device + 1) * 8].astype(np.float64)
+        scores = _softmax(rows @ p["router"])
+        sent = set()
+        for t, row in enumerate(rows):
+            chosen = np.argsort(-scores[t], kind="stable")[:2]
+            for ex, w in zip(chosen, scores[t, chosen] / scores[t, chosen].sum()):
+                if ex in sent:  # expert ex is alone on device ex: its slot is taken
+                    lost += 1
+                    continue
+                sent.add(ex)
+                h = _silu(row @ p["expert_gate"][ex]) * (row @ p["expert_up"][ex])
+                want[device * 8 + t] += w * (h @ p["expert_down"][ex])
+    assert lost > 0
+    np.testing.assert_allclose(float(dropped), lost / 128, rtol=1e-6)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
 
 
 def _every_expert_on_every_token(moe, p, h):
