@@ -47,23 +47,28 @@ def one_device():
 
 
 CASES = [
-    ("dp", "data=8"),
     ("shard_map", "data=8"),
-    ("zero1", "data=8"),
-    ("fsdp", "fsdp=8"),
     ("fsdp", "data=2,fsdp=4"),
     ("tp", "data=4,tensor=2"),
     ("sp", "data=2,tensor=4"),
+    (Pipeline(rules="fsdp_tp", schedule="1f1b"), "fsdp=2,pipeline=2,tensor=2"),
+    (Pipeline(rules="sp", microbatches=2), "data=2,pipeline=2,tensor=2"),
+]
+# the rest of the strategies and meshes: the slow tier (CI runs both)
+MORE_CASES = [
+    ("dp", "data=8"),
+    ("zero1", "data=8"),
+    ("fsdp", "fsdp=8"),
     ("fsdp_tp", "fsdp=4,tensor=2"),
     ("dp", "data=2,pipeline=4"),  # a name on a pipelined mesh: Pipeline's default options
     (Pipeline(rules="fsdp", schedule="gpipe", microbatches=4), "fsdp=2,pipeline=2,data=2"),
-    (Pipeline(rules="fsdp_tp", schedule="1f1b"), "fsdp=2,pipeline=2,tensor=2"),
-    (Pipeline(rules="sp", microbatches=2), "data=2,pipeline=2,tensor=2"),
 ]
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("strategy,mesh", CASES, ids=[case_id(*case) for case in CASES])
+@pytest.mark.parametrize("strategy,mesh", [
+    *(pytest.param(*case, id=case_id(*case)) for case in CASES),
+    *(pytest.param(*case, id=case_id(*case), marks=pytest.mark.slow) for case in MORE_CASES)])
 def test_every_strategy_and_mesh_equals_one_device_for_llama_with_gqa_and_packed_documents(
         one_device, strategy, mesh):
     assert_same_training(_train(strategy, mesh), one_device)
