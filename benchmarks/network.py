@@ -102,6 +102,9 @@ class Config(harness.BenchConfig):
     """accuracy part: seeds, comma-separated"""
     data_dir: str | None = None
     """TFDS data dir (default: $TFDS_DATA_DIR, else ../shared/data/tensorflow_datasets)"""
+    steps_cache: str = ""
+    """accuracy part: a JSON file keeping each run's accuracy curve (training is deterministic,
+    so a later run with the same settings reads it instead); '' keeps none"""
 
 
 # -- one process of a planner-part job
@@ -264,9 +267,9 @@ def _rate(bits: float | None) -> str:
     return "-" if bits is None else format_rate(bits)
 
 
-def steps_to_target(option: str, seed: int, cfg: Config) -> tuple[int | None, float]:
-    """(the first evaluated step at or above the target, None if none; the best accuracy) of a
-    2-process unlimited run of the MNIST experiment with `option`."""
+def eval_curve(option: str, seed: int, cfg: Config) -> list[tuple[int, float]]:
+    """[(step, test accuracy)] of a 2-process unlimited run of the MNIST experiment with
+    `option`, evaluated every `cfg.eval_every` steps."""
     flags = OPTIONS[option][1]
     with tempfile.TemporaryDirectory(prefix="jaxdist-network-") as work:
         command = [sys.executable, "-m", "experiments.mnist", "--model", cfg.accuracy_model,
@@ -283,8 +286,13 @@ def steps_to_target(option: str, seed: int, cfg: Config) -> tuple[int | None, fl
         evals = [r for r in map(json.loads, (Path(work) / "logs" / "metrics.jsonl")
                                 .read_text().splitlines())
                  if "test_accuracy" in r]
-    reached = [r["step"] for r in evals if r["test_accuracy"] >= cfg.target]
-    return (min(reached) if reached else None), max(r["test_accuracy"] for r in evals)
+    return [(r["step"], r["test_accuracy"]) for r in evals]
+
+
+def first_reaching(curve: list[tuple[int, float]], target: float) -> tuple[int | None, float]:
+    """(the first evaluated step at or above `target`, None if none; the best accuracy)."""
+    reached = [step for step, accuracy in curve if accuracy >= target]
+    return (min(reached) if reached else None), max(accuracy for _, accuracy in curve)
 
 
 def line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -306,13 +314,28 @@ def crossover(steps: float, c: float, b: float, steps_ref: float, c_ref: float, 
     return slope / offset
 
 
-def accuracy_part(cfg: Config, report: harness.Report, measured: dict,
-                  options: tuple[str, ...]) -> None:
+def steps_reached(cfg: Config, options: tuple[str, ...]) -> dict:
+    """{(option, seed): (steps to the target or None, best accuracy)}, from `cfg.steps_cache`
+    where it has them."""
+    cache = Path(cfg.steps_cache) if cfg.steps_cache else None
+    known = json.loads(cache.read_text()) if cache and cache.exists() else {}
     reached = {}
     for n, (option, seed) in enumerate([(o, s) for o in options for s in cfg.seeds], 1):
-        harness.progress(f"[{n}/{len(options) * len(cfg.seeds)}] steps to "
-                         f"{cfg.target:.1%}: {option}, seed {seed}")
-        reached[option, seed] = steps_to_target(option, seed, cfg)
+        key = (f"{cfg.accuracy_model} {option} seed={seed} epochs={cfg.epochs} "
+               f"eval_every={cfg.eval_every}")
+        if key not in known:
+            harness.progress(f"[{n}/{len(options) * len(cfg.seeds)}] accuracy curve: "
+                             f"{option}, seed {seed}")
+            known[key] = eval_curve(option, seed, cfg)
+            if cache:
+                cache.write_text(json.dumps(known, indent=1))
+        reached[option, seed] = first_reaching(known[key], cfg.target)
+    return reached
+
+
+def accuracy_part(cfg: Config, report: harness.Report, measured: dict,
+                  options: tuple[str, ...]) -> None:
+    reached = steps_reached(cfg, options)
     rows, lines = [], {}
     for option in options:
         steps = [reached[option, s][0] for s in cfg.seeds]
