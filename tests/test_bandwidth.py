@@ -240,3 +240,58 @@ def test_without_root_the_launcher_exits_2_with_one_line(netns):
     assert done.returncode == EXIT_USAGE, done.stderr
     assert done.stderr.startswith("error: --bandwidth needs root"), done.stderr
     assert len(done.stderr.splitlines()) == 1 and not done.stdout
+
+
+# -- benchmarks.network: the planner against measurement, and when compression pays
+
+def test_the_crossover_is_the_rate_where_two_time_to_target_lines_meet():
+    from benchmarks.network import crossover, line
+
+    # fp32: 100 steps of 10 ms + 8 Mbit per step; int8: 120 steps of 12 ms + 2 Mbit per step
+    fp32 = line([(r, 0.010 + 8e6 / r) for r in (1e8, 1e9)])
+    int8 = line([(r, 0.012 + 2e6 / r) for r in (1e8, 1e9)])
+    assert fp32 == pytest.approx((0.010, 8e6)) and int8 == pytest.approx((0.012, 2e6))
+    rate = crossover(120, *int8, 100, *fp32)
+    # 120 (0.012 + 2e6 / r) = 100 (0.010 + 8e6 / r)  <=>  r = (800e6 - 240e6) / (1.44 - 1.0)
+    assert rate == pytest.approx(560e6 / 0.44)
+    assert crossover(100, *fp32, 100, *fp32) is None  # the same line meets nowhere
+
+
+def test_the_probe_line_gives_the_rate_the_models_are_given():
+    from benchmarks.network import measured_rate
+
+    line = "[launch] bandwidth: asked 100mbit, measured 97.3 Mbit/s over loopback in netns x"
+    assert measured_rate(line) == pytest.approx(97.3e6)
+    assert measured_rate("bandwidth: asked 1gbit, measured 1.02 Gbit/s over") == 1.02e9
+    assert measured_rate("no limit") is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rates", "fast"], "fast"),
+    (["--processes", "1"], "at least 2 processes"),
+    (["--part", "accuracy", "--processes", "4"], "include 2 in --processes"),
+    (["--options", "zip"], "'zip' is not one of"),
+])
+def test_the_network_benchmark_refuses_bad_input_in_one_line(capsys, argv, message):
+    from benchmarks import network
+
+    try:
+        code = network.main(argv)
+    except SystemExit as ended:  # argparse's own errors
+        code = ended.code
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_the_network_benchmark_puts_the_planner_beside_a_measured_limited_step(netns):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.network", "--part", "planner", "--models", "cnn",
+         "--options", "fp32", "--processes", "2", "--rates", "50mbit", "--steps", "8",
+         "--warmup", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| cnn |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["2", "50mbit"] and cells[4].endswith("Mbit/s")
+    assert float(cells[5]) == pytest.approx(21840 * 4 / 2**20, rel=0.05)  # the CNN's fp32 grads
+    assert all(float(c) > 0 for c in cells[6:9])

@@ -16,8 +16,8 @@ from jaxdist.errors import EXIT_USAGE
 from jaxdist.observe.flops import measure_matmul_peak
 from jaxdist.observe.machine import physical_cores, theoretical_peak_flops, vector_flops_per_cycle
 
-BENCHMARKS = ("checkpoint", "comm", "dp", "lm", "lm_torch", "moe", "multiprocess", "parallel",
-              "pipeline", "restart", "time_to_accuracy", "vs_torch")
+BENCHMARKS = ("checkpoint", "comm", "dp", "lm", "lm_torch", "moe", "multiprocess", "network",
+              "parallel", "pipeline", "restart", "time_to_accuracy", "vs_torch")
 
 
 def _exit_code(main, argv) -> int:
