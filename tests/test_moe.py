@@ -14,7 +14,6 @@ import optax
 import pytest
 from flax import nnx
 
-import jaxdist
 from conftest import needs_devices
 from equivalence import assert_same_training, mesh_devices
 from jaxdist import Pipeline, Trainer, UsageError
@@ -24,11 +23,11 @@ from jaxdist.models.moe import (MoEConfig, capacity, capacity_slots, dropless_al
                                 moe_mlp, route)
 from jaxdist.observe import ideal_all_to_all_bytes
 from jaxdist.observe.plots import plot_runs
-from jaxdist.observe.writer import read_records
+from jaxdist.observe.writer import MetricsWriter, read_records
+from jaxdist.parallel.backends import host_metrics
 from jaxdist.io import read_checkpoint_arrays
 from jaxdist.plan.analysis import analyze_step
 from runs import STEP_EVENTS, Run
-from task import QUIET
 
 SEQ, BATCH, STEPS = 16, 16, 3
 MOE = MoEConfig(num_experts=8, top_k=2, expert_mlp=32, shared_experts=1, aux_loss_weight=0.1,
@@ -426,11 +425,12 @@ def test_a_collapsed_router_shows_per_layer_in_the_metrics_tensorboard_and_the_p
         model.layers.router[...] = model.layers.router[...].at[0].set(0.0)
         return model
 
-    tokens = np.random.default_rng(0).integers(0, CFG.vocab, 4096).astype(np.int32)
-    jaxdist.fit(Trainer(collapsed, optax.sgd(0.5), llama_loss, devices=1),
-                jaxdist.data.from_tokens(tokens, seq_len=SEQ, global_batch=BATCH), steps=2,
-                observe=dataclasses.replace(QUIET, logdir=str(tmp_path)), log=lambda _: None)
-    first = next(r for r in read_records(tmp_path) if r["kind"] == "train")
+    trainer = Trainer(collapsed, optax.sgd(0.5), llama_loss, devices=1)
+    state, metrics = trainer.step(trainer.init(), trainer.shard_batch(_batches()[0]))
+    writer = MetricsWriter(tmp_path)  # what the trainer's monitor does with each step's metrics
+    writer.write("train", 1, host_metrics(metrics))
+    writer.close()
+    [first] = read_records(tmp_path)
     assert first["moe_max_load_l0"] == 4 and first["moe_min_load_l0"] == 0  # top-2 of 8
     assert [first[f"moe_load_l0_e{j}"] for j in range(8)] == [4, 4, 0, 0, 0, 0, 0, 0]
     assert first["moe_max_load_l1"] < 4 and first["moe_dropped_l1"] == 0
