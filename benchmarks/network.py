@@ -103,8 +103,8 @@ class Config(harness.BenchConfig):
     data_dir: str | None = None
     """TFDS data dir (default: $TFDS_DATA_DIR, else ../shared/data/tensorflow_datasets)"""
     steps_cache: str = ""
-    """accuracy part: a JSON file keeping each run's accuracy curve (training is deterministic,
-    so a later run with the same settings reads it instead); '' keeps none"""
+    """accuracy part: a JSON file keeping each run's accuracy curve up to the target (training
+    is deterministic, so a later run with the same settings reads it instead); '' keeps none"""
 
 
 # -- one process of a planner-part job
@@ -187,15 +187,16 @@ def measured_rate(text: str) -> float | None:
     return float(found.group(1)) * {"G": 1e9, "M": 1e6, "k": 1e3, None: 1.0}[found.group(2)]
 
 
-def launch(processes: int, rate: str, command: list[str], env: dict | None = None
-           ) -> subprocess.CompletedProcess:
-    """`command` as a job of `processes` processes, one device each, under `rate`."""
+def launch(processes: int, rate: str, command: list[str], stdout=None):
+    """`command` as a job of `processes` processes, one device each, under `rate`: finished
+    (a `CompletedProcess`, its output captured), or started (a `Popen`) with `stdout` a file."""
     limit = [] if rate == UNLIMITED else ["--bandwidth", rate]
-    return subprocess.run(
-        [sys.executable, "-m", "jaxdist.launch", "-n", str(processes), "--devices_per_process",
-         "1", *limit, "--", *command],
-        env={**os.environ, "JAXDIST_CPU_DEVICES": "1", **(env or {})}, capture_output=True,
-        text=True, timeout=1800)
+    argv = [sys.executable, "-m", "jaxdist.launch", "-n", str(processes), "--devices_per_process",
+            "1", *limit, "--", *command]
+    env = {**os.environ, "JAXDIST_CPU_DEVICES": "1"}
+    if stdout is not None:
+        return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def measure_step(model: str, option: str, processes: int, rate: str, cfg: Config
@@ -269,7 +270,11 @@ def _rate(bits: float | None) -> str:
 
 def eval_curve(option: str, seed: int, cfg: Config) -> list[tuple[int, float]]:
     """[(step, test accuracy)] of a 2-process unlimited run of the MNIST experiment with
-    `option`, evaluated every `cfg.eval_every` steps."""
+    `option`, evaluated every `cfg.eval_every` steps, up to the first evaluation that reaches
+    `cfg.target` (the job is then stopped: SIGTERM, it saves and exits 0) or the run's end."""
+    import signal
+    import time
+
     flags = OPTIONS[option][1]
     with tempfile.TemporaryDirectory(prefix="jaxdist-network-") as work:
         command = [sys.executable, "-m", "experiments.mnist", "--model", cfg.accuracy_model,
@@ -279,14 +284,25 @@ def eval_curve(option: str, seed: int, cfg: Config) -> list[tuple[int, float]]:
                    *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
         if cfg.data_dir:
             command += ["--data_dir", cfg.data_dir]
-        proc = launch(2, UNLIMITED, command)
-        if proc.returncode:
-            raise RuntimeError(f"{option} seed {seed} failed (exit {proc.returncode}): "
-                               f"{(proc.stdout + proc.stderr).strip()[-800:]}")
-        evals = [r for r in map(json.loads, (Path(work) / "logs" / "metrics.jsonl")
-                                .read_text().splitlines())
-                 if "test_accuracy" in r]
-    return [(r["step"], r["test_accuracy"]) for r in evals]
+        metrics = Path(work) / "logs" / "metrics.jsonl"
+
+        def evals() -> list[tuple[int, float]]:
+            text = metrics.read_text() if metrics.exists() else ""
+            records = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+            return [(r["step"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
+
+        with tempfile.TemporaryFile("w+") as log:
+            job = launch(2, UNLIMITED, command, stdout=log)
+            while job.poll() is None:
+                if any(accuracy >= cfg.target for _, accuracy in evals()):
+                    job.send_signal(signal.SIGTERM)
+                    break
+                time.sleep(1.0)
+            if job.wait() != 0:
+                log.seek(0)
+                raise RuntimeError(f"{option} seed {seed} failed (exit {job.returncode}): "
+                                   f"{log.read().strip()[-800:]}")
+        return evals()
 
 
 def first_reaching(curve: list[tuple[int, float]], target: float) -> tuple[int | None, float]:
@@ -322,7 +338,7 @@ def steps_reached(cfg: Config, options: tuple[str, ...]) -> dict:
     reached = {}
     for n, (option, seed) in enumerate([(o, s) for o in options for s in cfg.seeds], 1):
         key = (f"{cfg.accuracy_model} {option} seed={seed} epochs={cfg.epochs} "
-               f"eval_every={cfg.eval_every}")
+               f"eval_every={cfg.eval_every} until={cfg.target}")
         if key not in known:
             harness.progress(f"[{n}/{len(options) * len(cfg.seeds)}] accuracy curve: "
                              f"{option}, seed {seed}")
