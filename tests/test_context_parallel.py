@@ -1,6 +1,6 @@
-"""Context parallelism: the Llama with its sequence split over the mesh's `context` axis (ring or
-all-gathered keys and values, zig-zag chunks, packed documents) trains as on one device, and
-each device's attention temporaries fall as 1 / C."""
+"""Context parallelism: the Llama (and the GPT) with its sequence split over the mesh's `context`
+axis (ring or all-gathered keys and values, zig-zag chunks, packed documents) trains as on one
+device, and each device's attention temporaries fall as 1 / C."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from equivalence import assert_same_training, mesh_devices, train_steps
 from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.attention import zigzag_order
 from jaxdist.models.llama import Llama, llama_config, llama_eval, llama_loss
+from jaxdist.models.lm import GPT, lm_config, lm_loss
 from jaxdist.parallel.strategies import resolve
 
 SEQ, BATCH, STEPS = 32, 4, 3
@@ -70,6 +71,21 @@ CASES = [
 def test_context_parallel_training_with_packed_documents_equals_one_device(
         one_device, strategy, attention, mesh):
     assert_same_training(_train(_cp(strategy, attention), mesh), one_device)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("attention,mesh", [
+    ("ring", "context=8"), pytest.param("allgather", "data=2,context=4", marks=slow)])
+def test_the_gpt_under_context_parallelism_trains_as_on_one_device(attention, mesh):
+    cfg = lm_config("test", seq_len=SEQ)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab, (STEPS, BATCH, SEQ + 1), np.int32)
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+    def train(strategy="dp", mesh=""):
+        return train_steps(lambda: GPT(cfg, rngs=nnx.Rngs(0)), lm_loss, batches,
+                           strategy=strategy, mesh=mesh)
+
+    assert_same_training(train(_cp("fsdp", attention), mesh), train())
 
 
 @slow

@@ -22,10 +22,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdist.core.layout import constrain, layers_then_loss, run_layers
 from jaxdist.errors import UsageError
+from jaxdist.models.attention import context_attention, context_split
 from jaxdist.models.layers import param
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -140,28 +142,38 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def rotary(x: jax.Array, base: float) -> jax.Array:
-    """Rotates each head's pairs of features by an angle proportional to the position."""
+def rotary(x: jax.Array, base: float, positions: jax.Array | None = None) -> jax.Array:
+    """Rotates each head's pairs of features by an angle proportional to the position (each
+    token's index, or `positions` (batch, seq))."""
     t, d = x.shape[1], x.shape[-1]
     inverse = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inverse  # (t, d/2)
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    if positions is None:
+        positions = jnp.arange(t)[None]
+    angles = positions[..., None].astype(jnp.float32) * inverse  # (b or 1, t, d/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]
     return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(x.shape)
 
 
-def block(cfg: LMConfig, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+def block(cfg: LMConfig, p: dict[str, jax.Array], x: jax.Array,
+          index: jax.Array | None = None) -> jax.Array:
     """One pre-norm block on the residual stream x (batch, seq, embed).
 
     Inside attention and the MLP the sequence is whole and heads / hidden units are split
     (tensor parallelism); outside them the stream is named (batch, seq, embed), which sequence
-    parallelism splits along seq."""
-    heads = ("batch", None, "heads", "kv")
+    parallelism splits along seq. Under context parallelism the window is in zig-zag order and
+    `index` (batch, seq) is each token's original position (`jaxdist.models.attention`)."""
+    heads = ("batch", "length", "heads", "kv")
     h = rms_norm(x, p["attn_norm"])
     q = constrain(jnp.einsum("bte,ehd->bthd", h, p["wq"]), heads)
     k = constrain(jnp.einsum("bte,ehd->bthd", h, p["wk"]), heads)
     v = constrain(jnp.einsum("bte,ehd->bthd", h, p["wv"]), heads)
-    q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
+    q, k = rotary(q, cfg.rope_base, index), rotary(k, cfg.rope_base, index)
+    split = None if index is None else context_split(x.shape[1])
+    if split is not None:  # the sequence split over the mesh's context axis
+        mixed = context_attention(split, q, k, v, None, index)
+        return _mlp(p, constrain(x + jnp.einsum("bthd,hde->bte", constrain(mixed, heads),
+                                                 p["wo"]), ("batch", "seq", "embed")))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
@@ -169,8 +181,13 @@ def block(cfg: LMConfig, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
     x = constrain(x + jnp.einsum("bthd,hde->bte", constrain(mixed, heads), p["wo"]),
                   ("batch", "seq", "embed"))
+    return _mlp(p, x)
+
+
+def _mlp(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """The residual stream after the block's MLP."""
     h = jax.nn.gelu(jnp.einsum("bte,ef->btf", rms_norm(x, p["mlp_norm"]), p["w_in"]))
-    h = constrain(h, ("batch", None, "mlp"))
+    h = constrain(h, ("batch", "length", "mlp"))
     return constrain(x + jnp.einsum("btf,fe->bte", h, p["w_out"]), ("batch", "seq", "embed"))
 
 
@@ -214,7 +231,7 @@ class GPT(nnx.Module):
             self.unembed = param(rngs, (cfg.embed, cfg.vocab), ("embed", "vocab"), 0.02)
 
     def _layer_fn(self):
-        return remat(lambda p, x: block(self.cfg, p, x), self.cfg.remat)
+        return remat(lambda p, x, index=None: block(self.cfg, p, x, index), self.cfg.remat)
 
     def _head(self) -> dict[str, jax.Array]:
         out = self.embedding[...].T if self.cfg.tied else self.unembed[...]
@@ -223,22 +240,36 @@ class GPT(nnx.Module):
     @staticmethod
     def _logits(head: dict[str, jax.Array], h: jax.Array) -> jax.Array:
         logits = jnp.einsum("bte,ev->btv", rms_norm(h, head["norm"]), head["out"])
-        return constrain(logits, ("batch", None, "vocab"))
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens))
-        return self._logits(self._head(), h)
+        tokens, context, order = _zigzag(tokens)
+        h = run_layers(self._layer_fn(), self.layers.stacked(), self._embed(tokens), **context)
+        logits = self._logits(self._head(), h)
+        return logits if order is None else logits[:, np.argsort(order)]
 
     def loss(self, tokens: jax.Array, targets: jax.Array) -> jax.Array:
         """Mean cross-entropy of predicting `targets` (tokens shifted by one), in nats."""
         def head_loss(head, h, targets):
             return cross_entropy(self._logits(head, h), targets)
 
+        tokens, context, order = _zigzag(tokens)
+        targets = targets if order is None else targets[:, order]
         return layers_then_loss(self._layer_fn(), head_loss, self.layers.stacked(),
-                                self._head(), self._embed(tokens), targets)
+                                self._head(), self._embed(tokens), targets, **context)
+
+
+def _zigzag(tokens: jax.Array) -> tuple[jax.Array, dict, np.ndarray | None]:
+    """(tokens, run_layers' context keyword, order): as given, or under context parallelism in
+    zig-zag order with each token's original position as the layers' context."""
+    split = context_split(tokens.shape[1])
+    if split is None:
+        return tokens, {}, None
+    index = jnp.broadcast_to(jnp.asarray(split.order, jnp.int32), tokens.shape)
+    return tokens[:, split.order], {"context": index}, split.order
 
 
 def lm_loss(model: GPT, batch: Any) -> tuple[jax.Array, dict]:
