@@ -163,3 +163,20 @@ def test_context_parallelism_in_a_gpipe_pipeline_is_a_usage_error_naming_1f1b():
         Trainer(lambda: Llama(CFG, rngs=nnx.Rngs(0)), optax.sgd(0.1), llama_loss,
                 strategy=Pipeline(rules="dp", schedule="gpipe"), mesh="pipeline=2,context=4",
                 devices=8)
+
+
+@needs_devices(8)
+def test_the_planner_plans_context_rows_with_the_rings_permutes_in_their_communication():
+    """A batch of 2 windows does not split over 8 devices of data or fsdp; split over context
+    it does, and the ring's collective-permutes are in the row's communication."""
+    import io
+
+    from jaxdist.plan import plan
+
+    rows = plan("llama", ("test",), (8,), ("fsdp",), global_batch=2, pipeline_stages=(1,),
+                overrides={"seq_len": 256}, context=(4, 8), progress=io.StringIO())
+    by_mesh = {row.mesh: row for row in rows}
+    assert by_mesh["fsdp=8"].skipped and by_mesh["data=2,fsdp=4"].skipped
+    for mesh in ("fsdp=2,context=4", "fsdp=1,context=8"):
+        row = by_mesh[mesh]
+        assert row.fits and 0 < row.permute_bytes <= row.wire_bytes, row

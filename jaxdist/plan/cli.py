@@ -48,7 +48,7 @@ class PlanConfig:
     """LM only: pipeline schedules planned, comma separated: gpipe, 1f1b, interleaved (2 chunks
     of layers per device)"""
     context: tuple[int, ...] | None = None
-    """Llama only: context sizes C, comma separated: the sequence split over C devices, ring
+    """LM only: context sizes C, comma separated: the sequence split over C devices, ring
     attention (default 4,8 where they divide n, for windows of 32,768 tokens or more; 1: no
     context rows)"""
     devices: tuple[int, ...] = (8,)

@@ -35,8 +35,9 @@ VIRTUAL_STAGES = 2  # chunks per device of the interleaved rows
 # compiles as the fused ticks of `jaxdist.parallel.pipeline_1f1b`.
 NOT_PLANNED: dict[tuple[str, str], str] = {}
 # context parallelism (the sequence split over C devices, ring attention) is planned for the
-# Llama, whose attention runs over a split sequence (`jaxdist.models.attention`), at these C where
-# they divide n, by default only for windows this long: shorter ones fit with data parallelism
+# language models, whose attention runs over a split sequence (`jaxdist.models.attention`), at
+# these C where they divide n, by default only for windows this long: shorter ones fit with data
+# parallelism
 CONTEXT_SIZES = (4, 8)
 LONG_WINDOW = 32768
 
@@ -334,7 +335,7 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
     `strategies` default: `DEFAULT_STRATEGIES[model]`. For a model with a layer stack (the LM)
     every pipeline size of `pipeline_stages` (default `PIPELINE_STAGES`, where they divide n and
     the depth) is planned under each of `schedules`, with `pipeline_microbatches` (default 2 S).
-    A dense Llama is planned with its sequence split over each context size C of `context`
+    A dense LM is planned with its sequence split over each context size C of `context`
     (default `CONTEXT_SIZES` for windows of `LONG_WINDOW` tokens or more, else none) that
     divides n: ring attention, activations / C, the ring's collective-permutes in `comm`.
     """
@@ -392,8 +393,8 @@ def plan(model: str = "vit", sizes: Sequence[str] = ("small",),
 
 
 def _context_sizes(model: str, planned: Any, context: Sequence[int] | None) -> Sequence[int]:
-    """The context sizes planned for a model: a dense Llama's (`plan`), none for the rest."""
-    if model != "llama" or _experts(planned):
+    """The context sizes planned for a model: a dense LM's (`plan`), none for the rest."""
+    if model not in ("lm", "llama") or _experts(planned):
         return ()
     if context is None:
         return CONTEXT_SIZES if planned.config.seq_len >= LONG_WINDOW else ()
