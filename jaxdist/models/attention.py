@@ -144,12 +144,12 @@ def ring_attention(q, k, v, segment_ids, index, *, axis: str = CONTEXT_AXIS) -> 
             (qg[:, half:], segment_ids[:, half:], index[:, half:])]
     ring = [(j, (j + 1) % ways) for j in range(ways)]
 
-    def step(carry, step):
+    def step(carry, hop):
         (first, second), block = carry
         block = lax.ppermute(block, axis, ring)
         theirs = [tuple(a[:, :half] for a in block), tuple(a[:, half:] for a in block)]
         second = _fold_chunk(second, mine[1], theirs[0])
-        earlier = step <= me  # the block came from device me - step, before us in the ring
+        earlier = hop <= me  # the block came from device me - hop, before us in the ring
 
         def pick(a, b):
             return jax.tree.map(lambda x, y: jnp.where(earlier, x, y), a, b)

@@ -59,6 +59,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdist.core.step import path_name
 from jaxdist.errors import UsageError
+from jaxdist.models.attention import CONTEXT_ATTENTIONS
 from jaxdist.parallel.mesh import MESH_AXES, make_mesh
 
 if TYPE_CHECKING:
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
 # inside attention and the MLP (split by cp only)
 LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "layers", "patch", "seq",
                 "classes", "conv_in", "conv_out", "features", "expert", "length")
-CONTEXT_ATTENTIONS = ("ring", "allgather")
 
 MeshAxes = str | tuple[str, ...] | None
 BATCH_AXES = ("data", "fsdp")
@@ -206,7 +206,8 @@ FSDP = Rules(params={**_STACK, **_FSDP}, unannotated="fsdp", name="fsdp")
 TP = Rules(params={**_STACK, **_TP}, name="tp")
 # Megatron sequence parallelism: tp, and the residual stream between attention and MLP (norms,
 # residual adds) split along the sequence over the same tensor axis
-SP = Rules(params={**_STACK, **_TP}, activations={"seq": ("context", "tensor")}, name="sp")
+SP = Rules(params={**_STACK, **_TP}, activations={"seq": ("context", "tensor")},
+           name="sp")
 FSDP_TP = Rules(params={**_STACK, **_FSDP, **_TP}, unannotated="fsdp", name="fsdp_tp")
 EP = Rules(params={**_STACK, **_EP, **_FSDP}, batch=(*BATCH_AXES, "expert"), unannotated="fsdp",
            name="ep")
