@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import needs_devices
-from jaxdist import UsageError
+from jaxdist import Pipeline, UsageError
 from jaxdist.core.layout import Layout, active_layout, layers_then_loss, run_layers
 from jaxdist.models.vit import Block, vit_config
 from jaxdist.parallel import make_mesh
@@ -138,6 +138,15 @@ def test_bad_pipeline_inputs_are_clear_errors():
     with pytest.raises(UsageError, match="give every context leaf the batch as its leading"):
         pipeline_call(stage, params["stages"], h, mesh=mesh, num_microbatches=4,
                       context=jnp.zeros((16, TOKENS), jnp.int32))
+    chunks = jax.tree.map(lambda x: jnp.stack([x, x], 1), params["stages"])  # (S, V=2, ...)
+    with pytest.raises(UsageError, match=r"\[2\] chunks per stage for 3 virtual stages"):
+        pipeline_call(stage, chunks, h, mesh=mesh, num_microbatches=4, virtual_stages=3)
+    with pytest.raises(UsageError, match="needs at least as many microbatches as stages"):
+        pipeline_call(stage, chunks, h, mesh=mesh, num_microbatches=2, virtual_stages=2)
+    with pytest.raises(UsageError, match="8 layers do not split into 4 pipeline stages of 4"):
+        as_stages({"w": jnp.zeros((8, 2))}, 4, 4)
+    with pytest.raises(UsageError, match="virtual_stages=.... must be an integer >= 1"):
+        Pipeline(schedule="interleaved", virtual_stages=0)
 
 
 def test_the_bubble_shrinks_with_more_microbatches_and_with_virtual_stages():
