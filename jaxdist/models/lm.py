@@ -104,8 +104,8 @@ def train_flops(cfg: LMConfig, tokens: int) -> float:
     Again per token: full, the blocks' forward but for the last matmul, whose output no gradient
     needs, 2 (N_layers - L E F) + 4 L T E; dots_no_batch, attention's scores and mixing, 4 L T E;
     dots and none, only elementwise work, not counted. A pipeline's extra work (the masked
-    halves of its fill and drain ticks) is its bubble, not counted here. Matmuls only: XLA's count of one
-    layer (where its cost analysis is right) is 3-4% higher, from elementwise work. XLA's own
+    halves of its fill and drain ticks) is its bubble, not counted here. Matmuls only: XLA's
+    count of one layer (where its cost analysis is right) is 3-4% higher, from elementwise work. XLA's own
     cost analysis undercounts the LM: it counts the body of a `lax.scan` (the layer stack, a
     pipeline's ticks) once."""
     layer_params = param_count(cfg) - param_count(dataclasses.replace(cfg, depth=0))

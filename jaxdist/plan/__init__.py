@@ -18,8 +18,8 @@ and turns them into an estimated step time with a stated model (`Assumptions`): 
 peak (pipelines: / (1 - bubble)), communication = alpha-beta per collective over a ring, no
 overlap. A config fits when its peak bytes per device are within the budget; the recommended mesh
 for each n is the fastest that fits. For the LM it also plans pipeline meshes (`pipeline=S`, the
-layer stack split over S stages) under each schedule, GPipe, 1F1B and interleaved; a pipelined step's memory
-is per device, i.e. per stage. See docs/planning.md.
+layer stack split over S stages) under each schedule, GPipe, 1F1B and interleaved; a pipelined
+step's memory is per device, i.e. per stage. See docs/planning.md.
 
 The package, one concern a module: `analysis` (compile one step, read memory, collectives and
 FLOPs), `cost` (the step-time model, `Assumptions`), `models` (the registry's models at the
