@@ -5,7 +5,8 @@ runs its stack of identical layers through `run_layers` / `layers_then_loss`. Ou
 these are plain code: no constraint, a `lax.scan` over the layers. While a trainer traces its
 step it makes a `Layout` current, and the same calls become sharding constraints from the
 strategy's activation rules (sequence parallelism is such a rule: `seq` over `tensor`) and a
-pipeline over the mesh's `pipeline` axis (GPipe or 1F1B), all from the one model definition.
+pipeline over the mesh's `pipeline` axis (GPipe, 1F1B or interleaved), all from the one model
+definition.
 """
 
 from __future__ import annotations
