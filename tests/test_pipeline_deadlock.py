@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 RUNS = 20
-FAIL_SAFE_SECONDS = 300  # one run takes ~30 s on 2 shared cores; only a hang reaches this
+FAIL_SAFE_SECONDS = 300  # one run: 30-120 s on 2 shared cores; only a hang reaches this
 WORKER = Path(__file__).resolve().parent / "pipeline_worker.py"
 
 
-@pytest.mark.slow  # 20 fresh processes: ~10 min
+@pytest.mark.slow  # 20 fresh processes: 39 min on 2 cores shared with other jobs
 @pytest.mark.timeout(RUNS * FAIL_SAFE_SECONDS)
 def test_twenty_fresh_processes_of_a_1f1b_step_on_8_devices_all_finish():
     losses = []
