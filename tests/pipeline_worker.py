@@ -1,6 +1,7 @@
 """One fresh process that trains the test LM for 2 steps with a 1F1B pipeline on 8 virtual CPU
 devices, its stages FSDP- and tensor-parallel (collectives inside every tick), and prints the
-loss; `tests/test_pipeline_deadlock.py` runs it many times."""
+loss; `tests/test_pipeline_deadlock.py` runs it many times. With a directory as its second
+argument it caches its compiled programs there (the runs after the first load them)."""
 
 import sys
 
@@ -16,7 +17,11 @@ from jaxdist import Pipeline, Trainer  # noqa: E402
 from jaxdist.models.lm import GPT, lm_config, lm_loss  # noqa: E402
 
 
-def main(mesh: str) -> None:
+def main(mesh: str, cache: str | None = None) -> None:
+    if cache:
+        from jaxdist.cluster.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(cache)
     cfg = lm_config("test", seq_len=16)
     trainer = Trainer(lambda: GPT(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-3), lm_loss, mesh=mesh,
                       strategy=Pipeline(rules="fsdp_tp", schedule="1f1b", microbatches=4))
@@ -29,4 +34,4 @@ def main(mesh: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "fsdp=2,pipeline=2,tensor=2")
+    main(*(sys.argv[1:] or ["fsdp=2,pipeline=2,tensor=2"]))
