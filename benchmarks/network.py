@@ -376,10 +376,16 @@ def accuracy_part(cfg: Config, report: harness.Report, measured: dict,
         if option == reference or None in done:
             row.append("-")
             continue
-        r = crossover(statistics.fmean(done), *lines[option], ref_steps, *lines[reference])
-        row.append("-" if r is None else f"below {_rate(r)}" if
-                   statistics.fmean(done) * lines[option][0] > ref_steps * lines[reference][0]
-                   else f"above {_rate(r)}")
+        steps = statistics.fmean(done)
+        r = crossover(steps, *lines[option], ref_steps, *lines[reference])
+        if r is None:  # one line below the other everywhere
+            c, b = lines[option]
+            faster = steps * (c + b / 1e9) < ref_steps * (lines[reference][0] +
+                                                          lines[reference][1] / 1e9)
+            row.append("at every rate" if faster else "never")
+        else:
+            row.append(f"below {_rate(r)}" if steps * lines[option][0] > ref_steps *
+                       lines[reference][0] else f"above {_rate(r)}")
     rates = [rate for rate in cfg.rates]
     report.say(f"\n## Time to {cfg.target:.0%} MNIST test accuracy\n\n"
                f"{cfg.accuracy_model}, the experiment's recipe for {cfg.epochs:g} epoch(s) "
