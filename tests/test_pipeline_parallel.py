@@ -71,7 +71,9 @@ def _close(got, want):
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("shape", ["pipeline=4,data=2", "pipeline=2,data=4", "pipeline=8"])
+@pytest.mark.parametrize("shape", [  # deeper pipelines, each schedule compiled: the slow tier
+    "pipeline=2,data=4", *(pytest.param(s, marks=pytest.mark.slow)
+                           for s in ("pipeline=4,data=2", "pipeline=8"))])
 def test_pipelined_outputs_and_gradients_equal_the_sequential_model(shape):
     mesh = make_mesh(shape)
     graphdefs, params = _model(mesh.shape["pipeline"])
