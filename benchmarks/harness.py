@@ -116,6 +116,28 @@ def alternate(measures: Mapping[K, Callable[[], float]], rounds: int, *,
     return {key: Rounds(tuple(v)) for key, v in values.items()}
 
 
+def step_seconds(trainer: Any, state: Any, batch: Any, *, steps: int, rounds: int,
+                 warmup: int = 2) -> tuple[Rounds, Any]:
+    """(seconds per step, the last step's metrics) of `trainer` on one `batch`: `warmup` steps
+    (the first compiles), then `rounds` timings of `steps` steps each, each ended by waiting for
+    the last step's metrics."""
+    import jax
+
+    for _ in range(warmup):
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+
+    def timed() -> float:
+        nonlocal state, metrics
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / steps
+
+    return repeat(timed, rounds), metrics
+
+
 def repeat(measure: Callable[[], float], rounds: int) -> Rounds:
     """`measure` called `rounds` times (no progress lines)."""
     return Rounds(tuple(measure() for _ in range(rounds)))

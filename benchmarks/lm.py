@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from typing import Literal
 
 import numpy as np
@@ -75,25 +74,12 @@ def _trainer(lm, strategy, mesh, schedule, microbatches=None):
 
 
 def speed_rows(lm, global_batch: int, steps: int, rounds: int):
-    import jax
-
     for strategy, mesh, schedule in SPEED_CONFIGS:
         trainer = _trainer(lm, strategy, mesh, schedule)
         state = trainer.init()
         batch = trainer.shard_batch(lm.random_batch(global_batch))
-        for _ in range(2):  # compile, then one more warm step
-            state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
-
-        def timed() -> float:
-            nonlocal state, metrics
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = trainer.step(state, batch)
-            jax.block_until_ready(metrics)
-            return (time.perf_counter() - start) / steps
-
-        step_s = harness.repeat(timed, rounds).median
+        step_s = harness.step_seconds(trainer, state, batch, steps=steps,
+                                      rounds=rounds)[0].median
         yield strategy, mesh, schedule if "pipeline" in mesh else "-", step_s, \
             global_batch * lm.config.seq_len / step_s
 
@@ -120,7 +106,6 @@ def memory_rows(lm, stages: int, microbatch_counts, global_batch: int):
 def context_rows(seq: int, steps: int, rounds: int):
     """(attention, C, temporary bytes per device, step s) of a long-sequence Llama whose memory
     is its attention, its sequence split over C devices (C = 1: the plain attention)."""
-    import jax
     import optax
     from flax import nnx
 
@@ -138,19 +123,8 @@ def context_rows(seq: int, steps: int, rounds: int):
                                                            context_attention=attention))
             state, batch = trainer.init(), trainer.shard_batch((tokens[:, :-1], tokens[:, 1:]))
             temp = trainer.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-            for _ in range(2):  # compile, then one more warm step
-                state, metrics = trainer.step(state, batch)
-            jax.block_until_ready(metrics)
-
-            def timed() -> float:
-                nonlocal state, metrics
-                start = time.perf_counter()
-                for _ in range(steps):
-                    state, metrics = trainer.step(state, batch)
-                jax.block_until_ready(metrics)
-                return (time.perf_counter() - start) / steps
-
-            yield attention, c, int(temp), harness.repeat(timed, rounds).median
+            yield attention, c, int(temp), harness.step_seconds(
+                trainer, state, batch, steps=steps, rounds=rounds)[0].median
 
 
 @harness.reports_usage_errors

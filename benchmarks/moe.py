@@ -17,7 +17,6 @@ parameters per token.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from benchmarks import harness
 
@@ -69,7 +68,6 @@ def model_config(cfg: Config, moe: bool, exchange: str = "all_gather"):
 
 def measure(cfg: Config, model: str, strategy: str, mesh: str, exchange: str) -> dict:
     """One row: step time, tokens/s, the compiled step's collective bytes, the drops."""
-    import jax
     import numpy as np
     import optax
     from flax import nnx
@@ -87,19 +85,9 @@ def measure(cfg: Config, model: str, strategy: str, mesh: str, exchange: str) ->
     state = trainer.init()
     ledger = collective_ledger(trainer.lower(trainer.abstract_state(), batch).compile().as_text(),
                                trainer.num_devices)
-    for _ in range(2):  # compile, then one more warm step
-        state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-
-    def timed() -> float:
-        nonlocal state, metrics
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / cfg.steps
-
-    step_s = harness.repeat(timed, cfg.rounds).median
+    rounds, metrics = harness.step_seconds(trainer, state, batch, steps=cfg.steps,
+                                           rounds=cfg.rounds)
+    step_s = rounds.median
     group = trainer.mesh.shape["expert"]
     per_device = cfg.global_batch * cfg.seq_len // trainer.num_devices
     ideal = (4 * cfg.depth * ideal_all_to_all_bytes(per_device, cfg.top_k, cfg.embed, 4, group)
