@@ -19,6 +19,24 @@ def mesh_devices(mesh: str) -> int:
     return math.prod(int(part.split("=")[1]) for part in mesh.split(",")) if mesh else 1
 
 
+def packed_document_batches(vocab: int, *, steps: int, batch: int, seq: int,
+                            cuts: tuple[int, int]) -> list[tuple[np.ndarray, ...]]:
+    """`steps` batches of (inputs, targets, segment ids) of random tokens, each row packed with
+    documents of random lengths: `rng.integers(*cuts)` document boundaries per row (segment ids
+    1-based and contiguous)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (steps, batch, seq + 1), dtype=np.int32)
+
+    def segments(rows: int) -> np.ndarray:
+        out = np.zeros((rows, seq), np.int32)
+        for row in out:
+            at = np.sort(rng.choice(np.arange(1, seq), rng.integers(*cuts), replace=False))
+            row[:] = np.searchsorted(at, np.arange(seq), side="right") + 1
+        return out
+
+    return [(t[:, :-1], t[:, 1:], segments(batch)) for t in tokens]
+
+
 def train_steps(model_fn: Callable[[], Any], loss_fn: Callable, batches: Iterable, *,
                 strategy: Any = "dp", mesh: str = "", eval_fn: Callable | None = None
                 ) -> tuple[np.ndarray, Any]:

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from equivalence import assert_same_training, mesh_devices, train_steps
+from equivalence import assert_same_training, packed_document_batches, train_steps
 from jaxdist import Pipeline, Trainer, UsageError
 from jaxdist.models.attention import zigzag_order
 from jaxdist.models.llama import Llama, llama_config, llama_eval, llama_loss
@@ -24,19 +24,8 @@ SEQ, BATCH, STEPS = 32, 4, 3
 CFG = llama_config("test", seq_len=SEQ)  # 4 query heads sharing 2 key/value heads
 
 
-def _segments(rng: np.random.Generator, rows: int) -> np.ndarray:
-    """Segment ids of rows packed with documents of random lengths (1-based, contiguous)."""
-    out = np.zeros((rows, SEQ), np.int32)
-    for row in out:
-        cuts = np.sort(rng.choice(np.arange(1, SEQ), rng.integers(1, 5), replace=False))
-        row[:] = np.searchsorted(cuts, np.arange(SEQ), side="right") + 1
-    return out
-
-
 def _batches():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CFG.vocab, (STEPS, BATCH, SEQ + 1), dtype=np.int32)
-    return [(t[:, :-1], t[:, 1:], _segments(rng, BATCH)) for t in tokens]
+    return packed_document_batches(CFG.vocab, steps=STEPS, batch=BATCH, seq=SEQ, cuts=(1, 5))
 
 
 def _cp(strategy: str, attention: str):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import needs_devices
-from equivalence import assert_same_training, case_id, train_steps
+from equivalence import assert_same_training, case_id, packed_document_batches, train_steps
 from jaxdist import Pipeline, UsageError
 from jaxdist.models.llama import (LLAMA_SIZES, Llama, LlamaConfig, document_positions,
                                   llama_config, llama_eval, llama_loss, param_count)
@@ -21,19 +21,8 @@ SEQ, BATCH, STEPS = 16, 16, 3
 CFG = llama_config("test", seq_len=SEQ)  # 4 query heads sharing 2 key/value heads
 
 
-def _segments(rng: np.random.Generator, rows: int) -> np.ndarray:
-    """Segment ids of rows packed with documents of random lengths (1-based, contiguous)."""
-    out = np.zeros((rows, SEQ), np.int32)
-    for row in out:
-        cuts = np.sort(rng.choice(np.arange(1, SEQ), rng.integers(0, 4), replace=False))
-        row[:] = np.searchsorted(cuts, np.arange(SEQ), side="right") + 1
-    return out
-
-
 def _batches():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CFG.vocab, (STEPS, BATCH, SEQ + 1), dtype=np.int32)
-    return [(t[:, :-1], t[:, 1:], _segments(rng, BATCH)) for t in tokens]
+    return packed_document_batches(CFG.vocab, steps=STEPS, batch=BATCH, seq=SEQ, cuts=(0, 4))
 
 
 def _train(strategy="dp", mesh="", cfg=CFG):
