@@ -30,8 +30,14 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
         >/tmp/slurm_local-apt.log 2>&1 || cannot "apt-get install slurm-wlm munge failed (see /tmp/slurm_local-apt.log)"
 fi
 
+# slurmd refuses a requeued job's new credential until the old one expires: this is how long a
+# requeued job waits before it may start again (SLURM's default, 120 s, slows the requeue test)
+CRED_EXPIRE=10
 if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-    exit 0  # already up
+    grep -qx "AuthInfo=cred_expire=$CRED_EXPIRE" "$CONF" 2>/dev/null && exit 0  # already up
+    echo "slurm_local: restarting the daemons with this script's slurm.conf" >&2
+    pkill -x slurmd; pkill -x slurmctld
+    while pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null; do sleep 0.2; done
 fi
 
 host=$(hostname -s)
@@ -45,6 +51,7 @@ SlurmUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
+AuthInfo=cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE
 SlurmdSpoolDir=$SPOOL
 SlurmctldPidFile=/run/slurmctld.pid
