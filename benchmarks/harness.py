@@ -116,22 +116,22 @@ def alternate(measures: Mapping[K, Callable[[], float]], rounds: int, *,
     return {key: Rounds(tuple(v)) for key, v in values.items()}
 
 
-def step_seconds(trainer: Any, state: Any, batch: Any, *, steps: int, rounds: int,
-                 warmup: int = 2) -> tuple[Rounds, Any]:
-    """(seconds per step, the last step's metrics) of `trainer` on one `batch`: `warmup` steps
-    (the first compiles), then `rounds` timings of `steps` steps each, each ended by waiting for
-    the last step's metrics."""
+def step_seconds(trainer: Any, state: Any, batches: Sequence[Any], *, steps: int,
+                 rounds: int = 1, warmup: int = 2) -> tuple[Rounds, Any]:
+    """(seconds per step, the last step's metrics) of `trainer` going round `batches`: `warmup`
+    steps (the first compiles), then `rounds` timings of `steps` steps each, each ended by
+    waiting for the last step's metrics."""
     import jax
 
-    for _ in range(warmup):
-        state, metrics = trainer.step(state, batch)
+    for k in range(warmup):
+        state, metrics = trainer.step(state, batches[k % len(batches)])
     jax.block_until_ready(metrics)
 
     def timed() -> float:
         nonlocal state, metrics
         start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = trainer.step(state, batch)
+        for k in range(steps):
+            state, metrics = trainer.step(state, batches[k % len(batches)])
         jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / steps
 

@@ -78,7 +78,7 @@ def speed_rows(lm, global_batch: int, steps: int, rounds: int):
         trainer = _trainer(lm, strategy, mesh, schedule)
         state = trainer.init()
         batch = trainer.shard_batch(lm.random_batch(global_batch))
-        step_s = harness.step_seconds(trainer, state, batch, steps=steps,
+        step_s = harness.step_seconds(trainer, state, [batch], steps=steps,
                                       rounds=rounds)[0].median
         yield strategy, mesh, schedule if "pipeline" in mesh else "-", step_s, \
             global_batch * lm.config.seq_len / step_s
@@ -124,7 +124,7 @@ def context_rows(seq: int, steps: int, rounds: int):
             state, batch = trainer.init(), trainer.shard_batch((tokens[:, :-1], tokens[:, 1:]))
             temp = trainer.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
             yield attention, c, int(temp), harness.step_seconds(
-                trainer, state, batch, steps=steps, rounds=rounds)[0].median
+                trainer, state, [batch], steps=steps, rounds=rounds)[0].median
 
 
 @harness.reports_usage_errors

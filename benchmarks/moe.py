@@ -85,7 +85,7 @@ def measure(cfg: Config, model: str, strategy: str, mesh: str, exchange: str) ->
     state = trainer.init()
     ledger = collective_ledger(trainer.lower(trainer.abstract_state(), batch).compile().as_text(),
                                trainer.num_devices)
-    rounds, metrics = harness.step_seconds(trainer, state, batch, steps=cfg.steps,
+    rounds, metrics = harness.step_seconds(trainer, state, [batch], steps=cfg.steps,
                                            rounds=cfg.rounds)
     step_s = rounds.median
     group = trainer.mesh.shape["expert"]

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from benchmarks import harness
 
@@ -63,17 +62,9 @@ def worker(strategy: str, global_batch: int, steps: int, warmup: int) -> None:
     rng = np.random.default_rng(jax.process_index())
     batches = [cnn.random_batch(global_batch // jax.process_count(), rng) for _ in range(8)]
     dp = Trainer(cnn.build(seed=0), optax.sgd(0.01, momentum=0.9), cnn.loss_fn, strategy=strategy)
-    state = dp.init()
-    for k in range(warmup):
-        state, metrics = dp.step(state, batches[k % len(batches)])
-    jax.block_until_ready((state, metrics))
-    start = time.perf_counter()
-    for k in range(steps):
-        state, metrics = dp.step(state, batches[k % len(batches)])
-    jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - start
+    seconds = harness.step_seconds(dp, dp.init(), batches, steps=steps, warmup=warmup)[0].median
     if jax.process_index() == 0:
-        print(RESULT + json.dumps({"images_per_second": global_batch * steps / seconds,
+        print(RESULT + json.dumps({"images_per_second": global_batch / seconds,
                                    "devices": jax.device_count(),
                                    "processes": jax.process_count()}), flush=True)
 

@@ -116,8 +116,6 @@ def step_worker(model: str, option: str, steps: int, warmup: int) -> None:
 
     configure_cpu_devices()
     initialize()
-    import time
-
     import jax
     import numpy as np
     import optax
@@ -140,15 +138,8 @@ def step_worker(model: str, option: str, steps: int, warmup: int) -> None:
     batches = [trainer.shard_batch(variant.random_batch(rows, rng)) for _ in range(4)]
     # every process compiles the analysis (nothing runs) before the timing, so none waits on it
     ledger = analyze_step(trainer, variant.random_batch(global_batch)).ledger
-    state = trainer.init()
-    for k in range(warmup):
-        state, metrics = trainer.step(state, batches[k % len(batches)])
-    jax.block_until_ready((state, metrics))
-    start = time.perf_counter()
-    for k in range(steps):
-        state, metrics = trainer.step(state, batches[k % len(batches)])
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
+    seconds = harness.step_seconds(trainer, trainer.init(), batches, steps=steps,
+                                   warmup=warmup)[0].median
     if jax.process_index() != 0:
         return
     every = cfg.parallel.local_steps if cfg.parallel.strategy == "local_sgd" else 1
