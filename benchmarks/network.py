@@ -377,7 +377,6 @@ def accuracy_part(cfg: Config, report: harness.Report, measured: dict,
         else:
             row.append(f"below {_rate(r)}" if steps * lines[option][0] > ref_steps *
                        lines[reference][0] else f"above {_rate(r)}")
-    rates = [rate for rate in cfg.rates]
     report.say(f"\n## Time to {cfg.target:.0%} MNIST test accuracy\n\n"
                f"{cfg.accuracy_model}, the experiment's recipe for {cfg.epochs:g} epoch(s) "
                f"(Adam one-cycle, global batch 128), 2 processes of one device; steps to the "
@@ -386,7 +385,7 @@ def accuracy_part(cfg: Config, report: harness.Report, measured: dict,
                f"each limit (training only); wins vs {OPTIONS[reference][0]}: where its time "
                f"line crosses that one's.\n")
     report.table(["option", "MiB/step", "steps to target", "best acc %",
-                  *[f"s at {r}" for r in rates], f"wins vs {reference}"], rows)
+                  *[f"s at {r}" for r in cfg.rates], f"wins vs {reference}"], rows)
 
 
 @harness.reports_usage_errors
@@ -405,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.part in ("both", "accuracy") and 2 not in cfg.processes:
         raise UsageError("the accuracy part uses the 2-process measurements: include 2 in "
                          "--processes")
-    if cfg.part != "planner" and "fsdp" in cfg.options:
-        accuracy_options = tuple(o for o in cfg.options if o != "fsdp")
-    else:
-        accuracy_options = cfg.options
+    accuracy_options = tuple(o for o in cfg.options if o != "fsdp")  # FSDP: planner part only
     report = harness.Report(cfg)
     measured = {}
     if cfg.part in ("both", "planner"):
